@@ -1,0 +1,232 @@
+"""Bytes -> uint8 display image, for every format the service accepts.
+
+The format is sniffed from the bytes (magic numbers), never from a filename or
+a Content-Type. 8-bit images pass through untouched (that is what the trainer
+sees); deeper data (16-bit PNG/TIFF, DICOM, NIfTI, float TIFF) is windowed to
+uint8: DICOM by its own window centre/width when present, everything else by
+robust percentiles, so a stray hot pixel cannot black out the image.
+"""
+
+from __future__ import annotations
+
+import io
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from braincam.errors import InvalidParameter, UndecodableImage, UnsupportedMediaType
+
+RASTER_FORMATS = ("png", "jpeg", "bmp", "tiff")
+SUPPORTED_FORMATS = (*RASTER_FORMATS, "dicom", "nifti")
+# Largest decompressed NIfTI we accept from a .nii.gz (gzip bombs).
+MAX_DECOMPRESSED_BYTES = 512 * 1024 * 1024
+ROBUST_PERCENTILES = (0.5, 99.5)
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    """A 2-D slice ready for `preprocess`: uint8 HxW (grayscale) or HxWx3/4 (RGB[A])."""
+
+    pixels: np.ndarray
+    format: str
+    bit_depth: int
+    slice_index: int | None = None
+    n_slices: int | None = None
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height) of the decoded slice."""
+        return int(self.pixels.shape[1]), int(self.pixels.shape[0])
+
+
+def sniff_format(data: bytes) -> str:
+    """Name the container from its magic number; raise 415 for anything else."""
+    head = data[:512]
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    if head.startswith(b"\xff\xd8\xff"):
+        return "jpeg"
+    if head.startswith(b"BM") and len(head) >= 26:
+        return "bmp"
+    if head[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+        return "tiff"
+    if len(head) >= 132 and head[128:132] == b"DICM":
+        return "dicom"
+    if head.startswith(b"\x1f\x8b"):
+        return "nifti"  # gzip: only NIfTI is accepted compressed; checked after inflating
+    if _is_nifti_header(head):
+        return "nifti"
+    raise UnsupportedMediaType(
+        "unrecognised file type: send PNG, JPEG, BMP, TIFF, DICOM or NIfTI (.nii/.nii.gz)"
+    )
+
+
+def _is_nifti_header(head: bytes) -> bool:
+    return (len(head) >= 348 and head[344:347] in (b"n+1", b"ni1")) or (
+        len(head) >= 8 and head[4:7] in (b"n+2", b"ni2")
+    )
+
+
+def decode_image(data: bytes, slice_index: int | None = None) -> DecodedImage:
+    """Decode any supported upload. `slice_index` picks a frame of DICOM/NIfTI volumes."""
+    if not data:
+        raise UndecodableImage("the uploaded file is empty")
+    fmt = sniff_format(data)
+    if fmt in RASTER_FORMATS:
+        if slice_index is not None:
+            raise InvalidParameter(f"'slice' applies to DICOM and NIfTI volumes, not {fmt}")
+        return _decode_raster(data, fmt)
+    if fmt == "dicom":
+        return _decode_dicom(data, slice_index)
+    return _decode_nifti(data, slice_index)
+
+
+def load_image(path: str | Path) -> np.ndarray:
+    """Read a file from disk through the same decoder the service uses."""
+    return decode_image(Path(path).read_bytes()).pixels
+
+
+def to_uint8(values: np.ndarray, low: float | None = None, high: float | None = None) -> np.ndarray:
+    """Window arbitrary-range data to uint8; robust percentiles unless a window is given."""
+    values = np.asarray(values, dtype=np.float32)
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        raise UndecodableImage("the image holds no finite pixel values")
+    if low is None or high is None:
+        foreground = finite[finite > finite.min()]
+        sample = foreground if foreground.size > 0.01 * finite.size else finite
+        low, high = (float(v) for v in np.percentile(sample, ROBUST_PERCENTILES))
+        low = min(low, float(finite.min())) if foreground.size else low
+    if high <= low:
+        high = low + 1.0
+    scaled = (np.nan_to_num(values, nan=low) - low) * (255.0 / (high - low))
+    return np.clip(scaled + 0.5, 0, 255).astype(np.uint8)
+
+
+def _decode_raster(data: bytes, fmt: str) -> DecodedImage:
+    buf = np.frombuffer(data, dtype=np.uint8)
+    try:
+        img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+    except cv2.error as exc:  # size limits and corrupt headers raise here
+        raise UndecodableImage(f"could not decode the {fmt.upper()} image") from exc
+    if img is None or img.size == 0:
+        raise UndecodableImage(f"could not decode the {fmt.upper()} image")
+    bit_depth = int(img.dtype.itemsize * 8)
+    if img.dtype != np.uint8:
+        img = to_uint8(img) if img.ndim == 2 else _window_colour(img)
+    if img.ndim == 3:
+        if img.shape[2] == 1:
+            img = img[:, :, 0]
+        elif img.shape[2] == 3:
+            img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+        elif img.shape[2] == 4:
+            img = cv2.cvtColor(img, cv2.COLOR_BGRA2RGBA)
+        else:
+            raise UndecodableImage(f"unsupported channel count {img.shape[2]}")
+    return DecodedImage(pixels=np.ascontiguousarray(img), format=fmt, bit_depth=bit_depth)
+
+
+def _window_colour(img: np.ndarray) -> np.ndarray:
+    # One window for all colour channels keeps hues; alpha is rescaled on its own.
+    colour = to_uint8(img[:, :, :3])
+    if img.shape[2] == 4:
+        alpha = to_uint8(img[:, :, 3], 0.0, float(np.iinfo(img.dtype).max)
+                         if np.issubdtype(img.dtype, np.integer) else 1.0)
+        return np.dstack([colour, alpha])
+    return colour
+
+
+def _pick_slice(n: int, slice_index: int | None) -> int:
+    if slice_index is None:
+        return n // 2
+    if not 0 <= slice_index < n:
+        raise InvalidParameter(f"'slice' must be between 0 and {n - 1} for this volume, got {slice_index}")
+    return slice_index
+
+
+def _decode_dicom(data: bytes, slice_index: int | None) -> DecodedImage:
+    import pydicom  # imported lazily: only DICOM uploads pay for it
+
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data))
+        arr = ds.pixel_array
+    except Exception as exc:  # pydicom raises many types for broken or compressed files
+        raise UndecodableImage(f"could not decode the DICOM pixel data: {type(exc).__name__}") from exc
+    frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+    photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2"))
+    is_colour = int(getattr(ds, "SamplesPerPixel", 1) or 1) > 1
+    if frames > 1:
+        index = _pick_slice(frames, slice_index)
+        arr = arr[index]
+    else:
+        if slice_index not in (None, 0):
+            raise InvalidParameter("'slice' must be 0 for a single-frame DICOM")
+        index = 0
+    bit_depth = int(getattr(ds, "BitsAllocated", 8) or 8)
+    if is_colour:
+        if photometric.startswith("YBR"):
+            from pydicom.pixels import convert_color_space
+
+            arr = convert_color_space(arr, photometric, "RGB")
+        pixels = arr.astype(np.uint8) if arr.dtype == np.uint8 else to_uint8(arr)
+        return DecodedImage(pixels, "dicom", bit_depth, index, frames)
+    values = arr.astype(np.float32)
+    slope = float(getattr(ds, "RescaleSlope", 1) or 1)
+    intercept = float(getattr(ds, "RescaleIntercept", 0) or 0)
+    values = values * slope + intercept
+    low = high = None
+    centre, width = getattr(ds, "WindowCenter", None), getattr(ds, "WindowWidth", None)
+    if centre is not None and width is not None:
+        c = float(centre[0] if isinstance(centre, pydicom.multival.MultiValue) else centre)
+        w = float(width[0] if isinstance(width, pydicom.multival.MultiValue) else width)
+        if w > 1:
+            low, high = c - w / 2.0, c + w / 2.0
+    pixels = to_uint8(values, low, high)
+    if photometric == "MONOCHROME1":  # 0 is white in MONOCHROME1
+        pixels = 255 - pixels
+    return DecodedImage(pixels, "dicom", bit_depth, index, frames)
+
+
+def _gunzip_bounded(data: bytes) -> bytes:
+    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    try:
+        out = inflater.decompress(data, MAX_DECOMPRESSED_BYTES)
+    except zlib.error as exc:
+        raise UndecodableImage("corrupt gzip stream") from exc
+    if inflater.unconsumed_tail:
+        raise UndecodableImage(
+            f"the decompressed volume exceeds {MAX_DECOMPRESSED_BYTES // 2**20} MiB"
+        )
+    return out
+
+
+def _decode_nifti(data: bytes, slice_index: int | None) -> DecodedImage:
+    import nibabel as nib  # lazily: only NIfTI uploads pay for it
+
+    raw = _gunzip_bounded(data) if data.startswith(b"\x1f\x8b") else data
+    if not _is_nifti_header(raw[:512]):
+        if data.startswith(b"\x1f\x8b"):
+            raise UnsupportedMediaType("gzip upload is not a NIfTI volume")
+        raise UndecodableImage("not a valid NIfTI header")
+    cls = nib.Nifti2Image if raw[4:7] in (b"n+2", b"ni2") else nib.Nifti1Image
+    try:
+        img = nib.as_closest_canonical(cls.from_bytes(raw))
+        volume = np.asanyarray(img.dataobj)
+    except Exception as exc:  # nibabel raises several types on truncated data
+        raise UndecodableImage(f"could not read the NIfTI volume: {type(exc).__name__}") from exc
+    while volume.ndim > 3:  # 4-D series: first volume
+        volume = volume[..., 0]
+    if volume.ndim == 2:
+        volume = volume[:, :, None]
+    if volume.ndim != 3 or min(volume.shape[:2]) < 2:
+        raise UndecodableImage(f"unsupported NIfTI shape {volume.shape}")
+    n = int(volume.shape[2])
+    index = _pick_slice(n, slice_index)
+    # RAS+ canonical axial slice, rotated so anterior is up (radiological viewers' layout).
+    axial = np.rot90(np.asarray(volume[:, :, index], dtype=np.float32))
+    bit_depth = int(np.dtype(img.get_data_dtype()).itemsize * 8)
+    return DecodedImage(np.ascontiguousarray(to_uint8(axial)), "nifti", bit_depth, index, n)
+

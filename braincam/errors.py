@@ -1,0 +1,34 @@
+"""Errors that describe bad input; the service maps each to an HTTP status."""
+
+from __future__ import annotations
+
+
+class InputError(ValueError):
+    """Base class: a problem with what the caller sent, never with the server."""
+
+    status_code = 422
+    code = "invalid_input"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+class UnsupportedMediaType(InputError):
+    status_code = 415
+    code = "unsupported_media_type"
+
+
+class UndecodableImage(InputError):
+    status_code = 422
+    code = "undecodable_image"
+
+
+class InvalidParameter(InputError):
+    status_code = 422
+    code = "invalid_parameter"
+
+
+class PayloadTooLarge(InputError):
+    status_code = 413
+    code = "payload_too_large"

@@ -1,0 +1,133 @@
+"""ONNX Runtime inference over a model directory: the one code path the service
+and the evaluation tools share.
+
+Providers are requested in order (CUDA first by default) and the ones a session
+really runs on are read back from `session.get_providers()`: ORT silently falls
+back to CPU when the CUDA libraries are missing, and we report that honestly.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from braincam.model_spec import (
+    ACTIVATIONS_OUTPUT,
+    CLASS_OUTPUT,
+    GRADIENTS_OUTPUT,
+    IMAGE_INPUT,
+    PROBABILITIES_OUTPUT,
+    TARGET_INPUT,
+    ModelSpec,
+    load_spec,
+)
+
+log = logging.getLogger(__name__)
+
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+DEFAULT_PROVIDERS: tuple[str, ...] = (CUDA, CPU)
+
+
+@dataclass(frozen=True)
+class GradcamOutput:
+    """What one run of gradcam.onnx returns, per batch item."""
+
+    probabilities: np.ndarray  # [N, K]
+    class_index: np.ndarray  # [N] int64, the explained class
+    activations: np.ndarray  # [N, h, w, C]
+    gradients: np.ndarray  # [N, h, w, C], d(pre-softmax score of class_index)/d(activations)
+
+
+@dataclass
+class ProviderReport:
+    requested: list[str]
+    available: list[str]
+    active: list[str]
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def gpu(self) -> bool:
+        return CUDA in self.active
+
+
+def _select_providers(requested: Sequence[str], available: Sequence[str]) -> tuple[list[str], list[str]]:
+    usable = [p for p in requested if p in available]
+    warnings = [
+        f"{p} was requested but this onnxruntime build does not provide it "
+        f"(available: {', '.join(available)})"
+        for p in requested
+        if p not in available
+    ]
+    if not usable:
+        usable = [CPU]
+        warnings.append(f"none of the requested providers is available; using {CPU}")
+    return usable, warnings
+
+
+class OnnxModel:
+    """Both graphs of a model directory in ONNX Runtime sessions."""
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        providers: Sequence[str] = DEFAULT_PROVIDERS,
+        intra_op_threads: int | None = None,
+        verify: bool = True,
+    ) -> None:
+        import onnxruntime as ort
+
+        self.model_dir = Path(model_dir)
+        self.spec: ModelSpec = load_spec(self.model_dir, verify=verify)
+        available = list(ort.get_available_providers())
+        usable, warnings = _select_providers(list(providers), available)
+        options = ort.SessionOptions()
+        if intra_op_threads:
+            options.intra_op_num_threads = intra_op_threads
+        graphs = self.spec.graphs
+        self.classifier = ort.InferenceSession(
+            str(self.model_dir / graphs.classifier.file), options, providers=usable
+        )
+        self.gradcam_session = ort.InferenceSession(
+            str(self.model_dir / graphs.gradcam.file), options, providers=usable
+        )
+        active = list(self.classifier.get_providers())
+        for p in usable:
+            if p != CPU and p not in active:
+                warnings.append(f"{p} is installed but could not be initialised; running on {active}")
+        for message in warnings:
+            log.warning(message)
+        self.providers = ProviderReport(
+            requested=list(providers), available=available, active=active, warnings=warnings
+        )
+
+    @property
+    def labels(self) -> list[str]:
+        return self.spec.labels
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        """float32 [N,H,W,C] -> probabilities [N,K]."""
+        (probs,) = self.classifier.run([PROBABILITIES_OUTPUT], {IMAGE_INPUT: batch})
+        return np.asarray(probs)
+
+    def gradcam(self, batch: np.ndarray, targets: np.ndarray | Sequence[int] | None = None) -> GradcamOutput:
+        """One forward+backward run; target -1 (or None) explains the predicted class."""
+        n = batch.shape[0]
+        target = (
+            np.full((n,), -1, dtype=np.int64) if targets is None else np.asarray(targets, dtype=np.int64)
+        )
+        probs, cls, acts, grads = self.gradcam_session.run(
+            [PROBABILITIES_OUTPUT, CLASS_OUTPUT, ACTIVATIONS_OUTPUT, GRADIENTS_OUTPUT],
+            {IMAGE_INPUT: batch, TARGET_INPUT: target},
+        )
+        return GradcamOutput(np.asarray(probs), np.asarray(cls), np.asarray(acts), np.asarray(grads))
+
+    def warmup(self) -> None:
+        """One inference through each graph, so the first request pays no set-up cost."""
+        x = np.zeros((1, *self.spec.input_shape), dtype=np.float32)
+        self.predict(x)
+        self.gradcam(x)

@@ -1,0 +1,136 @@
+"""The model directory contract: `classifier.onnx`, `gradcam.onnx`, `model.json`.
+
+A model directory is self-describing and can be copied anywhere (like a Triton
+model repository entry). `ModelSpec` is the schema of `model.json`; the exporter
+writes it, the service and the evaluation tools read it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from braincam import DISCLAIMER
+from braincam.preprocessing import Preprocessing
+
+MODEL_JSON = "model.json"
+CLASSIFIER_ONNX = "classifier.onnx"
+GRADCAM_ONNX = "gradcam.onnx"
+SCHEMA_VERSION = 1
+
+# Tensor names of the two graphs: the exporter writes them, the service reads them.
+IMAGE_INPUT = "image"
+TARGET_INPUT = "target"
+PROBABILITIES_OUTPUT = "probabilities"
+CLASS_OUTPUT = "class_index"
+ACTIVATIONS_OUTPUT = "activations"
+GRADIENTS_OUTPUT = "gradients"
+
+Task = Literal["multiclass", "binary"]
+
+
+class GraphFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    file: str
+    sha256: str
+    size_bytes: int
+    inputs: dict[str, list[int | None]]
+    outputs: dict[str, list[int | None]]
+
+
+class Graphs(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    classifier: GraphFile
+    gradcam: GraphFile
+
+
+class Explanation(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    layer: str = Field(description="Keras layer whose activations Grad-CAM explains")
+    activation_shape: list[int] = Field(description="[h, w, channels] of that layer")
+
+
+class Decision(BaseModel):
+    """How probabilities become a label. Binary models use a tuned threshold."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    positive_label: str | None = None
+    threshold: float | None = Field(None, ge=0.0, le=1.0)
+    threshold_method: str | None = None
+
+
+class ModelSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    schema_version: int = SCHEMA_VERSION
+    name: str
+    version: str = "1"
+    task: Task = "multiclass"
+    labels: list[str] = Field(min_length=2)
+    preprocessing: Preprocessing
+    decision: Decision = Decision()
+    explanation: Explanation
+    graphs: Graphs
+    opset: int
+    parity: dict[str, Any] = Field(default_factory=dict)
+    versions: dict[str, str] = Field(default_factory=dict)
+    exported_at: str = ""
+    source: dict[str, Any] = Field(default_factory=dict)
+    disclaimer: str = DISCLAIMER
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelSpec:
+        if len(set(self.labels)) != len(self.labels):
+            raise ValueError("labels must be unique")
+        if self.task == "binary":
+            if len(self.labels) != 2:
+                raise ValueError("a binary model has exactly two labels")
+            if self.decision.positive_label not in self.labels:
+                raise ValueError("binary models name their positive label in decision")
+        return self
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return self.preprocessing.input_shape
+
+    def label_index(self, label: str) -> int:
+        return self.labels.index(label)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_spec(model_dir: str | Path, verify: bool = True) -> ModelSpec:
+    """Read `model.json`; with `verify`, check both graphs exist and match their sha256."""
+    model_dir = Path(model_dir)
+    path = model_dir / MODEL_JSON
+    if not path.is_file():
+        raise FileNotFoundError(f"no {MODEL_JSON} in {model_dir}")
+    spec = ModelSpec.model_validate(json.loads(path.read_text()))
+    if verify:
+        for graph in (spec.graphs.classifier, spec.graphs.gradcam):
+            file = model_dir / graph.file
+            if not file.is_file():
+                raise FileNotFoundError(f"{file} is listed in {MODEL_JSON} but missing")
+            if sha256_file(file) != graph.sha256:
+                raise ValueError(f"{file} does not match the sha256 recorded in {MODEL_JSON}")
+    return spec
+
+
+def save_spec(spec: ModelSpec, model_dir: str | Path) -> Path:
+    path = Path(model_dir) / MODEL_JSON
+    path.write_text(json.dumps(spec.model_dump(mode="json"), indent=2) + "\n")
+    return path

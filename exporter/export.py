@@ -1,0 +1,244 @@
+"""Keras model -> a model directory (classifier.onnx, gradcam.onnx, model.json)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from braincam.datasets import IMAGE_SUFFIXES, canonical_class
+from braincam.decoding import load_image
+from braincam.errors import InputError
+from braincam.model_spec import (
+    CLASSIFIER_ONNX,
+    GRADCAM_ONNX,
+    Decision,
+    Explanation,
+    GraphFile,
+    Graphs,
+    ModelSpec,
+    save_spec,
+    sha256_file,
+)
+from braincam.preprocessing import Preprocessing, preprocess
+from exporter.model_split import ExportError, split_model
+
+log = logging.getLogger(__name__)
+
+RUN_JSON = "run.json"
+DEFAULT_OPSET = 17
+DEFAULT_CALIBRATION = Path("data/demo/Testing")
+CALIBRATION_IMAGES = 32
+
+
+@dataclass
+class ExportResult:
+    spec: ModelSpec
+    out_dir: Path
+    seconds: float
+
+
+def _load_keras(path: Path) -> Any:
+    import keras
+
+    if not path.is_file():
+        raise ExportError(f"model file {path} does not exist")
+    try:
+        return keras.models.load_model(path, compile=False)
+    except Exception as exc:  # Keras raises many types for files it cannot read
+        raise ExportError(f"{path} is not a Keras model Keras can load: {exc}") from exc
+
+
+def _read_run(model_path: Path) -> dict[str, Any]:
+    run = model_path.parent / RUN_JSON
+    return json.loads(run.read_text()) if run.is_file() else {}
+
+
+def calibration_inputs(root: Path, spec: Preprocessing, limit: int = CALIBRATION_IMAGES) -> np.ndarray:
+    """Up to `limit` real images from a folder (a Kaggle split, class folders or flat),
+    taken round-robin across class folders so every class is represented."""
+    if not root.is_dir():
+        raise ExportError(f"calibration directory {root} does not exist (pass --calibration DIR)")
+    testing = [p for p in root.iterdir() if p.is_dir() and p.name.lower() == "testing"]
+    if testing:
+        root = testing[0]
+    groups = [sorted(p for p in d.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+              for d in sorted(root.iterdir()) if d.is_dir() and canonical_class(d.name)]
+    if not groups:
+        groups = [sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)]
+    ordered = [g[i] for i in range(max(map(len, groups), default=0)) for g in groups if i < len(g)]
+    images = []
+    for path in ordered:
+        if len(images) == limit:
+            break
+        try:
+            images.append(preprocess(load_image(path), spec))
+        except (InputError, OSError, ValueError):
+            log.warning("calibration: skipped unreadable %s", path)
+    if not images:
+        raise ExportError(f"no readable images in calibration directory {root}")
+    return np.stack(images)
+
+
+def _versions() -> dict[str, str]:
+    out = {}
+    for dist in ("braincam", "tensorflow", "tensorflow-cpu", "keras", "tf2onnx", "onnx",
+                 "onnxruntime", "onnxruntime-gpu", "numpy"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def _graph_file(path: Path, model: Any) -> GraphFile:
+    def dims(values: Any) -> dict[str, list[int | None]]:
+        return {
+            v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
+            for v in values
+        }
+
+    return GraphFile(
+        file=path.name, sha256=sha256_file(path), size_bytes=path.stat().st_size,
+        inputs=dims(model.graph.input), outputs=dims(model.graph.output),
+    )
+
+
+def _resolve_preprocessing(model: Any, run: dict[str, Any], overrides: dict[str, Any]) -> Preprocessing:
+    base = dict(run.get("preprocessing") or {})
+    shape = model.input_shape
+    if isinstance(shape, list):
+        raise ExportError("models with several inputs are not supported")
+    if shape[1] is not None:
+        base.setdefault("height", int(shape[1]))
+        base.setdefault("width", int(shape[2]))
+    base.setdefault("channels", int(shape[3]))
+    for key in ("height", "width", "channels", "scale"):
+        if overrides.get(key) is not None:
+            base[key] = overrides[key]
+    if "height" not in base:
+        raise ExportError("the model's input size is dynamic: pass --input-size H W")
+    spec = Preprocessing(**base)
+    if shape[3] is not None and int(shape[3]) != spec.channels:
+        raise ExportError(f"the model takes {shape[3]} channels but preprocessing gives {spec.channels}")
+    if shape[1] is not None and (int(shape[1]), int(shape[2])) != (spec.height, spec.width):
+        raise ExportError(f"the model takes {shape[1]}x{shape[2]} inputs, not {spec.height}x{spec.width}")
+    return spec
+
+
+def _resolve_labels(run: dict[str, Any], labels: list[str] | None, k: int) -> list[str]:
+    resolved = labels or run.get("labels")
+    if not resolved:
+        raise ExportError(f"the model has {k} classes: name them with --labels a,b,...")
+    if len(resolved) != k:
+        raise ExportError(f"{len(resolved)} labels given but the model has {k} classes")
+    return list(resolved)
+
+
+def export_model(
+    model_path: str | Path,
+    out_dir: str | Path,
+    *,
+    labels: list[str] | None = None,
+    layer: str | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    channels: int | None = None,
+    scale: str | None = None,
+    outputs: str = "auto",
+    opset: int = DEFAULT_OPSET,
+    calibration: str | Path | None = None,
+    name: str | None = None,
+    version: str | None = None,
+    task: str | None = None,
+    threshold: float | None = None,
+) -> ExportResult:
+    """Export, gate on parity, and only then move the model directory into place."""
+    started = time.perf_counter()
+    model_path, out_dir = Path(model_path), Path(out_dir)
+    model = _load_keras(model_path)
+    run = _read_run(model_path)
+    prep = _resolve_preprocessing(
+        model, run, {"height": height, "width": width, "channels": channels, "scale": scale}
+    )
+    split = split_model(model, layer or run.get("explain_layer"), outputs)
+    label_list = _resolve_labels(run, labels, split.num_classes)
+    task = task or run.get("task") or ("binary" if len(label_list) == 2 else "multiclass")
+    decision = Decision(**run["decision"]) if run.get("decision") else Decision()
+    if task == "binary" and decision.positive_label is None:
+        decision = Decision(positive_label=label_list[1], threshold=0.5, threshold_method="default")
+    if threshold is not None:
+        decision = decision.model_copy(update={"threshold": threshold, "threshold_method": "manual"})
+    x = calibration_inputs(Path(calibration) if calibration else DEFAULT_CALIBRATION, prep)
+
+    from exporter.convert import check, to_onnx
+    from exporter.graphs import build_functions
+    from exporter.parity import check_parity
+
+    classifier_fn, gradcam_fn = build_functions(split, prep.input_shape)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        protos = {}
+        for filename, fn in ((CLASSIFIER_ONNX, classifier_fn), (GRADCAM_ONNX, gradcam_fn)):
+            proto = to_onnx(fn, opset)
+            check(proto, filename)
+            (staging / filename).write_bytes(proto.SerializeToString())
+            protos[filename] = proto
+        report = check_parity(model, split, staging / CLASSIFIER_ONNX, staging / GRADCAM_ONNX, x)
+        if not report.passed:
+            raise ExportError(
+                "parity gate failed, nothing written:\n  " + "\n  ".join(report.failures)
+                + "\nfigures: " + json.dumps(report.figures, indent=1)
+            )
+        spec = ModelSpec(
+            name=name or run.get("name") or out_dir.name,
+            version=version or str(run.get("version", "1")),
+            task=task,  # type: ignore[arg-type]
+            labels=label_list,
+            preprocessing=prep,
+            decision=decision,
+            explanation=Explanation(layer=split.layer_name, activation_shape=list(split.activation_shape)),
+            graphs=Graphs(
+                classifier=_graph_file(staging / CLASSIFIER_ONNX, protos[CLASSIFIER_ONNX]),
+                gradcam=_graph_file(staging / GRADCAM_ONNX, protos[GRADCAM_ONNX]),
+            ),
+            opset=opset,
+            parity=report.as_json(),
+            versions=_versions(),
+            exported_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            source={"model": model_path.name, "output_kind": split.output_kind,
+                    "trainer_run": bool(run), "arch": run.get("arch")},
+        )
+        save_spec(spec, staging)
+        for extra in ("MODEL_CARD.md",):  # the card travels with the model
+            if (model_path.parent / extra).is_file():
+                shutil.copy2(model_path.parent / extra, staging / extra)
+        _replace_dir(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return ExportResult(spec=spec, out_dir=out_dir, seconds=time.perf_counter() - started)
+
+
+def _replace_dir(staging: Path, out_dir: Path) -> None:
+    """Swap the finished directory into place; an old model is removed only after."""
+    os.chmod(staging, 0o755)
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        out_dir.rename(old)
+        staging.rename(out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        staging.rename(out_dir)

@@ -1,0 +1,115 @@
+"""The two TensorFlow functions that become classifier.onnx and gradcam.onnx."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import keras
+import tensorflow as tf
+
+from braincam.model_spec import (
+    ACTIVATIONS_OUTPUT,
+    CLASS_OUTPUT,
+    GRADIENTS_OUTPUT,
+    IMAGE_INPUT,
+    PROBABILITIES_OUTPUT,
+    TARGET_INPUT,
+)
+from exporter.backward import Backward, rule_for
+from exporter.model_split import ModelSplit
+
+
+def _logits(split: ModelSplit, y: tf.Tensor) -> tf.Tensor:
+    """The pre-softmax scores [N,K] of the head's output (the last layer linearised)."""
+    last = split.last
+    if last is not None:
+        y = tf.matmul(y, tf.convert_to_tensor(last.kernel))
+        if last.use_bias:
+            y = tf.nn.bias_add(y, tf.convert_to_tensor(last.bias))
+    if split.num_outputs == 1:
+        # One sigmoid unit z -> logits [-z/2, z/2]: softmax of that is [1-σ(z), σ(z)],
+        # and each class gets a meaningful gradient. A MatMul, not a Concat: its
+        # gradient exports cleanly.
+        y = tf.matmul(y, tf.constant([[-0.5, 0.5]], dtype=y.dtype))
+    return y
+
+
+def _spatial_prefix(split: ModelSplit) -> list[tuple[keras.layers.Layer, Backward]]:
+    """Leading head layers whose gradient we write by hand (pooling, flatten, ...)."""
+    prefix = []
+    for layer in split.head:
+        rule = rule_for(layer)
+        if rule is None:
+            break
+        prefix.append((layer, rule))
+        if len(layer.output.shape) != 4:
+            break  # reached the head's first vector: Dense layers follow
+    return prefix
+
+
+def forward_logits(split: ModelSplit, x: tf.Tensor) -> tf.Tensor:
+    y = split.features(x)
+    for layer in split.head:
+        y = layer(y, training=False)
+    return _logits(split, y)
+
+
+def gradcam_outputs(
+    split: ModelSplit, x: tf.Tensor, target: tf.Tensor, hand_written: bool = True
+) -> dict[str, tf.Tensor]:
+    """Forward once, then the gradient of the chosen class's pre-softmax score.
+
+    With `hand_written=False` every gradient comes from TensorFlow's autodiff: the
+    reference the parity gate compares the exported graph against.
+    """
+    acts = split.features(x)
+    prefix = _spatial_prefix(split) if hand_written else []
+    inputs = []
+    z = acts
+    for layer, _ in prefix:
+        inputs.append(z)
+        z = layer(z, training=False)
+    rest = split.head[len(prefix) :]
+    with tf.GradientTape() as tape:
+        tape.watch(z)
+        y = z
+        for layer in rest:
+            y = layer(y, training=False)
+        logits = _logits(split, y)
+    k = split.num_classes
+    cls = tf.where(target < 0, tf.argmax(logits, axis=1, output_type=tf.int64), target)
+    # output_gradients selects the class: slicing logits[:, i] would need
+    # StridedSliceGrad, which does not export.
+    grad = tape.gradient(logits, z, output_gradients=tf.one_hot(cls, k, dtype=logits.dtype))
+    for (layer, rule), layer_input in zip(reversed(prefix), reversed(inputs), strict=True):
+        grad = rule(layer, layer_input, grad)
+    return {
+        PROBABILITIES_OUTPUT: tf.nn.softmax(logits, axis=-1),
+        CLASS_OUTPUT: cls,
+        ACTIVATIONS_OUTPUT: acts,
+        GRADIENTS_OUTPUT: grad,
+    }
+
+
+def _signature(split_shape: tuple[int, int, int], with_target: bool) -> list[tf.TensorSpec]:
+    sig = [tf.TensorSpec([None, *split_shape], tf.float32, name=IMAGE_INPUT)]
+    if with_target:
+        sig.append(tf.TensorSpec([None], tf.int64, name=TARGET_INPUT))
+    return sig
+
+
+def build_functions(
+    split: ModelSplit, input_shape: tuple[int, int, int]
+) -> tuple[Callable[..., Any], Callable[..., Any]]:
+    """tf.functions with explicit signatures (dynamic batch) for both graphs."""
+
+    @tf.function(input_signature=_signature(input_shape, False), autograph=False)
+    def classifier(image: tf.Tensor) -> dict[str, tf.Tensor]:
+        return {PROBABILITIES_OUTPUT: tf.nn.softmax(forward_logits(split, image), axis=-1)}
+
+    @tf.function(input_signature=_signature(input_shape, True), autograph=False)
+    def gradcam(image: tf.Tensor, target: tf.Tensor) -> dict[str, tf.Tensor]:
+        return gradcam_outputs(split, image, target)
+
+    return classifier, gradcam
