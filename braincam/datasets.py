@@ -31,11 +31,19 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp"})
 SPLITS = ("Training", "Testing")
 
 _ALIASES = {
-    "glioma": "glioma", "glioma_tumor": "glioma", "glioma tumor": "glioma",
-    "meningioma": "meningioma", "meningioma_tumor": "meningioma",
+    "glioma": "glioma",
+    "glioma_tumor": "glioma",
+    "glioma tumor": "glioma",
+    "meningioma": "meningioma",
+    "meningioma_tumor": "meningioma",
     "meningioma tumor": "meningioma",
-    "pituitary": "pituitary", "pituitary_tumor": "pituitary", "pituitary tumor": "pituitary",
-    "notumor": "notumor", "no_tumor": "notumor", "no tumor": "notumor", "no-tumor": "notumor",
+    "pituitary": "pituitary",
+    "pituitary_tumor": "pituitary",
+    "pituitary tumor": "pituitary",
+    "notumor": "notumor",
+    "no_tumor": "notumor",
+    "no tumor": "notumor",
+    "no-tumor": "notumor",
 }
 
 Task = Literal["multiclass", "binary"]
@@ -161,8 +169,12 @@ def load_split(split: Split, spec: Preprocessing, workers: int = 4) -> LoadedSpl
     if not xs:
         raise DatasetError(f"no readable images in {split.root}")
     return LoadedSplit(
-        x=np.stack(xs), y=np.asarray(ys, dtype=np.int64), paths=paths, classes=classes,
-        labels=split.labels, skipped=skipped,
+        x=np.stack(xs),
+        y=np.asarray(ys, dtype=np.int64),
+        paths=paths,
+        classes=classes,
+        labels=split.labels,
+        skipped=skipped,
     )
 
 

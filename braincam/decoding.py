@@ -133,8 +133,11 @@ def _window_colour(img: np.ndarray) -> np.ndarray:
     # One window for all colour channels keeps hues; alpha is rescaled on its own.
     colour = to_uint8(img[:, :, :3])
     if img.shape[2] == 4:
-        alpha = to_uint8(img[:, :, 3], 0.0, float(np.iinfo(img.dtype).max)
-                         if np.issubdtype(img.dtype, np.integer) else 1.0)
+        alpha = to_uint8(
+            img[:, :, 3],
+            0.0,
+            float(np.iinfo(img.dtype).max) if np.issubdtype(img.dtype, np.integer) else 1.0,
+        )
         return np.dstack([colour, alpha])
     return colour
 
@@ -143,7 +146,9 @@ def _pick_slice(n: int, slice_index: int | None) -> int:
     if slice_index is None:
         return n // 2
     if not 0 <= slice_index < n:
-        raise InvalidParameter(f"'slice' must be between 0 and {n - 1} for this volume, got {slice_index}")
+        raise InvalidParameter(
+            f"'slice' must be between 0 and {n - 1} for this volume, got {slice_index}"
+        )
     return slice_index
 
 
@@ -154,7 +159,9 @@ def _decode_dicom(data: bytes, slice_index: int | None) -> DecodedImage:
         ds = pydicom.dcmread(io.BytesIO(data))
         arr = ds.pixel_array
     except Exception as exc:  # pydicom raises many types for broken or compressed files
-        raise UndecodableImage(f"could not decode the DICOM pixel data: {type(exc).__name__}") from exc
+        raise UndecodableImage(
+            f"could not decode the DICOM pixel data: {type(exc).__name__}"
+        ) from exc
     frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
     photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2"))
     is_colour = int(getattr(ds, "SamplesPerPixel", 1) or 1) > 1
@@ -229,4 +236,3 @@ def _decode_nifti(data: bytes, slice_index: int | None) -> DecodedImage:
     axial = np.rot90(np.asarray(volume[:, :, index], dtype=np.float32))
     bit_depth = int(np.dtype(img.get_data_dtype()).itemsize * 8)
     return DecodedImage(np.ascontiguousarray(to_uint8(axial)), "nifti", bit_depth, index, n)
-

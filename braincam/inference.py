@@ -55,7 +55,9 @@ class ProviderReport:
         return CUDA in self.active
 
 
-def _select_providers(requested: Sequence[str], available: Sequence[str]) -> tuple[list[str], list[str]]:
+def _select_providers(
+    requested: Sequence[str], available: Sequence[str]
+) -> tuple[list[str], list[str]]:
     usable = [p for p in requested if p in available]
     warnings = [
         f"{p} was requested but this onnxruntime build does not provide it "
@@ -98,7 +100,9 @@ class OnnxModel:
         active = list(self.classifier.get_providers())
         for p in usable:
             if p != CPU and p not in active:
-                warnings.append(f"{p} is installed but could not be initialised; running on {active}")
+                warnings.append(
+                    f"{p} is installed but could not be initialised; running on {active}"
+                )
         for message in warnings:
             log.warning(message)
         self.providers = ProviderReport(
@@ -114,17 +118,23 @@ class OnnxModel:
         (probs,) = self.classifier.run([PROBABILITIES_OUTPUT], {IMAGE_INPUT: batch})
         return np.asarray(probs)
 
-    def gradcam(self, batch: np.ndarray, targets: np.ndarray | Sequence[int] | None = None) -> GradcamOutput:
+    def gradcam(
+        self, batch: np.ndarray, targets: np.ndarray | Sequence[int] | None = None
+    ) -> GradcamOutput:
         """One forward+backward run; target -1 (or None) explains the predicted class."""
         n = batch.shape[0]
         target = (
-            np.full((n,), -1, dtype=np.int64) if targets is None else np.asarray(targets, dtype=np.int64)
+            np.full((n,), -1, dtype=np.int64)
+            if targets is None
+            else np.asarray(targets, dtype=np.int64)
         )
         probs, cls, acts, grads = self.gradcam_session.run(
             [PROBABILITIES_OUTPUT, CLASS_OUTPUT, ACTIVATIONS_OUTPUT, GRADIENTS_OUTPUT],
             {IMAGE_INPUT: batch, TARGET_INPUT: target},
         )
-        return GradcamOutput(np.asarray(probs), np.asarray(cls), np.asarray(acts), np.asarray(grads))
+        return GradcamOutput(
+            np.asarray(probs), np.asarray(cls), np.asarray(acts), np.asarray(grads)
+        )
 
     def warmup(self) -> None:
         """One inference through each graph, so the first request pays no set-up cost."""

@@ -33,12 +33,15 @@ GRADIENTS_OUTPUT = "gradients"
 Task = Literal["multiclass", "binary"]
 
 
-class GraphFile(BaseModel):
+class DataFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     file: str
     sha256: str
     size_bytes: int
+
+
+class GraphFile(DataFile):
     inputs: dict[str, list[int | None]]
     outputs: dict[str, list[int | None]]
 
@@ -48,6 +51,11 @@ class Graphs(BaseModel):
 
     classifier: GraphFile
     gradcam: GraphFile
+    # Weights both graphs share, stored once (ONNX external data); None when inline.
+    weights: DataFile | None = None
+
+    def files(self) -> list[DataFile]:
+        return [f for f in (self.classifier, self.gradcam, self.weights) if f is not None]
 
 
 class Explanation(BaseModel):
@@ -63,7 +71,7 @@ class Decision(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     positive_label: str | None = None
-    threshold: float | None = Field(None, ge=0.0, le=1.0)
+    threshold: float | None = Field(default=None, ge=0.0, le=1.0)
     threshold_method: str | None = None
 
 
@@ -76,7 +84,7 @@ class ModelSpec(BaseModel):
     task: Task = "multiclass"
     labels: list[str] = Field(min_length=2)
     preprocessing: Preprocessing
-    decision: Decision = Decision()
+    decision: Decision = Field(default_factory=Decision)
     explanation: Explanation
     graphs: Graphs
     opset: int
@@ -121,7 +129,7 @@ def load_spec(model_dir: str | Path, verify: bool = True) -> ModelSpec:
         raise FileNotFoundError(f"no {MODEL_JSON} in {model_dir}")
     spec = ModelSpec.model_validate(json.loads(path.read_text()))
     if verify:
-        for graph in (spec.graphs.classifier, spec.graphs.gradcam):
+        for graph in spec.graphs.files():
             file = model_dir / graph.file
             if not file.is_file():
                 raise FileNotFoundError(f"{file} is listed in {MODEL_JSON} but missing")

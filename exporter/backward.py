@@ -63,7 +63,9 @@ def _pool_geometry(layer: Any) -> tuple[int, int]:
     ph, pw = (int(v) for v in layer.pool_size)
     strides = tuple(int(v) for v in (layer.strides or layer.pool_size))
     if strides != (ph, pw) or layer.padding != "valid":
-        raise NotImplementedError("only non-overlapping 'valid' pooling has a hand-written gradient")
+        raise NotImplementedError(
+            "only non-overlapping 'valid' pooling has a hand-written gradient"
+        )
     return ph, pw
 
 
@@ -103,7 +105,11 @@ def _activation(layer: Any, x: tf.Tensor, g: tf.Tensor) -> tf.Tensor:
 
 
 def _relu_layer(layer: Any, x: tf.Tensor, g: tf.Tensor) -> tf.Tensor:
-    if layer.max_value is not None or float(layer.negative_slope) != 0 or float(layer.threshold) != 0:
+    if (
+        layer.max_value is not None
+        or float(layer.negative_slope) != 0
+        or float(layer.threshold) != 0
+    ):
         raise NotImplementedError("only the plain ReLU layer has a hand-written gradient")
     return _relu(layer, x, g)
 
@@ -132,11 +138,14 @@ def rule_for(layer: keras.layers.Layer) -> Backward | None:
     try:  # validate the layer's configuration once, outside the traced graph
         if rule in (_max_pool, _average_pool):
             _pool_geometry(layer)
-        elif rule is _relu_layer and (
-            layer.max_value is not None or float(layer.negative_slope) != 0 or float(layer.threshold) != 0
-        ):
-            return None
-        elif rule is _activation and getattr(layer.activation, "__name__", "") not in ("relu", "linear"):
+        elif (rule is _relu_layer and (
+            layer.max_value is not None
+            or float(layer.negative_slope) != 0
+            or float(layer.threshold) != 0
+        )) or (rule is _activation and getattr(layer.activation, "__name__", "") not in (
+            "relu",
+            "linear",
+        )):
             return None
     except NotImplementedError:
         return None

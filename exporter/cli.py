@@ -23,15 +23,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--layer", help="layer to explain (default: run.json, else the last 4-D layer)")
     p.add_argument("--input-size", nargs=2, type=int, metavar=("H", "W"))
     p.add_argument("--channels", type=int, choices=(1, 3))
-    p.add_argument("--scale", choices=("unit", "symmetric", "none"),
-                   help="unit = x/255, symmetric = x/127.5-1, none = raw 0..255")
-    p.add_argument("--outputs", choices=("auto", "probabilities", "logits"), default="auto",
-                   help="what the model's last layer returns (auto: from its activation)")
+    p.add_argument(
+        "--scale",
+        choices=("unit", "symmetric", "none"),
+        help="unit = x/255, symmetric = x/127.5-1, none = raw 0..255",
+    )
+    p.add_argument(
+        "--outputs",
+        choices=("auto", "probabilities", "logits"),
+        default="auto",
+        help="what the model's last layer returns (auto: from its activation)",
+    )
     p.add_argument("--opset", type=int, default=17)
-    p.add_argument("--calibration", type=Path,
-                   help="images for the parity gate (default: data/demo/Testing)")
+    p.add_argument(
+        "--calibration", type=Path, help="images for the parity gate (default: data/demo/Testing)"
+    )
     p.add_argument("--task", choices=("multiclass", "binary"))
-    p.add_argument("--threshold", type=float, help="binary decision threshold on the positive class")
+    p.add_argument(
+        "--threshold", type=float, help="binary decision threshold on the positive class"
+    )
     p.add_argument("--name")
     p.add_argument("--version")
     return p.parse_args(argv)
@@ -46,12 +56,21 @@ def main(argv: list[str] | None = None) -> int:
     height, width = args.input_size or (None, None)
     try:
         result = export_model(
-            args.model, args.out,
+            args.model,
+            args.out,
             labels=args.labels.split(",") if args.labels else None,
-            layer=args.layer, height=height, width=width, channels=args.channels,
-            scale=args.scale, outputs="auto" if args.outputs == "probabilities" else args.outputs,
-            opset=args.opset, calibration=args.calibration, name=args.name,
-            version=args.version, task=args.task, threshold=args.threshold,
+            layer=args.layer,
+            height=height,
+            width=width,
+            channels=args.channels,
+            scale=args.scale,
+            outputs="auto" if args.outputs == "probabilities" else args.outputs,
+            opset=args.opset,
+            calibration=args.calibration,
+            name=args.name,
+            version=args.version,
+            task=args.task,
+            threshold=args.threshold,
         )
     except (ExportError, ValueError) as exc:
         print(f"export failed: {exc}", file=sys.stderr)
@@ -59,10 +78,14 @@ def main(argv: list[str] | None = None) -> int:
     spec = result.spec
     parity = spec.parity
     print(f"exported {spec.name} v{spec.version} to {result.out_dir} in {result.seconds:.1f} s")
-    print(f"  labels: {', '.join(spec.labels)}   explained layer: {spec.explanation.layer} "
-          f"{spec.explanation.activation_shape}")
-    for graph in (spec.graphs.classifier, spec.graphs.gradcam):
-        print(f"  {graph.file}: {graph.size_bytes / 2**20:.1f} MiB  sha256 {graph.sha256[:12]}")
-    print(f"  parity on {parity['n_inputs']} inputs: " + ", ".join(
-        f"{k}={v:.2g}" for k, v in parity.items() if isinstance(v, float)))
+    print(
+        f"  labels: {', '.join(spec.labels)}   explained layer: {spec.explanation.layer} "
+        f"{spec.explanation.activation_shape}"
+    )
+    for file in spec.graphs.files():
+        print(f"  {file.file}: {file.size_bytes / 2**20:.2f} MiB  sha256 {file.sha256[:12]}")
+    print(
+        f"  parity on {parity['n_inputs']} inputs: "
+        + ", ".join(f"{k}={v:.2g}" for k, v in parity.items() if isinstance(v, float))
+    )
     return 0

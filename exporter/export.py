@@ -22,6 +22,7 @@ from braincam.errors import InputError
 from braincam.model_spec import (
     CLASSIFIER_ONNX,
     GRADCAM_ONNX,
+    DataFile,
     Decision,
     Explanation,
     GraphFile,
@@ -64,7 +65,9 @@ def _read_run(model_path: Path) -> dict[str, Any]:
     return json.loads(run.read_text()) if run.is_file() else {}
 
 
-def calibration_inputs(root: Path, spec: Preprocessing, limit: int = CALIBRATION_IMAGES) -> np.ndarray:
+def calibration_inputs(
+    root: Path, spec: Preprocessing, limit: int = CALIBRATION_IMAGES
+) -> np.ndarray:
     """Up to `limit` real images from a folder (a Kaggle split, class folders or flat),
     taken round-robin across class folders so every class is represented."""
     if not root.is_dir():
@@ -72,12 +75,15 @@ def calibration_inputs(root: Path, spec: Preprocessing, limit: int = CALIBRATION
     testing = [p for p in root.iterdir() if p.is_dir() and p.name.lower() == "testing"]
     if testing:
         root = testing[0]
-    groups = [sorted(p for p in d.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-              for d in sorted(root.iterdir()) if d.is_dir() and canonical_class(d.name)]
+    groups = [
+        sorted(p for p in d.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        for d in sorted(root.iterdir())
+        if d.is_dir() and canonical_class(d.name)
+    ]
     if not groups:
         groups = [sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)]
     ordered = [g[i] for i in range(max(map(len, groups), default=0)) for g in groups if i < len(g)]
-    images = []
+    images: list[np.ndarray] = []
     for path in ordered:
         if len(images) == limit:
             break
@@ -92,8 +98,17 @@ def calibration_inputs(root: Path, spec: Preprocessing, limit: int = CALIBRATION
 
 def _versions() -> dict[str, str]:
     out = {}
-    for dist in ("braincam", "tensorflow", "tensorflow-cpu", "keras", "tf2onnx", "onnx",
-                 "onnxruntime", "onnxruntime-gpu", "numpy"):
+    for dist in (
+        "braincam",
+        "tensorflow",
+        "tensorflow-cpu",
+        "keras",
+        "tf2onnx",
+        "onnx",
+        "onnxruntime",
+        "onnxruntime-gpu",
+        "numpy",
+    ):
         try:
             out[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
@@ -101,20 +116,32 @@ def _versions() -> dict[str, str]:
     return out
 
 
+def _data_file(path: Path) -> DataFile:
+    return DataFile(file=path.name, sha256=sha256_file(path), size_bytes=path.stat().st_size)
+
+
 def _graph_file(path: Path, model: Any) -> GraphFile:
     def dims(values: Any) -> dict[str, list[int | None]]:
         return {
-            v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
+            v.name: [
+                d.dim_value if d.HasField("dim_value") else None
+                for d in v.type.tensor_type.shape.dim
+            ]
             for v in values
         }
 
     return GraphFile(
-        file=path.name, sha256=sha256_file(path), size_bytes=path.stat().st_size,
-        inputs=dims(model.graph.input), outputs=dims(model.graph.output),
+        file=path.name,
+        sha256=sha256_file(path),
+        size_bytes=path.stat().st_size,
+        inputs=dims(model.graph.input),
+        outputs=dims(model.graph.output),
     )
 
 
-def _resolve_preprocessing(model: Any, run: dict[str, Any], overrides: dict[str, Any]) -> Preprocessing:
+def _resolve_preprocessing(
+    model: Any, run: dict[str, Any], overrides: dict[str, Any]
+) -> Preprocessing:
     base = dict(run.get("preprocessing") or {})
     shape = model.input_shape
     if isinstance(shape, list):
@@ -130,9 +157,13 @@ def _resolve_preprocessing(model: Any, run: dict[str, Any], overrides: dict[str,
         raise ExportError("the model's input size is dynamic: pass --input-size H W")
     spec = Preprocessing(**base)
     if shape[3] is not None and int(shape[3]) != spec.channels:
-        raise ExportError(f"the model takes {shape[3]} channels but preprocessing gives {spec.channels}")
+        raise ExportError(
+            f"the model takes {shape[3]} channels but preprocessing gives {spec.channels}"
+        )
     if shape[1] is not None and (int(shape[1]), int(shape[2])) != (spec.height, spec.width):
-        raise ExportError(f"the model takes {shape[1]}x{shape[2]} inputs, not {spec.height}x{spec.width}")
+        raise ExportError(
+            f"the model takes {shape[1]}x{shape[2]} inputs, not {spec.height}x{spec.width}"
+        )
     return spec
 
 
@@ -174,14 +205,16 @@ def export_model(
     split = split_model(model, layer or run.get("explain_layer"), outputs)
     label_list = _resolve_labels(run, labels, split.num_classes)
     task = task or run.get("task") or ("binary" if len(label_list) == 2 else "multiclass")
-    decision = Decision(**run["decision"]) if run.get("decision") else Decision()
+    decision = Decision(**run["decision"]) if run.get("decision") else Decision(threshold=None)
     if task == "binary" and decision.positive_label is None:
         decision = Decision(positive_label=label_list[1], threshold=0.5, threshold_method="default")
     if threshold is not None:
-        decision = decision.model_copy(update={"threshold": threshold, "threshold_method": "manual"})
+        decision = decision.model_copy(
+            update={"threshold": threshold, "threshold_method": "manual"}
+        )
     x = calibration_inputs(Path(calibration) if calibration else DEFAULT_CALIBRATION, prep)
 
-    from exporter.convert import check, to_onnx
+    from exporter.convert import check, to_onnx, write_with_shared_weights
     from exporter.graphs import build_functions
     from exporter.parity import check_parity
 
@@ -189,17 +222,20 @@ def export_model(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        protos = {}
-        for filename, fn in ((CLASSIFIER_ONNX, classifier_fn), (GRADCAM_ONNX, gradcam_fn)):
-            proto = to_onnx(fn, opset)
-            check(proto, filename)
-            (staging / filename).write_bytes(proto.SerializeToString())
-            protos[filename] = proto
+        protos = {
+            CLASSIFIER_ONNX: to_onnx(classifier_fn, opset),
+            GRADCAM_ONNX: to_onnx(gradcam_fn, opset),
+        }
+        weights = write_with_shared_weights(protos, staging)
+        for filename, proto in protos.items():
+            check(proto, staging / filename)
         report = check_parity(model, split, staging / CLASSIFIER_ONNX, staging / GRADCAM_ONNX, x)
         if not report.passed:
             raise ExportError(
-                "parity gate failed, nothing written:\n  " + "\n  ".join(report.failures)
-                + "\nfigures: " + json.dumps(report.figures, indent=1)
+                "parity gate failed, nothing written:\n  "
+                + "\n  ".join(report.failures)
+                + "\nfigures: "
+                + json.dumps(report.figures, indent=1)
             )
         spec = ModelSpec(
             name=name or run.get("name") or out_dir.name,
@@ -208,17 +244,24 @@ def export_model(
             labels=label_list,
             preprocessing=prep,
             decision=decision,
-            explanation=Explanation(layer=split.layer_name, activation_shape=list(split.activation_shape)),
+            explanation=Explanation(
+                layer=split.layer_name, activation_shape=list(split.activation_shape)
+            ),
             graphs=Graphs(
                 classifier=_graph_file(staging / CLASSIFIER_ONNX, protos[CLASSIFIER_ONNX]),
                 gradcam=_graph_file(staging / GRADCAM_ONNX, protos[GRADCAM_ONNX]),
+                weights=_data_file(weights) if weights else None,
             ),
             opset=opset,
             parity=report.as_json(),
             versions=_versions(),
             exported_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            source={"model": model_path.name, "output_kind": split.output_kind,
-                    "trainer_run": bool(run), "arch": run.get("arch")},
+            source={
+                "model": model_path.name,
+                "output_kind": split.output_kind,
+                "trainer_run": bool(run),
+                "arch": run.get("arch"),
+            },
         )
         save_spec(spec, staging)
         for extra in ("MODEL_CARD.md",):  # the card travels with the model

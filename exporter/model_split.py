@@ -102,7 +102,9 @@ def layer_names(model: keras.Model) -> list[str]:
     return names
 
 
-def _output_kind(last: keras.layers.Layer, declared: str) -> tuple[OutputKind, keras.layers.Layer | None]:
+def _output_kind(
+    last: keras.layers.Layer, declared: str
+) -> tuple[OutputKind, keras.layers.Layer | None]:
     activation = getattr(last, "activation", None)
     act_name = getattr(activation, "__name__", "") if activation is not None else ""
     if isinstance(last, keras.layers.Softmax) or (
@@ -116,7 +118,9 @@ def _output_kind(last: keras.layers.Layer, declared: str) -> tuple[OutputKind, k
             return act_name, last  # type: ignore[return-value]
         if act_name == "linear":
             return "logits", last
-        raise ExportError(f"the last Dense layer has activation '{act_name}', not softmax/sigmoid/linear")
+        raise ExportError(
+            f"the last Dense layer has activation '{act_name}', not softmax/sigmoid/linear"
+        )
     if declared == "logits":
         return "logits", None
     raise ExportError(
@@ -134,13 +138,15 @@ def split_model(model: keras.Model, layer: str | None = None, outputs: str = "au
         found = _find_path(model, layer)
         if found is None:
             raise ExportError(
-                f"no layer named '{layer}' in the model; 4-D layers are: "
-                + ", ".join(n for n in layer_names(model) if _rank(_find_path(model, n)[-1]) == 4)  # type: ignore[index]
+                f"no layer named '{layer}' in the model; layers with a 4-D output: "
+                + ", ".join(explainable_layers(model))
             )
         path = found
     target = path[-1]
     if _rank(target) != 4:
-        raise ExportError(f"layer '{target.name}' has output shape {target.output.shape}, not [N,h,w,C]")
+        raise ExportError(
+            f"layer '{target.name}' has output shape {target.output.shape}, not [N,h,w,C]"
+        )
 
     # Features: outer layers before the nested model(s) on the path are replayed in front.
     features_stack: list[Callable[..., Any]] = []
@@ -154,7 +160,7 @@ def split_model(model: keras.Model, layer: str | None = None, outputs: str = "au
         else:
             features_stack.extend(layers[:idx])
         head = layers[idx + 1 :] + head
-        container = node  # type: ignore[assignment]
+        container = node
 
     def features(x: Any) -> Any:
         for fn in features_stack:
@@ -162,7 +168,9 @@ def split_model(model: keras.Model, layer: str | None = None, outputs: str = "au
         return x
 
     if not head:
-        raise ExportError(f"layer '{target.name}' is the model's output: there is no head to explain")
+        raise ExportError(
+            f"layer '{target.name}' is the model's output: there is no head to explain"
+        )
     last_layer = head[-1]
     kind, last = _output_kind(last_layer, outputs)
     if kind == "softmax" and last is None:
@@ -171,7 +179,9 @@ def split_model(model: keras.Model, layer: str | None = None, outputs: str = "au
         head = head[:-1]
     num_outputs = int(model.output.shape[-1])
     if kind == "sigmoid" and num_outputs != 1:
-        raise ExportError("multi-label sigmoid outputs are not supported: one sigmoid unit or a softmax")
+        raise ExportError(
+            "multi-label sigmoid outputs are not supported: one sigmoid unit or a softmax"
+        )
     shape = tuple(int(d) for d in target.output.shape[1:])
     return ModelSplit(features, head, last, kind, target.name, shape, num_outputs)  # type: ignore[arg-type]
 

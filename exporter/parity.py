@@ -38,7 +38,10 @@ class ParityReport:
     def as_json(self) -> dict[str, Any]:
         return {
             "n_inputs": self.n_inputs,
-            "tolerances": {"probabilities_abs": PROBABILITY_TOLERANCE, "relative": RELATIVE_TOLERANCE},
+            "tolerances": {
+                "probabilities_abs": PROBABILITY_TOLERANCE,
+                "relative": RELATIVE_TOLERANCE,
+            },
             **{k: float(v) for k, v in self.figures.items()},
             "passed": self.passed,
         }
@@ -65,20 +68,28 @@ def check_parity(
 
     keras_probs = keras_probabilities(model, x, split.output_kind)
     (onnx_probs,) = classifier.run([PROBABILITIES_OUTPUT], {IMAGE_INPUT: x})
-    report.figures["classifier_probabilities_max_abs"] = float(np.abs(onnx_probs - keras_probs).max())
+    report.figures["classifier_probabilities_max_abs"] = float(
+        np.abs(onnx_probs - keras_probs).max()
+    )
 
     k = split.num_classes
     predicted = np.argmax(keras_probs, axis=1)
     # The predicted class (-1) and an explicit other class: both target paths are checked.
     for tag, targets in (("predicted", np.full(len(x), -1)), ("other", (predicted + 1) % k)):
         t = targets.astype(np.int64)
-        ref = {key: v.numpy() for key, v in gradcam_outputs(
-            split, tf.constant(x), tf.constant(t), hand_written=False).items()}
+        ref = {
+            key: v.numpy()
+            for key, v in gradcam_outputs(
+                split, tf.constant(x), tf.constant(t), hand_written=False
+            ).items()
+        }
         probs, cls, acts, grads = gradcam.run(
             [PROBABILITIES_OUTPUT, CLASS_OUTPUT, ACTIVATIONS_OUTPUT, GRADIENTS_OUTPUT],
             {IMAGE_INPUT: x, TARGET_INPUT: t},
         )
-        report.figures[f"gradcam_{tag}_probabilities_max_abs"] = float(np.abs(probs - keras_probs).max())
+        report.figures[f"gradcam_{tag}_probabilities_max_abs"] = float(
+            np.abs(probs - keras_probs).max()
+        )
         report.figures[f"gradcam_{tag}_activations_rel"] = _relative(acts, ref[ACTIVATIONS_OUTPUT])
         report.figures[f"gradcam_{tag}_gradients_rel"] = _relative(grads, ref[GRADIENTS_OUTPUT])
         if not np.array_equal(cls, ref[CLASS_OUTPUT]):

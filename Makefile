@@ -1,0 +1,45 @@
+# The two commands of the README are `make demo` and `make test`; both create the
+# virtualenv on first use. Override PYTHON to pick an interpreter (>= 3.10).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# cpu: onnxruntime (never together with gpu/onnxruntime-gpu: same package dir)
+EXTRAS ?= cpu,train,dev
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+.PHONY: install demo model serve test lint bench clean
+
+$(VENV)/.installed-$(EXTRAS): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]"
+	rm -f $(VENV)/.installed-* && touch $@
+
+install: $(VENV)/.installed-$(EXTRAS)
+
+model: install  ## demo dataset -> train -> export, skipped when models/demo is valid
+	$(PY) -m trainer.build_demo --data data/demo --out models/demo
+
+demo: model  ## the main job: serve the demo model at http://$(HOST):$(PORT) (docs at /docs)
+	BRAINCAM_MODEL_DIR=models/demo BRAINCAM_HOST=$(HOST) BRAINCAM_PORT=$(PORT) $(PY) -m service
+
+serve: install
+	$(PY) -m service
+
+# pytest exits 5 when it collected nothing: that is our mistake, not a pass.
+test: install
+	$(PY) -m pytest -q; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy braincam service exporter trainer
+
+bench: model
+	$(PY) -m benchmarks.bench_service --model-dir models/demo
+	$(PY) -m benchmarks.bench_export --model-dir models/demo
+	$(PY) -m benchmarks.bench_encoders
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,149 @@
+"""Heatmap colouring, blending, side-by-side panels and PNG encoding for /explain.
+
+All images here are uint8 RGB (the decoder's convention); OpenCV's BGR order is
+confined to the two cv2 calls that need it (applyColorMap, imencode).
+"""
+
+from __future__ import annotations
+
+import base64
+
+import cv2
+import numpy as np
+
+from braincam.errors import InvalidParameter
+from braincam.preprocessing import to_channels
+
+# Every OpenCV colormap this cv2 build has, by lower-case name ("jet", "turbo", ...).
+COLORMAPS: dict[str, int] = {
+    name[len("COLORMAP_") :].lower(): int(getattr(cv2, name))
+    for name in sorted(dir(cv2))
+    if name.startswith("COLORMAP_")
+}
+
+# Chosen with benchmarks/bench_encoders.py (650x591 overlay / 1958x626 3-panel, one
+# core): level 1 takes ~12 / ~26 ms; level 6 ~58 / ~107 ms for files only ~10 % smaller;
+# level 9 another 5x for 3 % more; level 0 (~1 / ~4 ms) ships raw pixels, 2.5-3.8x the
+# bytes (and base64 adds a third). Level 1 is where the time/size curve bends.
+DEFAULT_PNG_COMPRESSION = 1
+# A fixed SUB filter instead of libpng's per-row adaptive choice: 1.5-1.7x faster at
+# level 1 (1.2x at 6-9) for sizes within ~2 % (same benchmark). OpenCV builds without
+# the flag keep libpng's adaptive filtering.
+_PNG_FILTER: list[int] = (
+    [cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_SUB]
+    if hasattr(cv2, "IMWRITE_PNG_FILTER") and hasattr(cv2, "IMWRITE_PNG_FILTER_SUB")
+    else []
+)
+
+PANEL_TITLES = ("Original", "Heatmap", "Overlay")
+_PANEL_GAP = 4  # px of background between panels
+_BACKGROUND = (255, 255, 255)
+_TEXT = (20, 20, 20)
+
+
+def colorize(cam: np.ndarray, colormap: str = "jet") -> np.ndarray:
+    """CAM [H,W] in [0,1] -> uint8 RGB [H,W,3] through a named colormap."""
+    code = COLORMAPS.get(colormap.lower()) if isinstance(colormap, str) else None
+    if code is None:
+        raise InvalidParameter(
+            f"unknown colormap {colormap!r}; valid colormaps: {', '.join(COLORMAPS)}"
+        )
+    cam = np.asarray(cam, dtype=np.float32)
+    if cam.ndim != 2:
+        raise ValueError(f"a CAM to colorize must be [H,W], got shape {cam.shape}")
+    levels = np.clip(np.nan_to_num(cam, nan=0.0) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    return cv2.cvtColor(cv2.applyColorMap(levels, code), cv2.COLOR_BGR2RGB)
+
+
+def to_rgb(image: np.ndarray) -> np.ndarray:
+    """uint8 gray [H,W] / [H,W,1], RGB or RGBA -> uint8 RGB [H,W,3].
+
+    Alpha is dropped, exactly as `preprocess` drops it, so the picture shown is the
+    picture the model saw.
+    """
+    return to_channels(np.asarray(image), 3)
+
+
+def _fit(rgb: np.ndarray, height: int, width: int) -> np.ndarray:
+    if rgb.shape[:2] == (height, width):
+        return rgb
+    return cv2.resize(rgb, (width, height), interpolation=cv2.INTER_LINEAR)
+
+
+def blend(image: np.ndarray, heat_rgb: np.ndarray, alpha: float = 0.4) -> np.ndarray:
+    """(1 - alpha) * image + alpha * heat, uint8 RGB at the image's own size.
+
+    Prefer colorizing a CAM already resized to the image (see `cam.resize_cam`):
+    resizing a coloured heatmap here interpolates colours, not CAM values.
+    """
+    if not 0.0 <= float(alpha) <= 1.0:
+        raise InvalidParameter(f"alpha must be between 0 and 1, got {alpha}")
+    base = to_rgb(image)
+    heat = _fit(to_rgb(heat_rgb), base.shape[0], base.shape[1])
+    return cv2.addWeighted(base, 1.0 - float(alpha), heat, float(alpha), 0.0)
+
+
+def _title_strip(title: str, width: int, height: int) -> np.ndarray:
+    strip = np.full((height, width, 3), _BACKGROUND, dtype=np.uint8)
+    font = cv2.FONT_HERSHEY_SIMPLEX
+    scale = height / 40.0
+    (tw, th), _ = cv2.getTextSize(title, font, scale, 1)
+    if tw > width - 4:  # narrow images: shrink the title to fit its panel
+        scale *= (width - 4) / tw
+        (tw, th), _ = cv2.getTextSize(title, font, scale, 1)
+    org = (max((width - tw) // 2, 0), (height + th) // 2)
+    cv2.putText(strip, title, org, font, scale, _TEXT, 1, cv2.LINE_AA)
+    return strip
+
+
+def panels(
+    image: np.ndarray,
+    heat_rgb: np.ndarray,
+    overlay: np.ndarray,
+    titles: tuple[str, str, str] = PANEL_TITLES,
+) -> np.ndarray:
+    """Original | Heatmap | Overlay side by side, each titled, uint8 RGB.
+
+    Every panel is shown at the original image's size.
+    """
+    base = to_rgb(image)
+    h, w = base.shape[:2]
+    tiles = [base, _fit(to_rgb(heat_rgb), h, w), _fit(to_rgb(overlay), h, w)]
+    # Title height scales with the image, within readable bounds.
+    strip_h = int(np.clip(round(h * 0.06), 16, 40))
+    columns = [
+        np.vstack([_title_strip(t, w, strip_h), tile])
+        for t, tile in zip(titles, tiles, strict=True)
+    ]
+    gap = np.full((h + strip_h, _PANEL_GAP, 3), _BACKGROUND, dtype=np.uint8)
+    return np.hstack([columns[0], gap, columns[1], gap, columns[2]])
+
+
+def encode_png(rgb: np.ndarray, compression: int = DEFAULT_PNG_COMPRESSION) -> bytes:
+    """uint8 gray/RGB/RGBA -> PNG bytes; compression is the zlib level 0 (none) .. 9."""
+    if (
+        isinstance(compression, bool)
+        or not isinstance(compression, (int, np.integer))
+        or not (0 <= int(compression) <= 9)
+    ):
+        raise InvalidParameter(f"PNG compression must be an integer 0..9, got {compression!r}")
+    arr = np.asarray(rgb)
+    if arr.dtype != np.uint8:
+        raise ValueError(f"expected uint8 pixels, got {arr.dtype}")
+    if arr.ndim == 3 and arr.shape[2] == 3:
+        arr = cv2.cvtColor(arr, cv2.COLOR_RGB2BGR)
+    elif arr.ndim == 3 and arr.shape[2] == 4:
+        arr = cv2.cvtColor(arr, cv2.COLOR_RGBA2BGRA)
+    elif not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] == 1)):
+        raise ValueError(f"unsupported pixel layout {arr.shape}")
+    ok, buf = cv2.imencode(
+        ".png", arr, [cv2.IMWRITE_PNG_COMPRESSION, int(compression), *_PNG_FILTER]
+    )
+    if not ok:
+        raise RuntimeError("PNG encoding failed")
+    return buf.tobytes()
+
+
+def to_base64_png(rgb: np.ndarray, compression: int = DEFAULT_PNG_COMPRESSION) -> str:
+    """PNG as a base64 ASCII string (for JSON responses)."""
+    return base64.b64encode(encode_png(rgb, compression)).decode("ascii")

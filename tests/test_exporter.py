@@ -1,0 +1,250 @@
+"""The exporter: every supported architecture passes the parity gate; broken exports
+and bad inputs fail loudly and leave nothing behind."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+keras = pytest.importorskip("keras")
+ort = pytest.importorskip("onnxruntime")
+
+from braincam.model_spec import load_spec  # noqa: E402
+from exporter.export import calibration_inputs, export_model  # noqa: E402
+from exporter.model_split import ExportError  # noqa: E402
+
+LABELS4 = ["glioma", "meningioma", "pituitary", "notumor"]
+
+
+def _head(x: keras.KerasTensor, units: int, activation: str, flatten: bool) -> keras.KerasTensor:
+    x = keras.layers.Flatten()(x) if flatten else keras.layers.GlobalAveragePooling2D()(x)
+    x = keras.layers.Dropout(0.3)(x)
+    x = keras.layers.Dense(16, activation="relu")(x)
+    return keras.layers.Dense(units, activation=activation, name="predictions")(x)
+
+
+def _application(
+    name: str, size: int, nested: bool, units: int, activation: str, flatten: bool
+) -> keras.Model:
+    kwargs = {"alpha": 0.35} if name == "MobileNetV2" else {}
+    base = getattr(keras.applications, name)(
+        weights=None, include_top=False, input_shape=(size, size, 3), **kwargs
+    )
+    if nested:  # the transfer-learning layout: the backbone is one layer of the outer model
+        inputs = keras.Input((size, size, 3))
+        return keras.Model(inputs, _head(base(inputs), units, activation, flatten))
+    return keras.Model(base.inputs, _head(base.output, units, activation, flatten))
+
+
+def _export_and_check(
+    model: keras.Model, tmp_path: Path, calibration: Path, labels: list[str], **kwargs: object
+) -> Path:
+    model_path = tmp_path / "model.keras"
+    model.save(model_path)
+    out = tmp_path / "exported"
+    export_model(model_path, out, labels=labels, calibration=calibration, **kwargs)  # type: ignore[arg-type]
+    spec = load_spec(out)  # also verifies the sha256 of both graphs
+    assert spec.parity["passed"] is True
+    assert spec.parity["n_inputs"] >= 16
+    x = calibration_inputs(calibration, spec.preprocessing, limit=4)
+    # Dynamic batch: one image at a time gives the same as the batch.
+    sess = ort.InferenceSession(str(out / "classifier.onnx"), providers=["CPUExecutionProvider"])
+    batch = sess.run(None, {"image": x})[0]
+    single = np.concatenate([sess.run(None, {"image": x[i : i + 1]})[0] for i in range(len(x))])
+    np.testing.assert_allclose(batch, single, atol=1e-5)
+    np.testing.assert_allclose(batch.sum(axis=1), 1.0, atol=1e-5)
+    return out
+
+
+def test_trainer_model_export(tiny_model_dir: Path, tiny_run: Path) -> None:
+    spec = load_spec(tiny_model_dir)
+    run = json.loads((tiny_run / "run.json").read_text())
+    assert spec.labels == run["labels"]
+    assert spec.preprocessing.model_dump() == run["preprocessing"]
+    assert spec.explanation.layer == run["explain_layer"]
+    assert spec.parity["passed"] and spec.parity["gradcam_predicted_gradients_rel"] <= 1e-4
+    g = spec.graphs.gradcam
+    assert set(g.inputs) == {"image", "target"}
+    assert set(g.outputs) == {"probabilities", "class_index", "activations", "gradients"}
+    assert g.outputs["activations"][1:] == spec.explanation.activation_shape
+    assert {"tensorflow", "tf2onnx", "onnx", "onnxruntime"} <= {
+        k.replace("-cpu", "") for k in spec.versions
+    }
+
+
+def test_sequential_model_with_logits(tmp_path: Path, demo_data: Path) -> None:
+    model = keras.Sequential(
+        [
+            keras.Input((64, 64, 1)),
+            keras.layers.Conv2D(8, 3, activation="relu", name="conv"),
+            keras.layers.MaxPooling2D(),
+            keras.layers.Conv2D(8, 3, activation="relu", name="conv_last"),
+            keras.layers.Flatten(),
+            keras.layers.Dense(4),
+        ]
+    )
+    out = _export_and_check(model, tmp_path, demo_data / "Testing", LABELS4)
+    spec = load_spec(out)
+    assert spec.explanation.layer == "conv_last"
+    assert spec.source["output_kind"] == "logits"
+
+
+@pytest.mark.parametrize(
+    ("name", "size", "nested", "units", "activation", "flatten"),
+    [
+        ("MobileNetV2", 32, True, 4, "softmax", False),
+        ("EfficientNetB0", 32, True, 4, "linear", False),
+        ("ResNet50", 32, False, 1, "sigmoid", True),
+        ("Xception", 71, True, 4, "softmax", False),
+        ("DenseNet121", 32, False, 4, "softmax", False),
+    ],
+)
+def test_keras_applications(
+    tmp_path: Path,
+    demo_data: Path,
+    name: str,
+    size: int,
+    nested: bool,
+    units: int,
+    activation: str,
+    flatten: bool,
+) -> None:
+    keras.utils.set_random_seed(0)
+    model = _application(name, size, nested, units, activation, flatten)
+    labels = ["notumor", "tumor"] if units == 1 else LABELS4
+    out = _export_and_check(
+        model, tmp_path, demo_data / "Testing", labels, channels=3, scale="symmetric"
+    )
+    spec = load_spec(out)
+    assert spec.preprocessing.channels == 3 and spec.preprocessing.height == size
+    assert len(spec.labels) == len(labels)
+    if units == 1:
+        assert spec.task == "binary" and spec.decision.positive_label == "tumor"
+
+
+@pytest.fixture
+def small_cnn_path(tmp_path: Path) -> Path:
+    inputs = keras.Input((64, 64, 1))
+    x = keras.layers.Conv2D(8, 3, padding="same", name="c1")(inputs)
+    x = keras.layers.Activation("relu", name="c1_relu")(x)
+    x = keras.layers.MaxPooling2D(name="c1_pool")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    x = keras.layers.Dense(8, activation="relu")(x)
+    outputs = keras.layers.Dense(4, activation="softmax")(x)
+    path = tmp_path / "small.keras"
+    keras.Model(inputs, outputs).save(path)
+    return path
+
+
+def test_broken_relu_gradient_conversion_is_caught(
+    small_cnn_path: Path, demo_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Without our ReluGrad converter tf2onnx leaves an unconverted op in the graph.
+    monkeypatch.setattr("exporter.convert.CUSTOM_OP_HANDLERS", {})
+    out = tmp_path / "out"
+    with pytest.raises(ExportError, match=r"ReluGrad|checker"):
+        export_model(small_cnn_path, out, labels=LABELS4, calibration=demo_data / "Testing")
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_wrong_gradient_fails_the_parity_gate(
+    small_cnn_path: Path, demo_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A plausible but wrong max-pool gradient (spread over the window) must not ship.
+    import exporter.backward as backward
+
+    monkeypatch.setitem(backward.RULES, keras.layers.MaxPooling2D, backward._average_pool)
+    out = tmp_path / "out"
+    with pytest.raises(ExportError, match=r"parity gate failed(.|\n)*gradients_rel"):
+        export_model(
+            small_cnn_path, out, labels=LABELS4, calibration=demo_data / "Testing", layer="c1_relu"
+        )
+    assert not out.exists()
+
+
+def test_explaining_before_max_pool(small_cnn_path: Path, demo_data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    export_model(
+        small_cnn_path, out, labels=LABELS4, calibration=demo_data / "Testing", layer="c1_relu"
+    )
+    assert load_spec(out).explanation.activation_shape == [64, 64, 8]
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "exporter", *args], capture_output=True, text=True, timeout=300
+    )
+
+
+def test_cli_exports(small_cnn_path: Path, demo_data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "cli"
+    res = _cli(
+        "--model",
+        str(small_cnn_path),
+        "--out",
+        str(out),
+        "--labels",
+        ",".join(LABELS4),
+        "--calibration",
+        str(demo_data / "Testing"),
+    )
+    assert res.returncode == 0, res.stderr
+    assert "parity on" in res.stdout
+    assert load_spec(out).name == "cli"
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("missing", "does not exist"),
+        ("not_keras", "not a Keras model"),
+        ("bad_layer", "no layer named"),
+        ("no_conv", "no layer with a 4-D output"),
+        ("label_count", "labels given but the model has 4 classes"),
+    ],
+)
+def test_bad_inputs_give_clear_errors(
+    case: str, message: str, small_cnn_path: Path, demo_data: Path, tmp_path: Path
+) -> None:
+    model, labels, extra = str(small_cnn_path), ",".join(LABELS4), []
+    if case == "missing":
+        model = str(tmp_path / "nope.keras")
+    elif case == "not_keras":
+        (tmp_path / "junk.keras").write_text("not a model")
+        model = str(tmp_path / "junk.keras")
+    elif case == "bad_layer":
+        extra = ["--layer", "does_not_exist"]
+    elif case == "no_conv":
+        mlp = keras.Sequential(
+            [
+                keras.Input((64, 64, 1)),
+                keras.layers.Flatten(),
+                keras.layers.Dense(4, activation="softmax"),
+            ]
+        )
+        mlp.save(tmp_path / "mlp.keras")
+        model = str(tmp_path / "mlp.keras")
+    elif case == "label_count":
+        labels = "a,b"
+    out = tmp_path / "out"
+    res = _cli(
+        "--model",
+        model,
+        "--out",
+        str(out),
+        "--labels",
+        labels,
+        "--calibration",
+        str(demo_data / "Testing"),
+        *extra,
+    )
+    assert res.returncode != 0
+    assert message in res.stderr
+    assert "Traceback" not in res.stderr
+    assert not out.exists()

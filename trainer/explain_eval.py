@@ -1,0 +1,599 @@
+"""Score the CAM methods of an exported model against lesion and brain masks.
+
+    python -m trainer.explain_eval --model-dir models/NAME --data DIR \\
+        [--methods gradcam,gradcam++,...] [--split Testing] [--limit N] [--out DIR]
+
+Everything goes through the code the service runs: `OnnxModel` (both ONNX graphs),
+`decoding.load_image`, `preprocessing.preprocess` with the model's own spec, and
+`braincam.cam`. One gradcam.onnx run per batch yields the activations and gradients
+that every CAM method needs. The explained class is the true class of each image.
+
+Masks follow the demo-data layout:
+    DIR/<split>/<class>/<name>.png             images
+    DIR/masks/<split>/<class>/<name>.png       lesion masks (0/255; empty for notumor)
+    DIR/brain_masks/<split>/<class>/<name>.png brain masks
+
+Populations: pointing game, energy-in-mask, top-15 % IoU, deletion and insertion
+use the tumour images (a non-empty lesion mask); off-brain mass uses every image
+with a brain mask. Per-class rows show notumor's deletion/insertion too.
+
+Writes explain_report.json, explain_report.md and explain_grid.png to --out
+(default: the model directory) and prints the overall table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+import cv2
+import numpy as np
+
+from braincam.cam import METHODS, compute_cam, resize_cam
+from braincam.datasets import MULTICLASS_LABELS, Task, find_split_dir, scan_split, task_label
+from braincam.decision import decide
+from braincam.decoding import load_image
+from braincam.errors import InputError, InvalidParameter
+from braincam.inference import DEFAULT_PROVIDERS, OnnxModel
+from braincam.localization import (
+    CAUSAL_STEPS,
+    POINTING_TOLERANCE,
+    TOP_FRACTION,
+    Baseline,
+    causal_aucs,
+    energy_in_mask,
+    off_brain_mass,
+    pointing_game,
+    tolerance_px,
+    top_fraction_iou,
+)
+from braincam.overlay import blend, colorize, to_rgb
+from braincam.preprocessing import preprocess
+
+log = logging.getLogger("trainer.explain_eval")
+
+REPORT_JSON = "explain_report.json"
+REPORT_MD = "explain_report.md"
+GRID_PNG = "explain_grid.png"
+
+# Goals an explanation should meet on the demo data (see the report's goal check).
+GOALS = {
+    "pointing_game": (">=", 0.9),
+    "energy_in_mask": (">=", 0.5),
+    "deletion_ratio": ("<=", 0.5),
+    "off_brain_mass": ("<=", 0.10),
+}
+
+# metric key -> column title, in table order
+METRICS: dict[str, str] = {
+    "pointing_game": "pointing",
+    "pointing_game_strict": "pointing strict",
+    "energy_in_mask": "energy in mask",
+    "top15_iou": "top-15% IoU",
+    "deletion_auc": "deletion AUC",
+    "random_deletion_auc": "random del. AUC",
+    "deletion_ratio": "deletion ratio",
+    "insertion_auc": "insertion AUC",
+    "random_insertion_auc": "random ins. AUC",
+    "off_brain_mass": "off-brain mass",
+}
+_PER_IMAGE = [k for k in METRICS if k != "deletion_ratio"]
+_LESION_ONLY = ("pointing_game", "pointing_game_strict", "energy_in_mask", "top15_iou")
+_CAUSAL = ("deletion_auc", "random_deletion_auc", "insertion_auc", "random_insertion_auc")
+GRID_CELL = 180  # px, longer side of each grid thumbnail
+
+
+@dataclass
+class Sample:
+    path: Path
+    cls: str  # 4-class folder name (also for binary models)
+    target: int  # true label index in the model's labels
+    lesion_path: Path
+    brain_path: Path
+
+
+@dataclass
+class GridRow:
+    cls: str
+    name: str
+    prob: float
+    cells: list[np.ndarray] = field(default_factory=list)
+
+
+def _mask_path(root: Path, kind: str, image: Path, split_dir: Path) -> Path:
+    rel = image.relative_to(split_dir)
+    base = root / kind / split_dir.name / rel.parent
+    png = base / f"{rel.stem}.png"
+    return png if png.is_file() or not (base / rel.name).is_file() else base / rel.name
+
+
+def collect_samples(
+    data: Path, split: str, task: Task, labels: Sequence[str], limit: int | None
+) -> list[Sample]:
+    """The split's images (at most `limit` per class) with their mask paths."""
+    split_dir = find_split_dir(data, split)
+    listing = scan_split(split_dir, task)
+    per_class: dict[str, int] = {}
+    samples = []
+    for path, cls in zip(listing.paths, listing.classes, strict=True):
+        if limit is not None and per_class.get(cls, 0) >= limit:
+            continue
+        per_class[cls] = per_class.get(cls, 0) + 1
+        samples.append(
+            Sample(
+                path=path,
+                cls=cls,
+                target=list(labels).index(task_label(cls, task)),
+                lesion_path=_mask_path(data, "masks", path, split_dir),
+                brain_path=_mask_path(data, "brain_masks", path, split_dir),
+            )
+        )
+    return samples
+
+
+def load_mask(path: Path, shape: tuple[int, int]) -> np.ndarray | None:
+    """Boolean mask at the image's [H,W]; None (with a warning) if the file is missing."""
+    if not path.is_file():
+        return None
+    m = load_image(path)
+    if m.ndim == 3:
+        m = m[:, :, :3].max(axis=2)
+    if m.shape != shape:
+        log.warning("%s is %s, image is %s: resized (nearest)", path, m.shape, shape)
+        m = cv2.resize(m, (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST)
+    return np.asarray(m > 127)
+
+
+def _chunked(model: OnnxModel, max_batch: int) -> Any:
+    def predict(batch: np.ndarray) -> np.ndarray:
+        return np.concatenate(
+            [
+                model.predict(np.ascontiguousarray(batch[i : i + max_batch]))
+                for i in range(0, len(batch), max_batch)
+            ]
+        )
+
+    return predict
+
+
+def image_scores(
+    cam: np.ndarray, lesion: np.ndarray | None, brain: np.ndarray | None
+) -> dict[str, float]:
+    """Localisation metrics of one CAM at image resolution; NaN where a mask is missing."""
+    nan = float("nan")
+    scores = dict.fromkeys(_LESION_ONLY, nan)
+    if lesion is not None and lesion.any():
+        scores.update(
+            pointing_game=pointing_game(cam, lesion, tolerance_px(cam.shape)),
+            pointing_game_strict=pointing_game(cam, lesion, 0.0),
+            energy_in_mask=energy_in_mask(cam, lesion),
+            top15_iou=top_fraction_iou(cam, lesion, TOP_FRACTION),
+        )
+    scores["off_brain_mass"] = off_brain_mass(cam, brain) if brain is not None else nan
+    return scores
+
+
+def _cell(rgb: np.ndarray, mask: np.ndarray | None, colour: tuple[int, int, int]) -> np.ndarray:
+    """A grid thumbnail (GRID_CELL px long side) with the mask outlined at thumbnail scale."""
+    h, w = rgb.shape[:2]
+    s = GRID_CELL / max(h, w)
+    size = (max(1, round(w * s)), max(1, round(h * s)))
+    out = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA if s < 1 else cv2.INTER_LINEAR)
+    if mask is not None and mask.any():
+        small = cv2.resize(mask.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST)
+        contours, _ = cv2.findContours(small, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        cv2.drawContours(out, contours, -1, colour, 1, cv2.LINE_AA)
+    return out
+
+
+def evaluate(
+    model: OnnxModel,
+    samples: list[Sample],
+    methods: list[str],
+    batch_size: int = 16,
+    steps: int = CAUSAL_STEPS,
+    baseline: str = "blur",
+    seed: int = 0,
+    grid_per_class: int = 2,
+    predict_batch: int = 64,
+) -> tuple[list[dict[str, Any]], list[GridRow], dict[str, Any]]:
+    """Per image x method metric rows, the grid rows, and run facts (accuracy, skips)."""
+    spec = model.spec
+    pre = spec.preprocessing
+    predict = _chunked(model, predict_batch)
+    rows: list[dict[str, Any]] = []
+    grid: list[GridRow] = []
+    grid_count: dict[str, int] = {}
+    skipped: list[str] = []
+    correct = 0
+    n_done = 0
+    for start in range(0, len(samples), batch_size):
+        chunk, pixels = [], []
+        for s in samples[start : start + batch_size]:
+            try:
+                pixels.append(load_image(s.path))
+                chunk.append(s)
+            except (InputError, OSError) as exc:
+                log.warning("skipped %s: %s", s.path, exc)
+                skipped.append(str(s.path))
+        if not chunk:
+            continue
+        x = np.stack([preprocess(p, pre) for p in pixels])
+        out = model.gradcam(x, [s.target for s in chunk])
+        cams = {
+            m: compute_cam(m, out.activations, out.gradients, size=(pre.width, pre.height))
+            for m in methods
+        }
+        for i, (s, img) in enumerate(zip(chunk, pixels, strict=True)):
+            shape = (int(img.shape[0]), int(img.shape[1]))
+            lesion = load_mask(s.lesion_path, shape)
+            brain = load_mask(s.brain_path, shape)
+            has_lesion = lesion is not None and bool(lesion.any())
+            if lesion is None and s.cls != "notumor":
+                log.warning("no lesion mask for %s (looked for %s)", s.path, s.lesion_path)
+            if brain is None:
+                log.warning("no brain mask for %s (looked for %s)", s.path, s.brain_path)
+            # decide(): binary models use their tuned threshold, as the service does
+            correct += int(decide(out.probabilities[i], spec).class_index == s.target)
+            n_done += 1
+            causal = causal_aucs(
+                predict,
+                x[i],
+                {m: cams[m][i] for m in methods},
+                s.target,
+                steps=steps,
+                baseline=cast(Baseline, baseline),
+                seed=seed,
+            )
+            image_cams = {m: resize_cam(cams[m][i], (shape[1], shape[0])) for m in methods}
+            for m in methods:
+                rows.append(
+                    {
+                        "path": str(s.path),
+                        "class": s.cls,
+                        "method": m,
+                        "has_lesion": has_lesion,
+                        **image_scores(image_cams[m], lesion if has_lesion else None, brain),
+                        "deletion_auc": causal[m]["deletion"],
+                        "insertion_auc": causal[m]["insertion"],
+                        "random_deletion_auc": causal["random"]["deletion"],
+                        "random_insertion_auc": causal["random"]["insertion"],
+                    }
+                )
+            if has_lesion and grid_count.get(s.cls, 0) < grid_per_class:
+                grid_count[s.cls] = grid_count.get(s.cls, 0) + 1
+                rgb = to_rgb(img)
+                row = GridRow(s.cls, s.path.name, float(out.probabilities[i][s.target]))
+                row.cells.append(_cell(rgb, None, (0, 0, 0)))
+                row.cells.append(_cell(rgb, lesion, (0, 255, 0)))
+                for m in methods:
+                    overlay = blend(rgb, colorize(image_cams[m], "jet"), 0.4)
+                    row.cells.append(_cell(overlay, lesion, (255, 255, 255)))
+                grid.append(row)
+        log.info("explained %d/%d images", min(start + batch_size, len(samples)), len(samples))
+    facts = {
+        "n_images": n_done,
+        "accuracy": correct / n_done if n_done else float("nan"),
+        "skipped": skipped,
+    }
+    return rows, grid, facts
+
+
+def _mean(values: list[float]) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    return float(np.mean(finite)) if finite else float("nan")
+
+
+def aggregate(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Means over a group of per-image rows: lesion metrics and deletion/insertion over
+    the tumour images, off-brain mass over all."""
+    lesion_rows = [r for r in rows if r["has_lesion"]]
+    out: dict[str, Any] = {}
+    for key in _PER_IMAGE:
+        if key in _LESION_ONLY:
+            src = lesion_rows
+        elif key in _CAUSAL:
+            src = lesion_rows or rows  # a notumor-only group scores its own images
+        else:
+            src = rows
+        out[key] = _mean([r[key] for r in src])
+    # Ratio of means, not mean of ratios: a near-zero random AUC on one image would
+    # otherwise dominate.
+    rnd = out["random_deletion_auc"]
+    valid = rnd > 0 and not math.isnan(out["deletion_auc"])  # NaN compares False
+    out["deletion_ratio"] = out["deletion_auc"] / rnd if valid else float("nan")
+    out["n_images"] = len({r["path"] for r in rows})
+    out["n_lesion_images"] = len({r["path"] for r in lesion_rows})
+    return out
+
+
+def goal_check(overall: dict[str, Any]) -> dict[str, bool | None]:
+    checks: dict[str, bool | None] = {}
+    for key, (op, bound) in GOALS.items():
+        v = overall.get(key, float("nan"))
+        if v is None or math.isnan(v):
+            checks[key] = None
+        else:
+            checks[key] = bool(v >= bound) if op == ">=" else bool(v <= bound)
+    return checks
+
+
+def _clean(obj: Any) -> Any:
+    """NaN -> null: JSON has no NaN."""
+    if isinstance(obj, float):
+        return None if math.isnan(obj) or math.isinf(obj) else obj
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_clean(v) for v in obj]
+    return obj
+
+
+def _fmt(key: str, v: float | None) -> str:
+    if v is None or math.isnan(v):
+        return "–"
+    if key == "off_brain_mass":
+        return f"{100 * v:.1f} %"
+    return f"{v:.3f}"
+
+
+def _goal_text(key: str) -> str:
+    op, bound = GOALS[key]
+    sign = "≥" if op == ">=" else "≤"
+    if key == "deletion_ratio":
+        return f"deletion {sign} {bound} × random"
+    if key == "off_brain_mass":
+        return f"off-brain {sign} {100 * bound:.0f} %"
+    return f"{METRICS[key]} {sign} {bound}"
+
+
+def overall_table(report: dict[str, Any]) -> str:
+    head = ["method", *METRICS.values(), "goals met"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m, res in report["methods"].items():
+        checks = res["goals"]
+        met = sum(1 for v in checks.values() if v)
+        lines.append(
+            "| "
+            + " | ".join(
+                [m, *(_fmt(k, res["overall"][k]) for k in METRICS), f"{met}/{len(checks)}"]
+            )
+            + " |"
+        )
+    return "\n".join(lines)
+
+
+def markdown(report: dict[str, Any]) -> str:
+    s = report["settings"]
+    lines = [
+        f"# Explanation quality: {report['model']}",
+        "",
+        f"Data `{report['data']}`, split `{report['split']}`: {report['n_images']} images "
+        f"({report['n_lesion_images']} with a lesion mask). Model accuracy on them: "
+        f"{_fmt('accuracy', report['accuracy'])}. Explained class: the true class.",
+        "",
+        f"CAMs are computed at the model input ({s['cam_resolution']}) and resized to each "
+        f"image. Pointing game: the CAM maximum within {100 * s['pointing_tolerance']:.0f} % of "
+        "the shorter image side of the lesion (strict: on a lesion pixel). Deletion/insertion: "
+        f"{s['steps']} steps, '{s['baseline']}' baseline, target-class probability, trapezoid AUC; "
+        f"random pixel order with seed {s['seed']}; deletion ratio = mean deletion AUC / mean "
+        "random deletion AUC. Lesion metrics and deletion/insertion average over tumour images; "
+        "off-brain mass over all images.",
+        "",
+        "## Overall",
+        "",
+        overall_table(report),
+        "",
+        "## Goal check",
+        "",
+        "| method | " + " | ".join(_goal_text(k) for k in GOALS) + " |",
+        "|---|" + "---|" * len(GOALS),
+    ]
+    for m, res in report["methods"].items():
+        cells = []
+        for k in GOALS:
+            ok = res["goals"][k]
+            mark = "n/a" if ok is None else ("✓" if ok else "✗")
+            cells.append(f"{mark} {_fmt(k, res['overall'][k])}")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "## Per class",
+        "",
+        "| method | class | n | " + " | ".join(METRICS.values()) + " |",
+        "|---|---|---|" + "---|" * len(METRICS),
+    ]
+    for m, res in report["methods"].items():
+        for cls, agg in res["per_class"].items():
+            lines.append(
+                f"| {m} | {cls} | {agg['n_images']} | "
+                + " | ".join(_fmt(k, agg[k]) for k in METRICS)
+                + " |"
+            )
+    lines += ["", f"![grid]({GRID_PNG})", ""]
+    return "\n".join(lines)
+
+
+def save_grid(grid: list[GridRow], methods: list[str], path: Path) -> None:
+    """Rows: a few images per tumour class; columns: image | lesion outline | methods."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    titles = ["image", "lesion mask", *methods]
+    if not grid:
+        fig, ax = plt.subplots(figsize=(4, 1))
+        ax.axis("off")
+        ax.text(0.5, 0.5, "no tumour images with lesion masks", ha="center", va="center")
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return
+    n_rows, n_cols = len(grid), len(titles)
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(1.9 * n_cols, 2.0 * n_rows), squeeze=False)
+    for r, row in enumerate(grid):
+        for c, cell in enumerate(row.cells):
+            ax = axes[r][c]
+            ax.imshow(cell)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(titles[c], fontsize=9)
+        axes[r][0].set_ylabel(f"{row.cls}\np(true)={row.prob:.2f}", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def run(
+    model_dir: Path,
+    data: Path,
+    methods: list[str],
+    split: str = "Testing",
+    limit: int | None = None,
+    out: Path | None = None,
+    batch_size: int = 16,
+    steps: int = CAUSAL_STEPS,
+    baseline: str = "blur",
+    seed: int = 0,
+    grid_per_class: int = 2,
+) -> dict[str, Any]:
+    """Evaluate, write the three outputs, return the report."""
+    import onnxruntime as ort
+
+    available = set(ort.get_available_providers())
+    model = OnnxModel(model_dir, providers=[p for p in DEFAULT_PROVIDERS if p in available])
+    spec = model.spec
+    samples = collect_samples(data, split, spec.task, spec.labels, limit)
+    rows, grid, facts = evaluate(
+        model,
+        samples,
+        methods,
+        batch_size=batch_size,
+        steps=steps,
+        baseline=baseline,
+        seed=seed,
+        grid_per_class=grid_per_class,
+    )
+    order = {c: i for i, c in enumerate(MULTICLASS_LABELS)}
+    classes = sorted({r["class"] for r in rows}, key=lambda c: order.get(c, len(order)))
+    result: dict[str, Any] = {}
+    for m in methods:
+        mrows = [r for r in rows if r["method"] == m]
+        overall = aggregate(mrows)
+        result[m] = {
+            "overall": overall,
+            "per_class": {c: aggregate([r for r in mrows if r["class"] == c]) for c in classes},
+            "goals": goal_check(overall),
+        }
+    first = result[methods[0]]["overall"] if methods else {}
+    report: dict[str, Any] = {
+        "model": spec.name,
+        "model_dir": str(model_dir),
+        "task": spec.task,
+        "labels": spec.labels,
+        "data": str(data),
+        "split": split,
+        "n_images": facts["n_images"],
+        "n_lesion_images": first.get("n_lesion_images", 0),
+        "accuracy": facts["accuracy"],
+        "skipped": facts["skipped"],
+        "providers": model.providers.active,
+        "settings": {
+            "target": "true class",
+            "cam_resolution": f"{spec.preprocessing.width}x{spec.preprocessing.height}",
+            "pointing_tolerance": POINTING_TOLERANCE,
+            "top_fraction": TOP_FRACTION,
+            "steps": steps,
+            "baseline": baseline,
+            "seed": seed,
+            "limit_per_class": limit,
+        },
+        "goals": {k: {"op": op, "value": v} for k, (op, v) in GOALS.items()},
+        "methods": result,
+    }
+    out = out or model_dir
+    out.mkdir(parents=True, exist_ok=True)
+    (out / REPORT_JSON).write_text(json.dumps(_clean(report), indent=2) + "\n")
+    (out / REPORT_MD).write_text(markdown(report))
+    save_grid(grid, methods, out / GRID_PNG)
+    return report
+
+
+def parse_methods(text: str) -> list[str]:
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise InvalidParameter(
+            f"unknown CAM method(s) {', '.join(unknown) or '(none given)'}; "
+            f"valid methods: {', '.join(METHODS)}"
+        )
+    return list(dict.fromkeys(methods))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m trainer.explain_eval",
+        description="Score CAM methods of an exported model against lesion and brain masks.",
+    )
+    parser.add_argument("--model-dir", type=Path, required=True)
+    parser.add_argument("--data", type=Path, required=True, help="demo-data root (with masks/)")
+    parser.add_argument(
+        "--methods",
+        default=",".join(METHODS),
+        help=f"comma-separated, default all: {','.join(METHODS)}",
+    )
+    parser.add_argument("--split", default="Testing")
+    parser.add_argument("--limit", type=int, default=None, help="at most N images per class")
+    parser.add_argument("--out", type=Path, default=None, help="default: the model directory")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=CAUSAL_STEPS, help="deletion/insertion steps")
+    parser.add_argument(
+        "--baseline",
+        choices=("blur", "mean", "zero"),
+        default="blur",
+        help="what deleted pixels become",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="random-order baseline seed")
+    parser.add_argument("--grid-per-class", type=int, default=2)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    if args.limit is not None and args.limit < 1:
+        parser.error("--limit must be >= 1")
+    try:
+        methods = parse_methods(args.methods)
+        report = run(
+            args.model_dir,
+            args.data,
+            methods,
+            split=args.split,
+            limit=args.limit,
+            out=args.out,
+            batch_size=args.batch_size,
+            steps=args.steps,
+            baseline=args.baseline,
+            seed=args.seed,
+            grid_per_class=args.grid_per_class,
+        )
+    except (FileNotFoundError, ValueError) as exc:  # bad data dir, model dir, sha256 mismatch
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    out = args.out or args.model_dir
+    print(
+        f"\n{report['model']}: {report['n_images']} images "
+        f"({report['n_lesion_images']} with lesions), accuracy {_fmt('a', report['accuracy'])}\n"
+    )
+    print(overall_table(report))
+    print(f"\nwrote {out / REPORT_JSON}, {out / REPORT_MD}, {out / GRID_PNG}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
