@@ -138,14 +138,21 @@ def rule_for(layer: keras.layers.Layer) -> Backward | None:
     try:  # validate the layer's configuration once, outside the traced graph
         if rule in (_max_pool, _average_pool):
             _pool_geometry(layer)
-        elif (rule is _relu_layer and (
-            layer.max_value is not None
-            or float(layer.negative_slope) != 0
-            or float(layer.threshold) != 0
-        )) or (rule is _activation and getattr(layer.activation, "__name__", "") not in (
-            "relu",
-            "linear",
-        )):
+        elif (
+            rule is _relu_layer
+            and (
+                layer.max_value is not None
+                or float(layer.negative_slope) != 0
+                or float(layer.threshold) != 0
+            )
+        ) or (
+            rule is _activation
+            and getattr(layer.activation, "__name__", "")
+            not in (
+                "relu",
+                "linear",
+            )
+        ):
             return None
     except NotImplementedError:
         return None

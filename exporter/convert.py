@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+import tensorflow as tf
 import tf2onnx
 from onnx import TensorProto, numpy_helper
 from onnx.external_data_helper import set_external_data
@@ -37,14 +38,31 @@ CUSTOM_OP_HANDLERS: dict[str, tuple[Any, list[Any]]] = {"ReluGrad": (_relu_grad,
 def to_onnx(fn: Callable[..., Any], opset: int) -> onnx.ModelProto:
     if not 13 <= opset <= MAX_OPSET:
         raise ExportError(f"opset must be between 13 and {MAX_OPSET}, got {opset}")
+    signature = fn.input_signature  # type: ignore[attr-defined]
     model, _ = tf2onnx.convert.from_function(
-        fn,
-        input_signature=fn.input_signature,  # type: ignore[attr-defined]
-        opset=opset,
-        custom_op_handlers=CUSTOM_OP_HANDLERS,
+        fn, input_signature=signature, opset=opset, custom_op_handlers=CUSTOM_OP_HANDLERS
     )
+    _inline_captured_constants(model, fn.get_concrete_function(), len(signature))  # type: ignore[attr-defined]
     model.producer_name = "braincam-exporter"
     return model
+
+
+def _inline_captured_constants(model: onnx.ModelProto, concrete: Any, n_inputs: int) -> None:
+    """Eager constants a layer created outside the traced function (e.g. the
+    Normalization layer of EfficientNet) are captured as extra function inputs and
+    would become required graph inputs; turn them back into initializers."""
+    captured = {
+        placeholder.name: value
+        for placeholder, value in zip(
+            concrete.inputs[n_inputs:], concrete.captured_inputs, strict=False
+        )
+        if placeholder.dtype != tf.dtypes.resource
+    }
+    for graph_input in list(model.graph.input):
+        if graph_input.name in captured:
+            value = np.asarray(captured[graph_input.name].numpy())
+            model.graph.initializer.append(numpy_helper.from_array(value, graph_input.name))
+            model.graph.input.remove(graph_input)
 
 
 def check(model: onnx.ModelProto, path: Path) -> None:

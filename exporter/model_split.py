@@ -1,4 +1,4 @@
-"""Split any Keras CNN into features -> explained layer -> head.
+"""Split any Keras CNN (Sequential or Functional) into features -> explained layer -> head.
 
 The Grad-CAM graph needs the activations of one convolutional layer and the
 gradient of a class score with respect to them. We therefore cut the model at
@@ -23,17 +23,6 @@ OutputKind = Literal["softmax", "sigmoid", "logits"]
 
 class ExportError(Exception):
     """The model cannot be exported as asked; the message says why."""
-
-
-def as_functional(model: keras.Model) -> keras.Model:
-    """Sequential models do not always convert; replay their layers functionally."""
-    if not isinstance(model, keras.Sequential):
-        return model
-    inputs = keras.Input(shape=model.input_shape[1:], name="image")
-    x = inputs
-    for layer in model.layers:
-        x = layer(x)
-    return keras.Model(inputs, x, name=model.name)
 
 
 def _rank(layer: keras.layers.Layer) -> int | None:
@@ -131,7 +120,6 @@ def _output_kind(
 
 def split_model(model: keras.Model, layer: str | None = None, outputs: str = "auto") -> ModelSplit:
     """Cut `model` at the explained layer (auto-detected unless named)."""
-    model = as_functional(model)
     if layer is None:
         path = _auto_path(model)
     else:
@@ -177,7 +165,7 @@ def split_model(model: keras.Model, layer: str | None = None, outputs: str = "au
         head = head[:-1]  # drop the separate Softmax layer: we need the logits
     elif last is not None:
         head = head[:-1]
-    num_outputs = int(model.output.shape[-1])
+    num_outputs = int(model.outputs[0].shape[-1])
     if kind == "sigmoid" and num_outputs != 1:
         raise ExportError(
             "multi-label sigmoid outputs are not supported: one sigmoid unit or a softmax"
@@ -200,5 +188,4 @@ def keras_probabilities(model: keras.Model, x: np.ndarray, kind: OutputKind) -> 
 
 
 def explainable_layers(model: keras.Model) -> Sequence[str]:
-    model = as_functional(model)
     return [n for n in layer_names(model) if _rank(_find_path(model, n)[-1]) == 4]  # type: ignore[index]
