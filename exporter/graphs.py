@@ -63,7 +63,13 @@ def gradcam_outputs(
     With `hand_written=False` every gradient comes from TensorFlow's autodiff: the
     reference the parity gate compares the exported graph against.
     """
-    acts = split.features(x)
+    return head_gradients(split, split.features(x), target, hand_written)
+
+
+def head_gradients(
+    split: ModelSplit, acts: tf.Tensor, target: tf.Tensor, hand_written: bool = True
+) -> dict[str, tf.Tensor]:
+    """Probabilities, explained class and d(score)/d(acts), starting from the activations."""
     prefix = _spatial_prefix(split) if hand_written else []
     inputs = []
     z = acts
