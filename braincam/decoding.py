@@ -13,11 +13,12 @@ import io
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
 
-from braincam.errors import InvalidParameter, UndecodableImage, UnsupportedMediaType
+from braincam.errors import InputError, InvalidParameter, UndecodableImage, UnsupportedMediaType
 
 RASTER_FORMATS = ("png", "jpeg", "bmp", "tiff")
 SUPPORTED_FORMATS = (*RASTER_FORMATS, "dicom", "nifti")
@@ -156,12 +157,17 @@ def _decode_dicom(data: bytes, slice_index: int | None) -> DecodedImage:
     import pydicom  # imported lazily: only DICOM uploads pay for it
 
     try:
-        ds = pydicom.dcmread(io.BytesIO(data))
-        arr = ds.pixel_array
-    except Exception as exc:  # pydicom raises many types for broken or compressed files
-        raise UndecodableImage(
-            f"could not decode the DICOM pixel data: {type(exc).__name__}"
-        ) from exc
+        return _dicom_slice(pydicom.dcmread(io.BytesIO(data)), slice_index)
+    except InputError:
+        raise
+    except Exception as exc:  # pydicom parses values lazily: any field may raise, any type
+        raise UndecodableImage(f"could not decode the DICOM file: {type(exc).__name__}") from exc
+
+
+def _dicom_slice(ds: Any, slice_index: int | None) -> DecodedImage:
+    import pydicom
+
+    arr = ds.pixel_array
     frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
     photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2"))
     is_colour = int(getattr(ds, "SamplesPerPixel", 1) or 1) > 1

@@ -1,0 +1,1 @@
+"""braincam inference service: FastAPI on ONNX Runtime. Imports no TensorFlow."""

@@ -1,0 +1,13 @@
+"""All routes of the API."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from service.api.routes import explain, health, metadata, predict
+
+api_router = APIRouter()
+api_router.include_router(predict.router)
+api_router.include_router(explain.router)
+api_router.include_router(health.router)
+api_router.include_router(metadata.router)

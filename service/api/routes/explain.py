@@ -1,0 +1,100 @@
+"""POST /explain: the decision plus a class activation map, from one gradcam.onnx run."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated
+
+from fastapi import APIRouter, Form, Response
+
+from braincam.cam import METHODS, get_method
+from braincam.errors import InvalidParameter
+from braincam.overlay import COLORMAPS
+from service import pipeline
+from service.api.deps import MetricsDep, ModelDep, RuntimeDep, SettingsDep
+from service.api.routes.predict import FileField, SliceField, json_bytes
+from service.errors import error_responses
+from service.schemas import ExplainResponse
+from service.uploads import read_upload
+
+router = APIRouter(tags=["inference"])
+
+DEFAULT_METHOD = "gradcam"
+DEFAULT_COLORMAP = "jet"
+DEFAULT_ALPHA = 0.4
+
+
+@router.post(
+    "/explain",
+    response_model=ExplainResponse,
+    summary="Classify an MRI slice and explain the decision with a heatmap",
+    responses=error_responses(400, 413, 415, 422, 500, 503),
+)
+async def explain(
+    model: ModelDep,
+    runtime: RuntimeDep,
+    settings: SettingsDep,
+    metrics: MetricsDep,
+    file: FileField,
+    slice_index: SliceField = None,
+    target: Annotated[
+        str | None,
+        Form(
+            description="Class to explain, by label or index; default: the decided class.",
+            examples=["glioma"],
+        ),
+    ] = None,
+    method: Annotated[
+        str,
+        Form(
+            description="CAM method.",
+            json_schema_extra={"enum": list(METHODS)},
+        ),
+    ] = DEFAULT_METHOD,
+    alpha: Annotated[
+        float, Form(ge=0.0, le=1.0, description="Heatmap opacity in the overlay.")
+    ] = DEFAULT_ALPHA,
+    colormap: Annotated[
+        str,
+        Form(description="OpenCV colormap name.", json_schema_extra={"enum": list(COLORMAPS)}),
+    ] = DEFAULT_COLORMAP,
+    smooth: Annotated[
+        bool,
+        Form(
+            description="Average the map with the map of the left-right mirrored image "
+            "(both run as one batch of 2)."
+        ),
+    ] = False,
+) -> Response:
+    """The /predict fields, the explained class, and three base64 PNGs at the size of
+    the uploaded image: the overlay, the coloured heatmap and a three-panel figure.
+
+    Prediction and explanation come from one run of the Grad-CAM graph. Only when the
+    decided class is not the graph's argmax (a binary model's threshold decided
+    otherwise, or with `smooth` the mirrored image's argmax differs) and no `target`
+    was given, the affected images are run once more with the decided class as target:
+    `gradcam_runs` says how many runs there were.
+    """
+    started = time.perf_counter()
+    # Parameters are checked before the upload is touched: a typo costs no inference.
+    params = pipeline.ExplainParams(
+        target=pipeline.resolve_target(target, model.spec),
+        method=get_method(method.strip().lower()[:64]).name,  # [:64]: bounded echo in errors
+        colormap=_colormap(colormap),
+        alpha=alpha,
+        smooth=smooth,
+        png_compression=settings.png_compression,
+    )
+    data = await read_upload(file, settings.max_upload_bytes)
+    metrics.upload_bytes.observe(len(data))
+    result = await runtime.run(pipeline.explain, model, metrics, data, slice_index, params, started)
+    return json_bytes(result)
+
+
+def _colormap(name: str) -> str:
+    key = name.strip().lower()
+    if key not in COLORMAPS:
+        raise InvalidParameter(
+            f"unknown colormap {name[:64]!r}; valid colormaps: {', '.join(COLORMAPS)}"
+        )
+    return key

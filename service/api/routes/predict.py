@@ -1,0 +1,66 @@
+"""POST /predict: one image in, the model's decision out."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, Response, UploadFile
+from pydantic import BaseModel
+
+from service import pipeline
+from service.api.deps import MetricsDep, ModelDep, RuntimeDep, SettingsDep
+from service.errors import error_responses
+from service.schemas import PredictResponse
+from service.uploads import read_upload
+
+router = APIRouter(tags=["inference"])
+
+FileField = Annotated[
+    UploadFile,
+    File(
+        description="The image: PNG, JPEG, BMP, TIFF (8/16-bit, gray/RGB/RGBA), DICOM, "
+        "NIfTI (.nii, .nii.gz). The type is read from the bytes, not the name."
+    ),
+]
+SliceField = Annotated[
+    int | None,
+    Form(
+        alias="slice",
+        ge=0,
+        description="Slice (NIfTI, axial) or frame (DICOM) to use; default: the middle one.",
+    ),
+]
+
+
+def json_bytes(model: BaseModel) -> Response:
+    # Serialised once by pydantic; returning a Response skips FastAPI's re-validation
+    # of the (possibly megabytes of base64) payload. The schema stays documented
+    # through the route's response_model.
+    return Response(model.model_dump_json(), media_type="application/json")
+
+
+@router.post(
+    "/predict",
+    response_model=PredictResponse,
+    summary="Classify an MRI slice",
+    responses=error_responses(400, 413, 415, 422, 500, 503),
+)
+async def predict(
+    model: ModelDep,
+    runtime: RuntimeDep,
+    settings: SettingsDep,
+    metrics: MetricsDep,
+    file: FileField,
+    slice_index: SliceField = None,
+) -> Response:
+    """Label, confidence and per-class probabilities of one image.
+
+    Binary models apply the decision threshold stored in their model.json (so
+    `label` may differ from the class of highest probability).
+    """
+    started = time.perf_counter()
+    data = await read_upload(file, settings.max_upload_bytes)
+    metrics.upload_bytes.observe(len(data))
+    result = await runtime.run(pipeline.predict, model, metrics, data, slice_index, started)
+    return json_bytes(result)

@@ -1,0 +1,65 @@
+"""Service settings, read from `BRAINCAM_*` environment variables (see docs/api.md)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+LogLevel = Literal["critical", "error", "warning", "info", "debug"]
+
+# Room for the multipart envelope (boundaries, part headers, the small form fields)
+# on top of the file itself, when the whole request body is bounded.
+MULTIPART_OVERHEAD_BYTES = 64 * 1024
+
+
+def _split(value: str) -> list[str]:
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
+class Settings(BaseSettings):
+    """Every setting has an environment variable: the field name upper-cased, prefixed."""
+
+    # env_ignore_empty: `BRAINCAM_X=` (compose passes unset values that way) means default.
+    model_config = SettingsConfigDict(env_prefix="BRAINCAM_", extra="ignore", env_ignore_empty=True)
+
+    model_dir: Path = Path("models/demo")
+    # Comma-separated lists are plain strings here: pydantic-settings would parse a
+    # list field from the environment as JSON, and `A,B` is what people type.
+    providers: str = "CUDAExecutionProvider,CPUExecutionProvider"
+    cors_origins: str = ""
+    max_upload_mb: float = Field(default=20.0, gt=0)
+    intra_op_threads: int = Field(default=0, ge=0)  # 0: ONNX Runtime's default (one per core)
+    max_concurrency: int = Field(default=4, ge=1)
+    png_compression: int = Field(default=1, ge=0, le=9)
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+    workers: int = Field(default=1, ge=1)
+    log_level: LogLevel = "info"
+
+    @field_validator("providers", "cors_origins", mode="before")
+    @classmethod
+    def _join_lists(cls, value: Any) -> Any:
+        # Settings(providers=["CPUExecutionProvider"]) works as well as the env string.
+        if isinstance(value, (list, tuple)):
+            return ",".join(str(v) for v in value)
+        return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.strip().lower() if isinstance(value, str) else value
+
+    @property
+    def provider_list(self) -> list[str]:
+        return _split(self.providers) or ["CPUExecutionProvider"]
+
+    @property
+    def cors_origin_list(self) -> list[str]:
+        return _split(self.cors_origins)
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1024 * 1024)

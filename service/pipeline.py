@@ -1,0 +1,240 @@
+"""The blocking work behind /predict and /explain (run in worker threads).
+
+Both start from the upload's bytes and go through the same contract functions as
+the trainer and the exporter: `decode_image` -> `preprocess` -> ORT -> `decide`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from braincam.cam import compute_cam, flip_smoothed
+from braincam.decision import Decision, decide
+from braincam.decoding import DecodedImage, decode_image
+from braincam.errors import InputError, InvalidParameter, UndecodableImage
+from braincam.inference import OnnxModel
+from braincam.model_spec import ModelSpec
+from braincam.overlay import blend, colorize, encode_png, panels, to_base64_png
+from braincam.preprocessing import preprocess
+from service.metrics import Metrics
+from service.schemas import (
+    ExplainResponse,
+    ExplainTiming,
+    InputInfo,
+    ModelRef,
+    PredictResponse,
+    PredictTiming,
+    Target,
+)
+
+log = logging.getLogger(__name__)
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000.0, 3)
+
+
+@dataclass(frozen=True)
+class ExplainParams:
+    target: int | None  # None: the decided class
+    method: str
+    colormap: str
+    alpha: float
+    smooth: bool
+    png_compression: int
+
+
+def resolve_target(value: str | None, spec: ModelSpec) -> int | None:
+    """A label (case-insensitive) or a class index -> index; empty/None -> None."""
+    if value is None or not value.strip():
+        return None
+    text = value.strip()
+    if text in spec.labels:
+        return spec.labels.index(text)
+    lowered = [label.lower() for label in spec.labels]
+    if text.lower() in lowered:
+        return lowered.index(text.lower())
+    if text.isascii() and text.isdigit() and int(text) < len(spec.labels):
+        return int(text)
+    raise InvalidParameter(
+        f"'target' must be one of {', '.join(spec.labels)} "
+        f"or an index 0..{len(spec.labels) - 1}, got {text[:64]!r}"
+    )
+
+
+@dataclass
+class _Prepared:
+    decoded: DecodedImage
+    batch: np.ndarray  # [1, H, W, C] float32
+    decode_s: float
+    preprocess_s: float
+
+
+def _prepare(data: bytes, slice_index: int | None, spec: ModelSpec) -> _Prepared:
+    try:
+        t0 = time.perf_counter()
+        decoded = decode_image(data, slice_index)
+        t1 = time.perf_counter()
+        batch = preprocess(decoded.pixels, spec.preprocessing)[None]
+        t2 = time.perf_counter()
+    except InputError:
+        raise
+    except Exception as exc:
+        # The decoders parse arbitrary bytes with third-party readers (OpenCV,
+        # pydicom, nibabel) that raise all sorts of exceptions on damaged files, some
+        # of them lazily, after the file "opened". Whatever escapes is the upload's
+        # fault, so it is a 422, not a 500; logged in full in case it is a bug of ours.
+        log.warning("decoding failed with %s", type(exc).__name__, exc_info=True)
+        raise UndecodableImage(
+            f"could not decode the file: {type(exc).__name__} while reading it"
+        ) from exc
+    return _Prepared(decoded, batch, t1 - t0, t2 - t1)
+
+
+def _input_info(decoded: DecodedImage) -> InputInfo:
+    width, height = decoded.size
+    return InputInfo(
+        format=decoded.format,
+        width=width,
+        height=height,
+        bit_depth=decoded.bit_depth,
+        slice=decoded.slice_index,
+        n_slices=decoded.n_slices,
+    )
+
+
+def _decision_fields(decision: Decision, spec: ModelSpec) -> dict[str, Any]:
+    return {
+        "label": decision.label,
+        "class_index": decision.class_index,
+        "confidence": decision.confidence,
+        "probabilities": decision.probabilities,
+        "model": ModelRef(name=spec.name, version=spec.version),
+    }
+
+
+def predict(
+    model: OnnxModel,
+    metrics: Metrics,
+    data: bytes,
+    slice_index: int | None,
+    started: float,
+) -> PredictResponse:
+    spec = model.spec
+    prepared = _prepare(data, slice_index, spec)
+    t0 = time.perf_counter()
+    probs = model.predict(prepared.batch)[0]
+    inference_s = time.perf_counter() - t0
+    metrics.inference.labels(graph="classifier").observe(inference_s)
+    decision = decide(probs, spec)
+    return PredictResponse(
+        **_decision_fields(decision, spec),
+        input=_input_info(prepared.decoded),
+        timing_ms=PredictTiming(
+            decode=_ms(prepared.decode_s),
+            preprocess=_ms(prepared.preprocess_s),
+            inference=_ms(inference_s),
+            total=_ms(time.perf_counter() - started),
+        ),
+    )
+
+
+def explain(
+    model: OnnxModel,
+    metrics: Metrics,
+    data: bytes,
+    slice_index: int | None,
+    params: ExplainParams,
+    started: float,
+) -> ExplainResponse:
+    spec = model.spec
+    prepared = _prepare(data, slice_index, spec)
+    decoded = prepared.decoded
+    x = prepared.batch
+    # smooth: the image and its left-right mirror (W is axis 2 of NHWC) as ONE batch.
+    batch = np.ascontiguousarray(np.concatenate([x, x[:, :, ::-1, :]])) if params.smooth else x
+    n = batch.shape[0]
+
+    t0 = time.perf_counter()
+    requested = -1 if params.target is None else params.target
+    out = model.gradcam(batch, np.full((n,), requested, dtype=np.int64))
+    runs = 1
+    # The prediction comes from the same run: no separate classifier pass.
+    decision = decide(out.probabilities[0], spec)
+    explained = decision.class_index if params.target is None else params.target
+    acts, grads = out.activations, out.gradients
+    # Target -1 makes the graph explain argmax. A binary threshold can decide the
+    # other class, and a mirrored image can flip argmax: those items need the
+    # gradient of the decided class, i.e. one more run with an explicit target.
+    redo = np.flatnonzero(out.class_index != explained)
+    if redo.size:
+        again = model.gradcam(
+            np.ascontiguousarray(batch[redo]), np.full((redo.size,), explained, dtype=np.int64)
+        )
+        acts, grads = acts.copy(), grads.copy()
+        acts[redo], grads[redo] = again.activations, again.gradients
+        runs += 1
+    inference_s = time.perf_counter() - t0
+    metrics.inference.labels(graph="gradcam").observe(inference_s)
+
+    t1 = time.perf_counter()
+    cams = compute_cam(params.method, acts, grads, size=decoded.size)
+    cam = flip_smoothed(cams[0], cams[1]) if params.smooth else cams[0]
+    t2 = time.perf_counter()
+    heat = colorize(cam, params.colormap)
+    overlay = blend(decoded.pixels, heat, params.alpha)
+    panel = panels(decoded.pixels, heat, overlay)
+    level = params.png_compression
+    overlay_png = to_base64_png(overlay, level)
+    heatmap_png = to_base64_png(heat, level)
+    panels_png = to_base64_png(panel, level)
+    t3 = time.perf_counter()
+
+    return ExplainResponse(
+        **_decision_fields(decision, spec),
+        input=_input_info(decoded),
+        target=Target(class_index=explained, label=spec.labels[explained]),
+        method=params.method,
+        layer=spec.explanation.layer,
+        colormap=params.colormap,
+        alpha=params.alpha,
+        smooth=params.smooth,
+        gradcam_runs=runs,
+        overlay_png=overlay_png,
+        heatmap_png=heatmap_png,
+        panels_png=panels_png,
+        timing_ms=ExplainTiming(
+            decode=_ms(prepared.decode_s),
+            preprocess=_ms(prepared.preprocess_s),
+            inference=_ms(inference_s),
+            cam=_ms(t2 - t1),
+            encode=_ms(t3 - t2),
+            total=_ms(time.perf_counter() - started),
+        ),
+    )
+
+
+def warmup(model: OnnxModel) -> None:
+    """Run /predict's and /explain's whole path once on a synthetic image.
+
+    `OnnxModel.warmup` covers ONNX Runtime; this also pays OpenCV's one-off costs
+    (codec and font initialisation: tens to hundreds of ms) before the first request.
+    """
+    h, w, _ = model.spec.input_shape
+    ramp = np.linspace(0, 255, h * w, dtype=np.float32).reshape(h, w).astype(np.uint8)
+    data = encode_png(ramp)
+    scratch = Metrics()  # not the app's: warm-up runs are not traffic
+    params = ExplainParams(None, "gradcam", "jet", 0.4, smooth=False, png_compression=1)
+    predict(model, scratch, data, None, time.perf_counter())
+    explain(model, scratch, data, None, params, time.perf_counter())
+
+
+def warm_thread() -> None:
+    """The per-thread part of the warm-up: OpenCV's text rendering (panel titles)."""
+    tiny = np.zeros((16, 16), dtype=np.uint8)
+    panels(tiny, tiny, tiny)

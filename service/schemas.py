@@ -1,0 +1,152 @@
+"""Response models: they are the JSON contract and the OpenAPI schemas."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ErrorResponse(BaseModel):
+    """Every error, whatever its status: a readable message and a stable machine code."""
+
+    detail: str = Field(examples=["unrecognised file type: send PNG, JPEG, ..."])
+    code: str = Field(examples=["unsupported_media_type"])
+
+
+class ModelRef(BaseModel):
+    name: str = Field(examples=["demo"])
+    version: str = Field(examples=["1"])
+
+
+class InputInfo(BaseModel):
+    """What the upload turned out to be (sniffed from its bytes, never its name)."""
+
+    format: str = Field(examples=["png"], description="png, jpeg, bmp, tiff, dicom or nifti")
+    width: int = Field(examples=[512], description="width of the decoded 2-D image")
+    height: int = Field(examples=[512])
+    bit_depth: int = Field(examples=[8], description="bits per sample as stored in the file")
+    slice: int | None = Field(default=None, description="slice/frame used, for DICOM and NIfTI")
+    n_slices: int | None = Field(default=None, description="slices/frames in the volume")
+
+
+class PredictTiming(BaseModel):
+    """Milliseconds per stage; `total` runs from the handler's start to the response
+    (including any wait for an inference slot, excluding multipart parsing)."""
+
+    decode: float
+    preprocess: float
+    inference: float
+    total: float
+
+
+class ExplainTiming(PredictTiming):
+    cam: float
+    encode: float
+
+
+class PredictResponse(BaseModel):
+    label: str = Field(examples=["glioma"])
+    class_index: int = Field(examples=[0])
+    confidence: float = Field(examples=[0.93], description="probability of `label`")
+    probabilities: dict[str, float] = Field(
+        examples=[{"glioma": 0.93, "meningioma": 0.04, "notumor": 0.02, "pituitary": 0.01}]
+    )
+    model: ModelRef
+    timing_ms: PredictTiming
+    input: InputInfo
+
+
+class Target(BaseModel):
+    class_index: int
+    label: str
+
+
+class ExplainResponse(PredictResponse):
+    timing_ms: ExplainTiming
+    target: Target = Field(description="the class the heatmap explains")
+    method: str = Field(examples=["gradcam"])
+    layer: str = Field(examples=["conv2d_3"], description="the layer whose activations are used")
+    colormap: str = Field(examples=["jet"])
+    alpha: float = Field(examples=[0.4])
+    smooth: bool = Field(description="averaged with the horizontally flipped image's map")
+    gradcam_runs: int = Field(
+        examples=[1],
+        description="runs of gradcam.onnx: 1, or 2 when the decided class had to be "
+        "re-explained (binary threshold overriding argmax, or a flip changing the class)",
+    )
+    overlay_png: str = Field(description="base64 PNG: the image with the heatmap blended")
+    heatmap_png: str = Field(description="base64 PNG: the colourised heatmap")
+    panels_png: str = Field(description="base64 PNG: Original | Heatmap | Overlay")
+
+
+class ProviderInfo(BaseModel):
+    requested: list[str]
+    available: list[str]
+    active: list[str]
+
+
+class HealthResponse(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"description": "Always 200 while alive."})
+
+    status: Literal["ok", "loading", "error"]
+    ready: bool
+    model: ModelRef | None = None
+    error: str | None = Field(default=None, description="why the model could not be loaded")
+    providers: list[str] = Field(
+        default_factory=list,
+        description="execution providers the model really runs on (empty until loaded)",
+    )
+    execution_providers: ProviderInfo | None = None
+    gpu: bool = False
+    warnings: list[str] = Field(default_factory=list)
+    load_seconds: float | None = Field(default=None, description="model loading + warm-up time")
+    version: str = Field(description="braincam version")
+
+
+class ReadyResponse(BaseModel):
+    ready: bool
+    status: Literal["ok", "loading", "error"]
+
+
+class LiveResponse(BaseModel):
+    live: bool = True
+
+
+class Limits(BaseModel):
+    max_upload_bytes: int
+    max_concurrency: int
+    formats: list[str]
+
+
+class MetadataResponse(BaseModel):
+    model: dict[str, Any] = Field(description="model.json of the served model")
+    providers: ProviderInfo
+    gpu: bool
+    cam_methods: list[str]
+    colormaps: list[str]
+    defaults: dict[str, Any]
+    limits: Limits
+    disclaimer: str
+
+
+class TensorMetadata(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int]
+
+
+class ModelMetadataV2(BaseModel):
+    """Open Inference Protocol model metadata."""
+
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[TensorMetadata]
+    outputs: list[TensorMetadata]
+
+
+class ServerMetadataV2(BaseModel):
+    name: str
+    version: str
+    extensions: list[str] = Field(default_factory=list)
