@@ -1,0 +1,1 @@
+"""Keras trainer: demo dataset, training, evaluation, model card (needs the `train` extra)."""

@@ -1,0 +1,103 @@
+"""`python -m trainer.build_demo`: demo dataset -> default CNN -> ONNX model directory.
+
+The one command behind `make model` and the Docker image. Idempotent: a valid
+model directory is left alone unless --force.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+from braincam.errors import InputError
+from trainer.cli import export_errors
+
+T = TypeVar("T")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m trainer.build_demo",
+        description="Build the synthetic demo dataset (if missing), train the default CNN "
+        "and export it to an ONNX model directory. Skipped when the model already exists.",
+    )
+    p.add_argument("--data", type=Path, default=Path("data/demo"), help="demo dataset directory")
+    p.add_argument("--out", type=Path, default=Path("models/demo"), help="model directory")
+    p.add_argument("--runs", type=Path, default=Path("runs/demo"), help="training run directory")
+    p.add_argument("--epochs", type=int, help="maximum epochs (default: the trainer's)")
+    p.add_argument("--force", action="store_true", help="rebuild even if the model exists")
+    return p.parse_args(argv)
+
+
+def existing_model(out: Path) -> str | None:
+    """Why `out` is not a usable model directory, or None if it is one."""
+    from braincam.model_spec import load_spec
+
+    try:
+        spec = load_spec(out)  # also checks both graphs against their sha256
+    except FileNotFoundError as exc:
+        return str(exc)
+    except ValueError as exc:  # pydantic's ValidationError is a ValueError
+        return f"invalid model.json: {str(exc).splitlines()[0]}"
+    print(f"model {spec.name} already exists in {out} ({', '.join(spec.labels)}); "
+          "nothing to do (--force rebuilds it)")
+    return None
+
+
+def step(title: str, fn: Callable[[], T]) -> T:
+    print(f"==> {title}", flush=True)
+    started = time.perf_counter()
+    result = fn()
+    print(f"    done in {time.perf_counter() - started:.1f} s", flush=True)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    logging.basicConfig(level=logging.INFO, format="    %(message)s")
+    for noisy in ("absl", "tensorflow", "h5py"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    if not args.force:
+        reason = existing_model(args.out)
+        if reason is None:
+            return 0
+        print(f"building the demo model: {reason}")
+    started = time.perf_counter()
+    try:
+        if not (args.data / "dataset.json").is_file():
+            from trainer.demo_data import build_demo_dataset
+
+            step(f"building the demo dataset in {args.data}", lambda: build_demo_dataset(args.data))
+        else:
+            print(f"==> demo dataset found in {args.data}")
+
+        from trainer.train import DEFAULT_EPOCHS, TrainConfig, export_run, train
+
+        config = TrainConfig(data=args.data, out=args.runs,
+                             epochs=args.epochs or DEFAULT_EPOCHS,
+                             verbose=1 if sys.stdout.isatty() else 2)
+        result = step(f"training the default CNN into {args.runs}", lambda: train(config))
+        m = result.metrics
+        print(f"    test accuracy {m['accuracy']:.4f}, macro F1 {m['macro_f1']:.4f} "
+              f"({m['test_size']} images, best epoch {m['best_epoch']})")
+        step(f"exporting to {args.out}",
+             lambda: export_run(result.model_path, args.out, args.data))
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except export_errors() as exc:
+        print(f"error: export failed: {exc}", file=sys.stderr)
+        return 1
+    print(f"demo model ready in {args.out} (total {time.perf_counter() - started:.1f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
