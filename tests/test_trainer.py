@@ -20,8 +20,9 @@ from braincam.datasets import BINARY_LABELS, MULTICLASS_LABELS, DatasetError  # 
 from braincam.decoding import load_image  # noqa: E402
 from braincam.preprocessing import Preprocessing  # noqa: E402
 from trainer import cli  # noqa: E402
+from trainer.errors import WeightsError  # noqa: E402
 from trainer.evaluate import youden_threshold  # noqa: E402
-from trainer.model import WeightsError, build_model  # noqa: E402
+from trainer.model import build_model  # noqa: E402
 from trainer.pipeline import augmenter, stratified_split  # noqa: E402
 from trainer.train import TrainConfig, train  # noqa: E402
 
@@ -143,6 +144,22 @@ def test_augmentation_stays_in_range() -> None:
     assert not np.allclose(out, x)
 
 
+def test_batchnorm_recalibration_matches_the_data() -> None:
+    from trainer.callbacks import RecalibrateBatchNorm
+
+    inputs = keras.Input((8, 8, 1))
+    outputs = keras.layers.BatchNormalization(name="bn")(inputs)
+    model = keras.Model(inputs, outputs)
+    x = np.random.default_rng(0).normal(3.0, 2.0, (200, 8, 8, 1)).astype(np.float32)
+    callback = RecalibrateBatchNorm(x, seed=0, limit=128, chunk=32)
+    callback.set_model(model)
+    callback.recalibrate()
+    bn = model.get_layer("bn")
+    assert abs(float(bn.moving_mean.numpy()[0]) - 3.0) < 0.1
+    assert abs(float(bn.moving_variance.numpy()[0]) - 4.0) < 0.3
+    assert bn.momentum == 0.99  # restored
+
+
 def test_weights_file_roundtrip(tmp_path: Path) -> None:
     source, _ = build_model("cnn", (32, 32, 1), 4)
     path = tmp_path / "cnn.weights.h5"
@@ -225,3 +242,17 @@ def test_build_demo_skips_a_valid_model(tiny_model_dir: Path, tmp_path: Path,
     assert rc == 0
     assert "already exists" in capsys.readouterr().out
     assert not (tmp_path / "unused").exists()
+
+
+def test_build_demo_refuses_a_foreign_data_dir(tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    from trainer import build_demo
+
+    foreign = tmp_path / "data"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("not a dataset")
+    rc = build_demo.main(["--data", str(foreign), "--out", str(tmp_path / "model"),
+                          "--runs", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.startswith("error: ") and "\n" not in err
+    assert (foreign / "notes.txt").is_file() and not (tmp_path / "model").exists()

@@ -17,6 +17,7 @@ from typing import TypeVar
 
 from braincam.errors import InputError
 from trainer.cli import export_errors
+from trainer.errors import ConfigError
 
 T = TypeVar("T")
 
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     logging.basicConfig(level=logging.INFO, format="    %(message)s")
-    for noisy in ("absl", "tensorflow", "h5py"):
+    for noisy in ("absl", "tensorflow", "h5py", "tf2onnx"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     if not args.force:
         reason = existing_model(args.out)
@@ -74,7 +75,11 @@ def main(argv: list[str] | None = None) -> int:
         if not (args.data / "dataset.json").is_file():
             from trainer.demo_data import build_demo_dataset
 
-            step(f"building the demo dataset in {args.data}", lambda: build_demo_dataset(args.data))
+            try:
+                step(f"building the demo dataset in {args.data}",
+                     lambda: build_demo_dataset(args.data))
+            except ValueError as exc:  # e.g. --data is a non-empty folder it did not write
+                raise ConfigError(str(exc)) from exc
         else:
             print(f"==> demo dataset found in {args.data}")
 
@@ -89,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
               f"({m['test_size']} images, best epoch {m['best_epoch']})")
         step(f"exporting to {args.out}",
              lambda: export_run(result.model_path, args.out, args.data))
-    except InputError as exc:
+    except (InputError, ConfigError, OSError) as exc:
+        # Bad or unreadable data, a data directory the builder refuses to overwrite.
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except export_errors() as exc:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from braincam.errors import InputError
+from trainer.errors import ConfigError, WeightsError
 
 if TYPE_CHECKING:
     from trainer.train import TrainResult
@@ -68,8 +69,9 @@ def summary(result: TrainResult) -> None:
     table.add_row("macro ROC AUC", "n/a" if auc is None else f"{auc:.4f}")
     if m["task"] == "binary":
         table.add_row("threshold p(tumor)", f"{m['threshold']:.4f} (Youden's J on validation)")
+        sens, spec = (m[k] for k in ("sensitivity", "specificity"))
         table.add_row("sensitivity / specificity",
-                      f"{m['sensitivity'] or 0:.4f} / {m['specificity'] or 0:.4f}")
+                      " / ".join("n/a" if v is None else f"{v:.4f}" for v in (sens, spec)))
     table.add_row("best epoch", f"{m['best_epoch']} of {m['epochs_run']}")
     table.add_row("training time", f"{m['training_time_seconds']:.1f} s "
                   f"(total {result.seconds:.1f} s)")
@@ -91,10 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    for noisy in ("absl", "tensorflow", "h5py"):
+    for noisy in ("absl", "tensorflow", "h5py", "tf2onnx"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
-    from trainer.model import WeightsError
-    from trainer.train import DEFAULT_EPOCHS, ConfigError, TrainConfig, train
+    from trainer.train import DEFAULT_EPOCHS, TrainConfig, train
 
     config = TrainConfig(
         data=args.data, out=args.out, task=args.task, arch=args.arch, weights=args.weights,

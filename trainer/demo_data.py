@@ -500,8 +500,20 @@ def render_sample(
         raise ValueError(f"unknown class {cls!r}; expected one of {', '.join(CLASSES)}")
     global_rng = np.random.default_rng([*rng_seed, 0])
     g = draw_globals(global_rng, size)
-    img, lesion_cov, brain_cov = _canvas(cls, g, np.random.default_rng([*rng_seed, 1]),
-                                         with_lesion)
+    lesion_rng = np.random.default_rng([*rng_seed, 1])
+    img, lesion_cov, brain_cov = _canvas(cls, g, lesion_rng, with_lesion)
+    return _acquire(img, lesion_cov, brain_cov, g, size, global_rng)
+
+
+def _acquire(
+    img: np.ndarray,
+    lesion_cov: np.ndarray,
+    brain_cov: np.ndarray,
+    g: Globals,
+    size: int,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Canvas -> final image and masks: bias field, pose, gamma, gain, noise."""
     m = _affine(g, size)
     img = img * bias_field(g, img.shape)
     sigma = 0.45 * FOV_MM / (g.scale * size)  # anti-aliasing before the downsampling warp
@@ -512,7 +524,7 @@ def render_sample(
     brain = (_warp(brain_cov, m, size) >= 0.5) | lesion
     # Same brain mean for every class: brightness must not give the class away.
     out *= g.target_mean / max(float(out[brain].mean()) if brain.any() else 1.0, 1e-3)
-    n1, n2 = global_rng.standard_normal((2, size, size), dtype=np.float32) * g.noise
+    n1, n2 = rng.standard_normal((2, size, size), dtype=np.float32) * g.noise
     out = np.sqrt((out + n1) ** 2 + n2**2)  # Rician magnitude noise
     image = np.clip(np.rint(out), 0, 255).astype(np.uint8)
     return image, lesion.astype(np.uint8) * 255, brain.astype(np.uint8) * 255
@@ -607,6 +619,9 @@ def _metadata(per_class: int, test_per_class: int, size: int, seed: int) -> dict
         "Testing": dict.fromkeys(CLASSES, test_per_class),
     }
     return {
+        "name": "braincam synthetic demo dataset",
+        "description": "Synthetic brain-tumour MRI: axial slices of a normal-brain template "
+        "with simulated glioma, meningioma and pituitary lesions, lesion and brain masks.",
         "generator": _GENERATOR,
         "version": 1,
         "synthetic": True,

@@ -53,10 +53,11 @@ def _data_section(run: dict[str, Any], metrics: dict[str, Any]) -> str:
         parts += [
             "",
             "**This run used the synthetic demo dataset** (`dataset.json` in the data "
-            "directory): images are generated from a brain template with simulated lesions. "
-            "Its metrics show that the pipeline works end to end; they say nothing about "
-            "performance on real patient MRI.",
+            "directory): generated images, not patient data. Its metrics show that the "
+            "pipeline works end to end; they say nothing about performance on real MRI.",
         ]
+        if dataset and dataset.get("note"):
+            parts += ["", f"Dataset note: {dataset['note']}"]
     elif dataset:
         parts += ["", f"`dataset.json`: {_fmt(dataset.get('description') or dataset)}"]
     return "\n".join(parts)
@@ -137,7 +138,8 @@ LIMITS = """\
   balanced by scanner, age or sex. Test-set accuracy on such data overestimates
   performance elsewhere.
 - **Calibration.** Softmax outputs are not calibrated probabilities; no temperature
-  scaling was applied. The binary threshold was tuned on a small validation split.
+  scaling was applied. A binary model's threshold is tuned on a small validation
+  split.
 - **Out of distribution.** Non-brain images, other modalities or orientations still get
   one of the labels; the model cannot say "none of these"."""
 
