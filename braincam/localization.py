@@ -30,6 +30,8 @@ Baseline = Literal["mean", "blur", "zero"]
 # map, the CAM's real resolution, so it forgives upsampling, not a wrong region.
 POINTING_TOLERANCE = 0.04
 TOP_FRACTION = 0.15
+# The peak region of a CAM: at least half its maximum (the half-maximum contour).
+PEAK_LEVEL = 0.5
 CAUSAL_STEPS = 16
 # The default baseline for deleted pixels is a heavy blur of the image, sigma a
 # fraction of its side (7.5 px at 150 px): it flattens lesion-scale contrast but keeps
@@ -126,6 +128,21 @@ def off_brain_mass(cam: np.ndarray, brain: np.ndarray) -> float:
     c, (m,) = _check(cam, brain)
     total = c.sum()
     return float(c[~m].sum() / total) if total > 0 else 0.0
+
+
+def off_brain_peak(cam: np.ndarray, brain: np.ndarray, level: float = PEAK_LEVEL) -> float:
+    """Share of the CAM's peak region (CAM >= level * max) that lies outside the brain.
+
+    Off-brain *mass* also counts a low, flat floor spread over a large background;
+    this asks only where the explanation is hot: is the peak on skull or background?
+    0.0 for an all-zero CAM.
+    """
+    c, (m,) = _check(cam, brain)
+    peak_value = c.max()
+    if peak_value <= 0:
+        return 0.0
+    peak = c >= level * peak_value
+    return float((peak & ~m).sum() / peak.sum())
 
 
 # --- deletion / insertion ------------------------------------------------------------

@@ -114,7 +114,40 @@ def _relu_layer(layer: Any, x: tf.Tensor, g: tf.Tensor) -> tf.Tensor:
     return _relu(layer, x, g)
 
 
+def _conv_geometry(layer: Any) -> tuple[int, int]:
+    kh, kw = (int(v) for v in layer.kernel_size)
+    if (
+        tuple(layer.strides) != (1, 1)
+        or tuple(layer.dilation_rate) != (1, 1)
+        or getattr(layer, "groups", 1) != 1
+        or layer.data_format != "channels_last"
+        or (layer.padding == "same" and (kh % 2 == 0 or kw % 2 == 0))
+        or layer.padding not in ("same", "valid")
+        or getattr(layer.activation, "__name__", "") not in ("relu", "linear")
+    ):
+        raise NotImplementedError(
+            "only stride-1, undilated Conv2D ('valid', or 'same' with an odd kernel) "
+            "with a linear or ReLU activation has a hand-written gradient"
+        )
+    return kh, kw
+
+
+def _conv2d(layer: Any, x: tf.Tensor, g: tf.Tensor) -> tf.Tensor:
+    # The input gradient of a stride-1 convolution is the convolution of the output
+    # gradient with the kernel flipped in space and transposed in channels: a plain
+    # Conv in ONNX, where TF's Conv2DBackpropInput would bring ShapeN along.
+    kh, kw = _conv_geometry(layer)
+    if getattr(layer.activation, "__name__", "") == "relu":
+        g = _relu(layer, layer(x), g)  # ReLU'(pre-activation) == (output > 0)
+    kernel = tf.transpose(tf.reverse(tf.convert_to_tensor(layer.kernel), [0, 1]), [0, 1, 3, 2])
+    if layer.padding == "valid":
+        g = tf.pad(g, [[0, 0], [kh - 1, kh - 1], [kw - 1, kw - 1], [0, 0]])
+        return tf.nn.conv2d(g, kernel, strides=1, padding="VALID")
+    return tf.nn.conv2d(g, kernel, strides=1, padding="SAME")
+
+
 RULES: dict[type, Backward] = {
+    keras.layers.Conv2D: _conv2d,
     keras.layers.MaxPooling2D: _max_pool,
     keras.layers.AveragePooling2D: _average_pool,
     keras.layers.GlobalAveragePooling2D: _global_average,
@@ -138,6 +171,8 @@ def rule_for(layer: keras.layers.Layer) -> Backward | None:
     try:  # validate the layer's configuration once, outside the traced graph
         if rule in (_max_pool, _average_pool):
             _pool_geometry(layer)
+        elif rule is _conv2d:
+            _conv_geometry(layer)
         elif (
             rule is _relu_layer
             and (

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from braincam.decoding import load_image
 from braincam.localization import (
     auc,
     baseline_image,
@@ -16,6 +17,7 @@ from braincam.localization import (
     energy_in_mask,
     insertion_auc,
     off_brain_mass,
+    off_brain_peak,
     perturbation_batch,
     pointing_game,
     random_deletion_auc,
@@ -91,6 +93,19 @@ def test_off_brain_mass_half_outside() -> None:
     cam[10:20, 10:30] = 0.7  # 10 columns inside the brain, 10 outside
     assert off_brain_mass(cam, brain) == pytest.approx(0.5)
     assert off_brain_mass(np.ones((N, N), np.float32), np.ones((N, N), bool)) == 0.0
+
+
+
+def test_off_brain_peak_ignores_a_flat_floor() -> None:
+    brain = np.zeros((N, N), bool)
+    brain[:, : N // 2] = True
+    cam = np.full((N, N), 0.1, np.float32)  # a floor everywhere, most of it off-brain ...
+    cam[5:15, 5:15] = 1.0  # ... and the peak inside the brain
+    assert off_brain_mass(cam, brain) > 0.3
+    assert off_brain_peak(cam, brain) == 0.0
+    cam[30:35, 30:35] = 0.8  # a second hot spot off the brain: 25 of 125 peak pixels
+    assert off_brain_peak(cam, brain) == pytest.approx(25 / 125)
+    assert off_brain_peak(np.zeros((N, N), np.float32), brain) == 0.0
 
 
 def test_auc_trapezoid() -> None:
@@ -225,8 +240,28 @@ def test_explain_eval_end_to_end(demo_data: Path, tiny_model_dir: Path, tmp_path
             "deletion_ratio",
             "off_brain_mass",
         }
+    # Reference rows: the uniform map scores the lesion's area share (chance), the
+    # lesion mask at the layer's grid is the ceiling and must beat chance.
+    refs = report["references"]
+    uniform, oracle = refs["uniform"]["overall"], refs["lesion_mask"]["overall"]
+    shares = []
+    for cls in ("glioma", "meningioma", "pituitary"):
+        for mask in sorted((demo_data / "masks" / "Testing" / cls).glob("*.png"))[:2]:
+            shares.append(float((np.asarray(load_image(mask)) > 127).mean()))
+    assert uniform["energy_in_mask"] == pytest.approx(np.mean(shares), rel=1e-6)
+    assert oracle["pointing_game"] == 1.0
+    assert oracle["energy_in_mask"] > 2 * uniform["energy_in_mask"]
+    assert oracle["off_brain_mass"] < uniform["off_brain_mass"]
+    assert refs["lesion_mask"]["per_class"]["notumor"]["n_images"] == 0
+    assert report["settings"]["layer_grid"] is not None
+    # Every tumour image of the demo data has a lesion-free twin.
+    twins = report["lesion_free_twins"]
+    assert twins["n_images"] == report["n_lesion_images"]
+    assert sum(twins["twin_predicted"].values()) == twins["n_images"]
+    assert 0.0 <= twins["twin_called_healthy"] <= 1.0
     md = (out / REPORT_MD).read_text()
-    assert "| gradcam |" in md and "Goal check" in md
+    assert "| gradcam |" in md and "Goal check" in md and "ceiling" in md
+    assert "without their lesions" in md
     assert (out / GRID_PNG).read_bytes().startswith(b"\x89PNG")
 
 

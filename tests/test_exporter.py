@@ -176,6 +176,60 @@ def test_explaining_before_max_pool(small_cnn_path: Path, demo_data: Path, tmp_p
     assert load_spec(out).explanation.activation_shape == [64, 64, 8]
 
 
+def test_explaining_a_block_before_the_last(demo_data: Path, tmp_path: Path) -> None:
+    # Between the explained layer and the head: max pooling, a 'same' conv, BatchNorm,
+    # ReLU and a 'valid' conv with a built-in ReLU, all through hand-written gradients
+    # (TF's Conv2DBackpropInput brings ShapeN, which does not export).
+    out = _export_and_check(_two_block_cnn(), tmp_path, demo_data / "Testing", LABELS4,
+                            layer="c1_relu")
+    spec = load_spec(out)
+    assert spec.explanation.activation_shape == [64, 64, 8]
+    assert spec.parity["gradcam_predicted_gradients_rel"] <= 1e-4
+
+
+def test_wrong_conv_gradient_fails_the_parity_gate(
+    demo_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tensorflow as tf
+
+    import exporter.backward as backward
+
+    def unflipped(layer: keras.layers.Conv2D, x: tf.Tensor, g: tf.Tensor) -> tf.Tensor:
+        if layer.activation.__name__ == "relu":
+            g = g * tf.cast(layer(x) > 0, g.dtype)
+        kernel = tf.transpose(tf.convert_to_tensor(layer.kernel), [0, 1, 3, 2])
+        if layer.padding == "valid":
+            kh, kw = layer.kernel_size
+            g = tf.pad(g, [[0, 0], [kh - 1, kh - 1], [kw - 1, kw - 1], [0, 0]])
+        return tf.nn.conv2d(g, kernel, strides=1, padding=layer.padding.upper())
+
+    monkeypatch.setitem(backward.RULES, keras.layers.Conv2D, unflipped)
+    path = tmp_path / "model.keras"
+    _two_block_cnn().save(path)
+    with pytest.raises(ExportError, match="parity gate failed"):
+        export_model(path, tmp_path / "out", labels=LABELS4, calibration=demo_data / "Testing",
+                      layer="c1_relu")
+
+
+def _two_block_cnn() -> keras.Model:
+    inputs = keras.Input((64, 64, 1))
+    x = keras.layers.Conv2D(8, 3, padding="same", name="c1")(inputs)
+    x = keras.layers.Activation("relu", name="c1_relu")(x)
+    x = keras.layers.MaxPooling2D(name="c1_pool")(x)
+    x = keras.layers.Conv2D(12, 3, padding="same", name="c2")(x)
+    x = keras.layers.BatchNormalization(name="c2_bn")(x)
+    x = keras.layers.ReLU(name="c2_relu")(x)
+    x = keras.layers.Conv2D(16, 5, padding="valid", activation="relu", name="c3")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    outputs = keras.layers.Dense(4, activation="softmax")(x)
+    model = keras.Model(inputs, outputs)
+    bn = model.get_layer("c2_bn")  # non-trivial inference statistics
+    rng = np.random.default_rng(0)
+    bn.set_weights([rng.uniform(0.5, 2, 12), rng.normal(0, 0.1, 12), rng.normal(0, 0.1, 12),
+                    rng.uniform(0.5, 2, 12)])
+    return model
+
+
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "exporter", *args], capture_output=True, text=True, timeout=300

@@ -36,7 +36,7 @@ from typing import Any, cast
 import cv2
 import numpy as np
 
-from braincam.cam import METHODS, compute_cam, resize_cam
+from braincam.cam import METHODS, compute_cam, normalize, resize_cam
 from braincam.datasets import MULTICLASS_LABELS, Task, find_split_dir, scan_split, task_label
 from braincam.decision import decide
 from braincam.decoding import load_image
@@ -50,12 +50,14 @@ from braincam.localization import (
     causal_aucs,
     energy_in_mask,
     off_brain_mass,
+    off_brain_peak,
     pointing_game,
     tolerance_px,
     top_fraction_iou,
 )
 from braincam.overlay import blend, colorize, to_rgb
 from braincam.preprocessing import preprocess
+from trainer.demo_data import lesion_free_twin
 
 log = logging.getLogger("trainer.explain_eval")
 
@@ -83,11 +85,22 @@ METRICS: dict[str, str] = {
     "insertion_auc": "insertion AUC",
     "random_insertion_auc": "random ins. AUC",
     "off_brain_mass": "off-brain mass",
+    "off_brain_peak": "off-brain peak",
 }
 _PER_IMAGE = [k for k in METRICS if k != "deletion_ratio"]
 _LESION_ONLY = ("pointing_game", "pointing_game_strict", "energy_in_mask", "top15_iou")
 _CAUSAL = ("deletion_auc", "random_deletion_auc", "insertion_auc", "random_insertion_auc")
 GRID_CELL = 180  # px, longer side of each grid thumbnail
+
+# Reference "CAMs" scored beside the methods, to read their figures against:
+#   uniform     - a flat map: chance level (energy-in-mask = the lesion's area share,
+#                 off-brain mass = the image's off-brain area share);
+#   lesion_mask - the ground-truth lesion mask, area-pooled to the explained layer's
+#                 h x w and upsampled like a CAM: the best any CAM of that layer can
+#                 score, i.e. the ceiling its resolution sets. Tumour images only.
+UNIFORM = "uniform"
+LESION_ORACLE = "lesion_mask"
+REFERENCES = (UNIFORM, LESION_ORACLE)
 
 
 @dataclass
@@ -177,7 +190,49 @@ def image_scores(
             top15_iou=top_fraction_iou(cam, lesion, TOP_FRACTION),
         )
     scores["off_brain_mass"] = off_brain_mass(cam, brain) if brain is not None else nan
+    scores["off_brain_peak"] = off_brain_peak(cam, brain) if brain is not None else nan
     return scores
+
+
+def oracle_cam(lesion: np.ndarray, layer_hw: tuple[int, int],
+               model_hw: tuple[int, int]) -> np.ndarray:
+    """The lesion mask as the explained layer would see it, at the model's input size.
+
+    Area-pooled to the layer's grid, then through the same normalise + bilinear
+    resize as every CAM method, so the two differ only in where the mass sits.
+    """
+    pooled = cv2.resize(lesion.astype(np.float32), (layer_hw[1], layer_hw[0]),
+                        interpolation=cv2.INTER_AREA)
+    return resize_cam(normalize(pooled[None])[0], (model_hw[1], model_hw[0]))
+
+
+# The shortcut check by counterfactual, beside off-brain CAM mass: on demo data the
+# generator re-renders each tumour image without its lesion, all else identical (pose,
+# anatomy, skull, bias field, noise). A model that decides on the lesion calls the
+# twin healthy; one that leans on anything else (skull, background, brightness,
+# slice level) keeps its tumour label.
+
+
+def twin_summary(rows: list[dict[str, Any]], labels: Sequence[str],
+                 healthy: int) -> dict[str, Any]:
+    """Share of lesion-free twins called healthy, p(true) before/after, per class."""
+
+    def summary(group: list[dict[str, Any]]) -> dict[str, Any]:
+        n = len(group)
+        return {
+            "n_images": n,
+            "twin_called_healthy": (
+                sum(r["twin_predicted"] == healthy for r in group) / n if n else None
+            ),
+            "mean_p_true": float(np.mean([r["p_true"] for r in group])) if n else None,
+            "mean_p_true_twin": float(np.mean([r["p_true_twin"] for r in group])) if n else None,
+            "twin_predicted": {lab: sum(r["twin_predicted"] == j for r in group)
+                               for j, lab in enumerate(labels)},
+        }
+
+    classes = list(dict.fromkeys(r["class"] for r in rows))
+    return {**summary(rows), "per_class": {c: summary([r for r in rows if r["class"] == c])
+                                           for c in classes}}
 
 
 def _cell(rgb: np.ndarray, mask: np.ndarray | None, colour: tuple[int, int, int]) -> np.ndarray:
@@ -203,6 +258,7 @@ def evaluate(
     seed: int = 0,
     grid_per_class: int = 2,
     predict_batch: int = 64,
+    data: Path | None = None,
 ) -> tuple[list[dict[str, Any]], list[GridRow], dict[str, Any]]:
     """Per image x method metric rows, the grid rows, and run facts (accuracy, skips)."""
     spec = model.spec
@@ -214,6 +270,8 @@ def evaluate(
     skipped: list[str] = []
     correct = 0
     n_done = 0
+    layer_hw = (0, 0)
+    twins: list[dict[str, Any]] = []
     for start in range(0, len(samples), batch_size):
         chunk, pixels = [], []
         for s in samples[start : start + batch_size]:
@@ -227,6 +285,7 @@ def evaluate(
             continue
         x = np.stack([preprocess(p, pre) for p in pixels])
         out = model.gradcam(x, [s.target for s in chunk])
+        layer_hw = (int(out.activations.shape[1]), int(out.activations.shape[2]))
         cams = {
             m: compute_cam(m, out.activations, out.gradients, size=(pre.width, pre.height))
             for m in methods
@@ -243,24 +302,39 @@ def evaluate(
             # decide(): binary models use their tuned threshold, as the service does
             correct += int(decide(out.probabilities[i], spec).class_index == s.target)
             n_done += 1
+            twin = lesion_free_twin(data, s.path) if data is not None and has_lesion else None
+            if twin is not None:
+                pr = model.predict(preprocess(twin, pre)[None])[0]
+                twins.append({"class": s.cls, "twin_predicted": decide(pr, spec).class_index,
+                              "p_true": float(out.probabilities[i][s.target]),
+                              "p_true_twin": float(pr[s.target])})
+            model_cams = {m: cams[m][i] for m in methods}
+            if has_lesion:
+                assert lesion is not None
+                model_lesion = cv2.resize(lesion.astype(np.uint8), (pre.width, pre.height),
+                                          interpolation=cv2.INTER_NEAREST)
+                model_cams[LESION_ORACLE] = oracle_cam(model_lesion, layer_hw,
+                                                       (pre.height, pre.width))
             causal = causal_aucs(
                 predict,
                 x[i],
-                {m: cams[m][i] for m in methods},
+                model_cams,
                 s.target,
                 steps=steps,
                 baseline=cast(Baseline, baseline),
                 seed=seed,
             )
-            image_cams = {m: resize_cam(cams[m][i], (shape[1], shape[0])) for m in methods}
-            for m in methods:
+            image_cams = {m: resize_cam(c, (shape[1], shape[0])) for m, c in model_cams.items()}
+            image_cams[UNIFORM] = np.ones(shape, dtype=np.float32)
+            causal[UNIFORM] = dict.fromkeys(("deletion", "insertion"), float("nan"))
+            for m, cam in image_cams.items():
                 rows.append(
                     {
                         "path": str(s.path),
                         "class": s.cls,
                         "method": m,
                         "has_lesion": has_lesion,
-                        **image_scores(image_cams[m], lesion if has_lesion else None, brain),
+                        **image_scores(cam, lesion if has_lesion else None, brain),
                         "deletion_auc": causal[m]["deletion"],
                         "insertion_auc": causal[m]["insertion"],
                         "random_deletion_auc": causal["random"]["deletion"],
@@ -279,8 +353,13 @@ def evaluate(
                 grid.append(row)
         log.info("explained %d/%d images", min(start + batch_size, len(samples)), len(samples))
     facts = {
+        "layer_grid": f"{layer_hw[0]}x{layer_hw[1]}" if n_done else None,
         "n_images": n_done,
         "accuracy": correct / n_done if n_done else float("nan"),
+        "lesion_free_twins": (
+            twin_summary(twins, spec.labels, spec.labels.index(task_label("notumor", spec.task)))
+            if twins else None
+        ),
         "skipped": skipped,
     }
     return rows, grid, facts
@@ -339,7 +418,7 @@ def _clean(obj: Any) -> Any:
 def _fmt(key: str, v: float | None) -> str:
     if v is None or math.isnan(v):
         return "–"
-    if key == "off_brain_mass":
+    if key in ("off_brain_mass", "off_brain_peak"):
         return f"{100 * v:.1f} %"
     return f"{v:.3f}"
 
@@ -367,7 +446,41 @@ def overall_table(report: dict[str, Any]) -> str:
             )
             + " |"
         )
+    for name, res in report.get("references", {}).items():
+        lines.append(
+            "| "
+            + " | ".join([f"*{REFERENCE_TITLES[name]}*",
+                          *(_fmt(k, res["overall"][k]) for k in METRICS), ""])
+            + " |"
+        )
     return "\n".join(lines)
+
+
+REFERENCE_TITLES = {UNIFORM: "ref: uniform map (chance)",
+                    LESION_ORACLE: "ref: lesion mask at layer grid (ceiling)"}
+
+
+def twin_table(report: dict[str, Any]) -> list[str]:
+    """The counterfactual shortcut check as Markdown lines (empty if not demo data)."""
+    twins = report.get("lesion_free_twins")
+    if not twins:
+        return []
+    lines = [
+        "## Shortcut check: the same scans without their lesions",
+        "",
+        "Each tumour image re-rendered by the demo generator without its lesion, all else "
+        "identical. A model that decides on the lesion calls the twin healthy.",
+        "",
+        "| class | n | twin called healthy | mean p(true), original | mean p(true), twin | "
+        "twin predicted as |",
+        "|---|---|---|---|---|---|",
+    ]
+    for cls, res in [*twins["per_class"].items(), ("all", twins)]:
+        counts = ", ".join(f"{lab} {n}" for lab, n in res["twin_predicted"].items() if n)
+        lines.append(f"| {cls} | {res['n_images']} | {_fmt('a', res['twin_called_healthy'])} | "
+                     f"{_fmt('a', res['mean_p_true'])} | {_fmt('a', res['mean_p_true_twin'])} | "
+                     f"{counts} |")
+    return lines
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -385,7 +498,13 @@ def markdown(report: dict[str, Any]) -> str:
         f"{s['steps']} steps, '{s['baseline']}' baseline, target-class probability, trapezoid AUC; "
         f"random pixel order with seed {s['seed']}; deletion ratio = mean deletion AUC / mean "
         "random deletion AUC. Lesion metrics and deletion/insertion average over tumour images; "
-        "off-brain mass over all images.",
+        "off-brain mass and peak over all images. Off-brain peak: the share of the CAM's "
+        "half-maximum region outside the brain (a flat floor over the background adds to the "
+        "mass, not to the peak).",
+        "",
+        f"The explained layer `{s['layer']}` is a {s['layer_grid']} grid. Two reference rows "
+        "frame the figures: a uniform map (chance) and the lesion mask itself, area-pooled to "
+        "that grid and upsampled like a CAM: the best any CAM of this layer can score.",
         "",
         "## Overall",
         "",
@@ -403,6 +522,7 @@ def markdown(report: dict[str, Any]) -> str:
             mark = "n/a" if ok is None else ("✓" if ok else "✗")
             cells.append(f"{mark} {_fmt(k, res['overall'][k])}")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    lines += ["", *twin_table(report)]
     lines += [
         "",
         "## Per class",
@@ -410,7 +530,9 @@ def markdown(report: dict[str, Any]) -> str:
         "| method | class | n | " + " | ".join(METRICS.values()) + " |",
         "|---|---|---|" + "---|" * len(METRICS),
     ]
-    for m, res in report["methods"].items():
+    per_class = {**report["methods"],
+                 **{f"*{REFERENCE_TITLES[k]}*": v for k, v in report["references"].items()}}
+    for m, res in per_class.items():
         for cls, agg in res["per_class"].items():
             lines.append(
                 f"| {m} | {cls} | {agg['n_images']} | "
@@ -481,6 +603,7 @@ def run(
         baseline=baseline,
         seed=seed,
         grid_per_class=grid_per_class,
+        data=data,
     )
     order = {c: i for i, c in enumerate(MULTICLASS_LABELS)}
     classes = sorted({r["class"] for r in rows}, key=lambda c: order.get(c, len(order)))
@@ -493,6 +616,13 @@ def run(
             "per_class": {c: aggregate([r for r in mrows if r["class"] == c]) for c in classes},
             "goals": goal_check(overall),
         }
+    references = {}
+    for name in REFERENCES:
+        rrows = [r for r in rows if r["method"] == name]
+        references[name] = {
+            "overall": aggregate(rrows),
+            "per_class": {c: aggregate([r for r in rrows if r["class"] == c]) for c in classes},
+        }
     first = result[methods[0]]["overall"] if methods else {}
     report: dict[str, Any] = {
         "model": spec.name,
@@ -504,11 +634,14 @@ def run(
         "n_images": facts["n_images"],
         "n_lesion_images": first.get("n_lesion_images", 0),
         "accuracy": facts["accuracy"],
+        "lesion_free_twins": facts["lesion_free_twins"],
         "skipped": facts["skipped"],
         "providers": model.providers.active,
         "settings": {
             "target": "true class",
             "cam_resolution": f"{spec.preprocessing.width}x{spec.preprocessing.height}",
+            "layer": spec.explanation.layer,
+            "layer_grid": facts["layer_grid"],
             "pointing_tolerance": POINTING_TOLERANCE,
             "top_fraction": TOP_FRACTION,
             "steps": steps,
@@ -518,6 +651,7 @@ def run(
         },
         "goals": {k: {"op": op, "value": v} for k, (op, v) in GOALS.items()},
         "methods": result,
+        "references": references,
     }
     out = out or model_dir
     out.mkdir(parents=True, exist_ok=True)

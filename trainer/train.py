@@ -34,6 +34,7 @@ from braincam.datasets import (
 from braincam.preprocessing import Preprocessing
 from trainer import evaluate, model_card, pipeline, plots
 from trainer.callbacks import RecalibrateBatchNorm
+from trainer.demo_data import DATASET_JSON
 from trainer.errors import ConfigError
 from trainer.model import (
     ARCHS,
@@ -57,7 +58,6 @@ EARLY_STOP_PATIENCE = 5
 LR_PATIENCE = 3
 LR_FACTOR = 0.3
 MIN_LR = 1e-6
-DATASET_JSON = "dataset.json"
 
 
 @dataclass
