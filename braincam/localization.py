@@ -22,6 +22,7 @@ import numpy as np
 
 PredictFn = Callable[[np.ndarray], np.ndarray]
 Baseline = Literal["mean", "blur", "zero"]
+Mode = Literal["deletion", "insertion"]
 
 # Pointing-game tolerance as a fraction of the image's shorter side. The original
 # pointing game (Zhang et al. 2016) allows 15 px on PASCAL VOC images, whose shorter
@@ -213,7 +214,7 @@ def perturbation_batch(
     order: np.ndarray,
     baseline: np.ndarray,
     steps: int = CAUSAL_STEPS,
-    mode: Literal["deletion", "insertion"] = "deletion",
+    mode: Mode = "deletion",
 ) -> np.ndarray:
     """[steps+1,H,W,C]: step i has the first i/steps of `order` replaced.
 
@@ -282,6 +283,14 @@ def insertion_auc(
     return auc(_target_curves(predict_fn, [batch], class_index)[0])
 
 
+def _random_auc(predict_fn: PredictFn, image: np.ndarray, class_index: int, steps: int,
+                baseline: Baseline | np.ndarray, seed: int, mode: Mode) -> float:
+    img = _image_hwc(image)
+    order = random_order(img.shape, seed)
+    batch = perturbation_batch(img, order, baseline_image(img, baseline), steps, mode)
+    return auc(_target_curves(predict_fn, [batch], class_index)[0])
+
+
 def random_deletion_auc(
     predict_fn: PredictFn,
     image: np.ndarray,
@@ -291,10 +300,7 @@ def random_deletion_auc(
     seed: int = 0,
 ) -> float:
     """Deletion AUC for a random pixel order: the chance level deletion_auc should beat."""
-    img = _image_hwc(image)
-    order = random_order(img.shape, seed)
-    batch = perturbation_batch(img, order, baseline_image(img, baseline), steps, "deletion")
-    return auc(_target_curves(predict_fn, [batch], class_index)[0])
+    return _random_auc(predict_fn, image, class_index, steps, baseline, seed, "deletion")
 
 
 def random_insertion_auc(
@@ -306,10 +312,7 @@ def random_insertion_auc(
     seed: int = 0,
 ) -> float:
     """Insertion AUC for a random pixel order."""
-    img = _image_hwc(image)
-    order = random_order(img.shape, seed)
-    batch = perturbation_batch(img, order, baseline_image(img, baseline), steps, "insertion")
-    return auc(_target_curves(predict_fn, [batch], class_index)[0])
+    return _random_auc(predict_fn, image, class_index, steps, baseline, seed, "insertion")
 
 
 def causal_aucs(

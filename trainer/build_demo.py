@@ -7,8 +7,6 @@ model directory is left alone unless --force.
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -16,7 +14,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from braincam.errors import InputError
-from trainer.cli import export_errors
+from trainer.cli import export_errors, quiet_logging
 from trainer.errors import ConfigError
 
 T = TypeVar("T")
@@ -61,10 +59,7 @@ def step(title: str, fn: Callable[[], T]) -> T:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    logging.basicConfig(level=logging.INFO, format="    %(message)s")
-    for noisy in ("absl", "tensorflow", "h5py", "tf2onnx"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
+    quiet_logging("    %(message)s")
     if not args.force:
         reason = existing_model(args.out)
         if reason is None:

@@ -89,12 +89,20 @@ def export_errors() -> tuple[type[Exception], ...]:
     return (ExportError,)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def quiet_logging(fmt: str) -> None:
+    """Our INFO lines, and only errors from TensorFlow and its converters.
+
+    Call before TensorFlow is imported: its C++ logging reads the variable once.
+    """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.INFO, format=fmt)
     for noisy in ("absl", "tensorflow", "h5py", "tf2onnx"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    quiet_logging("%(message)s")
     from trainer.train import DEFAULT_EPOCHS, TrainConfig, train
 
     config = TrainConfig(
