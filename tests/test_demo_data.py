@@ -160,23 +160,25 @@ def test_notumor_has_no_lesion() -> None:
 
 def test_lesion_free_twin(tiny: Path, tmp_path: Path) -> None:
     # notumor: the twin is the very same image; a tumour image loses its lesion only.
+    meta = demo_data.read_demo_meta(tiny)
+    assert meta is not None and demo_data.read_demo_meta(tmp_path) is None
     healthy = sorted((tiny / "Testing" / "notumor").glob("*.png"))[0]
     original = cv2.imread(str(healthy), cv2.IMREAD_UNCHANGED)
-    np.testing.assert_array_equal(demo_data.lesion_free_twin(tiny, healthy), original)
+    np.testing.assert_array_equal(demo_data.lesion_free_twin(meta, healthy), original)
     for cls in ("glioma", "meningioma", "pituitary"):
         path = sorted((tiny / "Training" / cls).glob("*.png"))[1]
         image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED).astype(np.float32)
         lesion = cv2.imread(str(tiny / "masks" / "Training" / cls / path.name),
                             cv2.IMREAD_UNCHANGED) > 0
-        twin = demo_data.lesion_free_twin(tiny, path)
+        twin = demo_data.lesion_free_twin(meta, path)
         assert twin is not None and twin.shape == image.shape
         near = cv2.dilate(lesion.astype(np.uint8), np.ones((15, 15), np.uint8)) > 0
         diff = np.abs(twin.astype(np.float32) - image)
         assert diff[lesion].mean() > 3 * diff[~near].mean(), cls
         assert np.corrcoef(twin[~near].ravel(), image[~near].ravel())[0, 1] > 0.95, cls
-    # Not a demo image, not a demo dataset: no twin.
-    assert demo_data.lesion_free_twin(tiny, tiny / "Testing" / "glioma" / "other.png") is None
-    assert demo_data.lesion_free_twin(tmp_path, healthy) is None
+    # Not a demo image: no twin.
+    assert demo_data.lesion_free_twin(meta, tiny / "Testing" / "glioma" / "other.png") is None
+    assert demo_data.lesion_free_twin(meta, tmp_path / "Testing" / "tumour" / healthy.name) is None
 
 
 def test_unknown_class() -> None:

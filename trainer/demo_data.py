@@ -669,18 +669,24 @@ def _version(package: str) -> str:
         return "unknown"
 
 
-def lesion_free_twin(data: Path, image: Path) -> np.ndarray | None:
-    """The demo image `image` re-rendered without its lesion, or None if it is not one.
-
-    Same seed streams, so pose, anatomy, bias field and noise are identical: the
-    counterfactual "this very scan, healthy" for checking what a model decides on.
-    """
+def read_demo_meta(data: Path) -> dict[str, Any] | None:
+    """dataset.json of a demo dataset built by this module, else None."""
     try:
         meta = json.loads((data / DATASET_JSON).read_text())
     except (OSError, ValueError):
         return None
+    return meta if isinstance(meta, dict) and meta.get("generator") == _GENERATOR else None
+
+
+def lesion_free_twin(meta: dict[str, Any], image: Path) -> np.ndarray | None:
+    """The demo image `image` re-rendered without its lesion, or None if it is not one.
+
+    `meta` is its dataset's `read_demo_meta`. Same seed streams, so pose, anatomy,
+    bias field and noise are identical: the counterfactual "this very scan, healthy"
+    for checking what a model decides on.
+    """
     split, cls = image.parent.parent.name, image.parent.name
-    if meta.get("generator") != _GENERATOR or split not in SPLITS or cls not in CLASSES:
+    if split not in SPLITS or cls not in CLASSES:
         return None
     if image.name != file_name(split, cls, index := _index_of(image.name)):
         return None

@@ -57,7 +57,7 @@ from braincam.localization import (
 )
 from braincam.overlay import blend, colorize, to_rgb
 from braincam.preprocessing import preprocess
-from trainer.demo_data import lesion_free_twin
+from trainer.demo_data import lesion_free_twin, read_demo_meta
 
 log = logging.getLogger("trainer.explain_eval")
 
@@ -101,6 +101,8 @@ GRID_CELL = 180  # px, longer side of each grid thumbnail
 UNIFORM = "uniform"
 LESION_ORACLE = "lesion_mask"
 REFERENCES = (UNIFORM, LESION_ORACLE)
+REFERENCE_TITLES = {UNIFORM: "ref: uniform map (chance)",
+                    LESION_ORACLE: "ref: lesion mask at layer grid (ceiling)"}
 
 
 @dataclass
@@ -272,6 +274,7 @@ def evaluate(
     n_done = 0
     layer_hw = (0, 0)
     twins: list[dict[str, Any]] = []
+    demo_meta = read_demo_meta(data) if data is not None else None
     for start in range(0, len(samples), batch_size):
         chunk, pixels = [], []
         for s in samples[start : start + batch_size]:
@@ -302,15 +305,14 @@ def evaluate(
             # decide(): binary models use their tuned threshold, as the service does
             correct += int(decide(out.probabilities[i], spec).class_index == s.target)
             n_done += 1
-            twin = lesion_free_twin(data, s.path) if data is not None and has_lesion else None
+            twin = lesion_free_twin(demo_meta, s.path) if demo_meta and has_lesion else None
             if twin is not None:
                 pr = model.predict(preprocess(twin, pre)[None])[0]
                 twins.append({"class": s.cls, "twin_predicted": decide(pr, spec).class_index,
                               "p_true": float(out.probabilities[i][s.target]),
                               "p_true_twin": float(pr[s.target])})
             model_cams = {m: cams[m][i] for m in methods}
-            if has_lesion:
-                assert lesion is not None
+            if lesion is not None and has_lesion:
                 model_lesion = cv2.resize(lesion.astype(np.uint8), (pre.width, pre.height),
                                           interpolation=cv2.INTER_NEAREST)
                 model_cams[LESION_ORACLE] = oracle_cam(model_lesion, layer_hw,
@@ -454,10 +456,6 @@ def overall_table(report: dict[str, Any]) -> str:
             + " |"
         )
     return "\n".join(lines)
-
-
-REFERENCE_TITLES = {UNIFORM: "ref: uniform map (chance)",
-                    LESION_ORACLE: "ref: lesion mask at layer grid (ceiling)"}
 
 
 def twin_table(report: dict[str, Any]) -> list[str]:
@@ -607,22 +605,18 @@ def run(
     )
     order = {c: i for i, c in enumerate(MULTICLASS_LABELS)}
     classes = sorted({r["class"] for r in rows}, key=lambda c: order.get(c, len(order)))
-    result: dict[str, Any] = {}
-    for m in methods:
-        mrows = [r for r in rows if r["method"] == m]
-        overall = aggregate(mrows)
-        result[m] = {
-            "overall": overall,
+
+    def summarise(name: str) -> dict[str, Any]:
+        mrows = [r for r in rows if r["method"] == name]
+        return {
+            "overall": aggregate(mrows),
             "per_class": {c: aggregate([r for r in mrows if r["class"] == c]) for c in classes},
-            "goals": goal_check(overall),
         }
-    references = {}
-    for name in REFERENCES:
-        rrows = [r for r in rows if r["method"] == name]
-        references[name] = {
-            "overall": aggregate(rrows),
-            "per_class": {c: aggregate([r for r in rrows if r["class"] == c]) for c in classes},
-        }
+
+    result = {m: summarise(m) for m in methods}
+    for res in result.values():
+        res["goals"] = goal_check(res["overall"])
+    references = {name: summarise(name) for name in REFERENCES}
     first = result[methods[0]]["overall"] if methods else {}
     report: dict[str, Any] = {
         "model": spec.name,
