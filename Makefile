@@ -34,7 +34,7 @@ test: install
 
 lint: install
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy braincam service exporter trainer
+	$(VENV)/bin/mypy braincam service exporter trainer benchmarks
 
 bench: model
 	$(PY) -m benchmarks.bench_service --model-dir models/demo

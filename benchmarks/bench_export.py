@@ -13,6 +13,7 @@ import os
 import statistics
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -54,18 +55,20 @@ def main() -> None:
         f"model {spec.name}: input {spec.input_shape}, layer {spec.explanation.layer}, "
         f"classifier.onnx {spec.graphs.classifier.size_bytes / 2**20:.1f} MiB, "
         f"gradcam.onnx {spec.graphs.gradcam.size_bytes / 2**20:.1f} MiB"
+        + (f", shared weights.bin {spec.graphs.weights.size_bytes / 2**20:.1f} MiB"
+           if spec.graphs.weights else "")
     )
     print(f"{'what':<34}{'batch':>6}{'ORT ms':>10}{'Keras ms':>10}{'Keras/ORT':>11}")
     for batch in (1, 16):
         x = rng.random((batch, *spec.input_shape), dtype=np.float32)
         xt = tf.constant(x)
         t = tf.constant(np.full(batch, -1, dtype=np.int64))
-        ort_cls = _median_ms(lambda x=x: onnx_model.predict(x), args.repeats)
-        k_predict = _median_ms(lambda x=x: model.predict(x, verbose=0), args.repeats)
-        k_call = _median_ms(lambda xt=xt: model(xt, training=False), args.repeats)
-        ort_cam = _median_ms(lambda x=x: onnx_model.gradcam(x), args.repeats)
+        ort_cls = _median_ms(partial(onnx_model.predict, x), args.repeats)
+        k_predict = _median_ms(partial(model.predict, x, verbose=0), args.repeats)
+        k_call = _median_ms(partial(model, xt, training=False), args.repeats)
+        ort_cam = _median_ms(partial(onnx_model.gradcam, x), args.repeats)
         k_cam = _median_ms(
-            lambda xt=xt, t=t: gradcam_outputs(split, xt, t, hand_written=False), args.repeats
+            partial(gradcam_outputs, split, xt, t, hand_written=False), args.repeats
         )
         for name, o, k in (
             ("classifier vs keras predict()", ort_cls, k_predict),

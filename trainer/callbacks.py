@@ -20,7 +20,7 @@ class RecalibrateBatchNorm(keras.callbacks.Callback):
     forward pass over `limit` images per epoch. Only the statistics change, no weights.
     """
 
-    def __init__(self, x: np.ndarray, seed: int, limit: int = 256, chunk: int = 64) -> None:
+    def __init__(self, x: np.ndarray, seed: int, limit: int = 128, chunk: int = 64) -> None:
         super().__init__()
         # A seeded random subset: the arrays are ordered by class, and every chunk
         # must look like a training batch.
