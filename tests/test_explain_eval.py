@@ -95,7 +95,6 @@ def test_off_brain_mass_half_outside() -> None:
     assert off_brain_mass(np.ones((N, N), np.float32), np.ones((N, N), bool)) == 0.0
 
 
-
 def test_off_brain_peak_ignores_a_flat_floor() -> None:
     brain = np.zeros((N, N), bool)
     brain[:, : N // 2] = True

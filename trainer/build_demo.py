@@ -15,6 +15,7 @@ from typing import TypeVar
 
 from braincam.errors import InputError
 from trainer.cli import export_errors, quiet_logging
+from trainer.demo_data import DATASET_JSON
 from trainer.errors import ConfigError
 
 T = TypeVar("T")
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"building the demo model: {reason}")
     started = time.perf_counter()
     try:
-        if not (args.data / "dataset.json").is_file():
+        if not (args.data / DATASET_JSON).is_file():
             from trainer.demo_data import build_demo_dataset
 
             try:
