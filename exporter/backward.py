@@ -138,7 +138,9 @@ def _conv2d(layer: Any, x: tf.Tensor, g: tf.Tensor) -> tf.Tensor:
     # Conv in ONNX, where TF's Conv2DBackpropInput would bring ShapeN along.
     kh, kw = _conv_geometry(layer)
     if getattr(layer.activation, "__name__", "") == "relu":
-        g = _relu(layer, layer(x), g)  # ReLU'(pre-activation) == (output > 0)
+        # ReLU'(pre-activation) == (output > 0). Calling the layer again costs nothing:
+        # the converter merges it with the identical forward node (one Conv exported).
+        g = _relu(layer, layer(x), g)
     kernel = tf.transpose(tf.reverse(tf.convert_to_tensor(layer.kernel), [0, 1]), [0, 1, 3, 2])
     if layer.padding == "valid":
         g = tf.pad(g, [[0, 0], [kh - 1, kh - 1], [kw - 1, kw - 1], [0, 0]])
