@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from service.api.routes import explain, health, metadata, predict
+from service.api.routes import explain, health, metadata, oip, predict
 
 api_router = APIRouter()
 api_router.include_router(predict.router)
 api_router.include_router(explain.router)
 api_router.include_router(health.router)
 api_router.include_router(metadata.router)
+api_router.include_router(oip.router)  # POST /v2/models/{name}/infer

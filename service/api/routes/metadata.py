@@ -9,11 +9,11 @@ import braincam
 from braincam import DISCLAIMER
 from braincam.cam import METHODS
 from braincam.decoding import SUPPORTED_FORMATS
-from braincam.model_spec import IMAGE_INPUT, PROBABILITIES_OUTPUT
 from braincam.overlay import COLORMAPS
 from service.api.deps import MetricsDep, ModelDep, RuntimeDep, SettingsDep
 from service.api.routes.explain import DEFAULT_ALPHA, DEFAULT_COLORMAP, DEFAULT_METHOD
-from service.errors import ServiceError, error_responses
+from service.errors import error_responses
+from service.inference_protocol import TensorSpec, find_model
 from service.metrics import CONTENT_TYPE_LATEST
 from service.schemas import (
     Limits,
@@ -71,9 +71,8 @@ async def server_metadata_v2() -> ServerMetadataV2:
     return ServerMetadataV2(name="braincam", version=braincam.__version__)
 
 
-def _check_name(name: str, runtime_name: str) -> None:
-    if name != runtime_name:
-        raise ServiceError(404, "model_not_found", f"model {name[:64]!r} is not served here")
+def _tensor(t: TensorSpec) -> TensorMetadata:
+    return TensorMetadata(name=t.name, datatype=t.datatype, shape=t.shape)
 
 
 @router.get(
@@ -84,17 +83,15 @@ def _check_name(name: str, runtime_name: str) -> None:
     responses=error_responses(404, 503),
 )
 async def model_metadata_v2(name: str, model: ModelDep) -> ModelMetadataV2:
-    spec = model.spec
-    _check_name(name, spec.name)
-    h, w, c = spec.input_shape
+    """`NAME` is the classifier, `NAME-gradcam` the Grad-CAM graph; tensors as the
+    graphs declare them (-1: the batch)."""
+    found = find_model(model, name)
     return ModelMetadataV2(
-        name=spec.name,
-        versions=[spec.version],
+        name=found.name,
+        versions=[found.version],
         platform="onnxruntime_onnx",
-        inputs=[TensorMetadata(name=IMAGE_INPUT, datatype="FP32", shape=[-1, h, w, c])],
-        outputs=[
-            TensorMetadata(name=PROBABILITIES_OUTPUT, datatype="FP32", shape=[-1, len(spec.labels)])
-        ],
+        inputs=[_tensor(t) for t in found.inputs],
+        outputs=[_tensor(t) for t in found.outputs],
     )
 
 
@@ -108,6 +105,6 @@ async def model_metadata_v2(name: str, model: ModelDep) -> ModelMetadataV2:
 async def model_ready_v2(name: str, runtime: RuntimeDep) -> JSONResponse:
     model = runtime.model
     if model is not None:
-        _check_name(name, model.spec.name)
+        find_model(model, name)
     body = ReadyResponse(ready=runtime.ready, status=runtime.status)
     return JSONResponse(body.model_dump(), status_code=200 if runtime.ready else 503)
