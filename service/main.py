@@ -18,6 +18,7 @@ from fastapi.middleware.cors import CORSMiddleware
 import braincam
 from braincam import DISCLAIMER
 from service.api.main import api_router
+from service.api.routes.ui import mount_static
 from service.core.config import Settings
 from service.errors import install_error_handlers
 from service.metrics import Metrics
@@ -78,6 +79,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.runtime = runtime
     install_error_handlers(app)
     app.include_router(api_router)
+    mount_static(app)
     app.add_middleware(
         RequestMiddleware, metrics=metrics, max_upload_bytes=settings.max_upload_bytes
     )
