@@ -1,4 +1,5 @@
-"""`python -m exporter --model PATH.keras --out models/NAME [...]`."""
+"""`python -m exporter --model PATH.keras --out models/NAME [...]`, and
+`python -m exporter triton --model-dir models/NAME --repo DIR [...]` (exporter/triton.py)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,6 @@ import logging
 import os
 import sys
 from pathlib import Path
-
-from exporter.model_split import ExportError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -48,10 +47,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["triton"]:
+        # From an exported model directory: ONNX Runtime only, TensorFlow never loads.
+        from exporter import triton
+
+        return triton.main(argv[1:])
     args = parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     from exporter.export import export_model  # TensorFlow loads here, after argparse
+    from exporter.model_split import ExportError
 
     height, width = args.input_size or (None, None)
     try:
