@@ -68,14 +68,17 @@ def resolve_target(value: str | None, spec: ModelSpec) -> int | None:
 
 
 @dataclass
-class _Prepared:
+class Prepared:
+    """One upload, decoded and preprocessed: what a batch needs from each request."""
+
     decoded: DecodedImage
     batch: np.ndarray  # [1, H, W, C] float32
     decode_s: float
     preprocess_s: float
 
 
-def _prepare(data: bytes, slice_index: int | None, spec: ModelSpec) -> _Prepared:
+def prepare(data: bytes, slice_index: int | None, spec: ModelSpec) -> Prepared:
+    """Decode + preprocess; every failure here is the upload's (a 4xx, never a 500)."""
     try:
         t0 = time.perf_counter()
         decoded = decode_image(data, slice_index)
@@ -93,7 +96,7 @@ def _prepare(data: bytes, slice_index: int | None, spec: ModelSpec) -> _Prepared
         raise UndecodableImage(
             f"could not decode the file: {type(exc).__name__} while reading it"
         ) from exc
-    return _Prepared(decoded, batch, t1 - t0, t2 - t1)
+    return Prepared(decoded, batch, t1 - t0, t2 - t1)
 
 
 def _input_info(decoded: DecodedImage) -> InputInfo:
@@ -125,13 +128,25 @@ def predict(
     slice_index: int | None,
     started: float,
 ) -> PredictResponse:
+    """The unbatched /predict: everything in the calling worker thread."""
     spec = model.spec
-    prepared = _prepare(data, slice_index, spec)
+    prepared = prepare(data, slice_index, spec)
     t0 = time.perf_counter()
     probs = model.predict(prepared.batch)[0]
     inference_s = time.perf_counter() - t0
     metrics.inference.labels(graph="classifier").observe(inference_s)
-    decision = decide(probs, spec)
+    return predict_response(spec, prepared, probs, inference_s, started)
+
+
+def predict_response(
+    spec: ModelSpec,
+    prepared: Prepared,
+    probabilities: np.ndarray,
+    inference_s: float,
+    started: float,
+) -> PredictResponse:
+    """The response for one image's probabilities [K] (cheap: fine on the event loop)."""
+    decision = decide(probabilities, spec)
     return PredictResponse(
         **_decision_fields(decision, spec),
         input=_input_info(prepared.decoded),
@@ -153,7 +168,7 @@ def explain(
     started: float,
 ) -> ExplainResponse:
     spec = model.spec
-    prepared = _prepare(data, slice_index, spec)
+    prepared = prepare(data, slice_index, spec)
     decoded = prepared.decoded
     x = prepared.batch
     # smooth: the image and its left-right mirror (W is axis 2 of NHWC) as ONE batch.

@@ -1,0 +1,340 @@
+"""Micro-batching: the batcher on its own, then the service with batching on.
+
+The service tests compare every batched answer with the unbatched path on the
+same real model, and read the batch-size histogram of /metrics to prove that
+concurrent callers really shared one ONNX Runtime run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+
+from braincam.inference import OnnxModel
+from service.batching import BatchMetrics, MicroBatcher
+from service.core.config import Settings
+from service.main import create_app
+from service.metrics import Metrics
+
+CPU = "CPUExecutionProvider"
+Arrays = tuple[np.ndarray, ...]
+
+
+# --- the batcher alone ------------------------------------------------------------------
+
+
+class Recorder:
+    """A batch function (row sums times two) that records the batch sizes it saw."""
+
+    def __init__(self, fail_on: float | None = None) -> None:
+        self.sizes: list[int] = []
+        self.fail_on = fail_on
+
+    def __call__(self, x: np.ndarray) -> Arrays:
+        self.sizes.append(int(x.shape[0]))
+        if self.fail_on is not None and np.any(x == self.fail_on):
+            raise RuntimeError("simulated ONNX Runtime failure")
+        return (x.sum(axis=(1, 2)) * 2.0, x[:, ::-1].copy())
+
+
+async def _inline(fn: Callable[[], Arrays]) -> Arrays:
+    await asyncio.sleep(0)
+    return fn()
+
+
+def _batcher(fn: Recorder, max_size: int = 8, max_wait_s: float = 0.05) -> MicroBatcher:
+    return MicroBatcher("test", fn, _inline, BatchMetrics(Metrics()), max_size, max_wait_s)
+
+
+def _rows(seed: int, n: int = 1) -> np.ndarray:
+    return np.random.default_rng(seed).random((n, 3, 4), dtype=np.float32)
+
+
+def test_callers_arriving_together_share_one_run_and_get_their_own_rows() -> None:
+    fn = Recorder()
+    batcher = _batcher(fn, max_size=8, max_wait_s=5.0)  # dispatched because it fills up
+
+    async def main() -> list[Arrays]:
+        return await asyncio.gather(*(batcher.submit(_rows(i)) for i in range(8)))
+
+    results = asyncio.run(main())
+    assert fn.sizes == [8]
+    for i, (sums, flipped) in enumerate(results):
+        x = _rows(i)
+        assert sums.shape == (1,) and flipped.shape == (1, 3, 4)
+        np.testing.assert_array_equal(sums, x.sum(axis=(1, 2)) * 2.0)
+        np.testing.assert_array_equal(flipped, x[:, ::-1])
+
+
+def test_max_size_splits_and_multi_row_callers_stay_whole() -> None:
+    fn = Recorder()
+    batcher = _batcher(fn, max_size=4, max_wait_s=5.0)
+    sizes = [2, 1, 2, 3, 1, 1]  # 9 rows: no caller may be split across batches
+
+    async def main() -> list[Arrays]:
+        return await asyncio.gather(*(batcher.submit(_rows(i, n)) for i, n in enumerate(sizes)))
+
+    async def bounded() -> list[Arrays]:
+        return await asyncio.wait_for(main(), timeout=20)
+
+    results = asyncio.run(bounded())
+    assert sum(fn.sizes) == sum(sizes) and max(fn.sizes) <= 4
+    for i, n in enumerate(sizes):
+        np.testing.assert_array_equal(results[i][0], _rows(i, n).sum(axis=(1, 2)) * 2.0)
+
+
+def test_a_lone_request_waits_at_most_max_wait() -> None:
+    fn = Recorder()
+    batcher = _batcher(fn, max_size=64, max_wait_s=0.02)
+
+    async def main() -> float:
+        loop = asyncio.get_running_loop()
+        t = loop.time()
+        await batcher.submit(_rows(0))
+        return loop.time() - t
+
+    elapsed = asyncio.run(main())
+    assert fn.sizes == [1]
+    assert 0.015 <= elapsed < 1.0
+
+
+def test_requests_queued_during_a_run_form_the_next_batch() -> None:
+    """max_wait 0: no waiting when idle, but callers arriving while a batch runs
+    are batched together as soon as it finishes."""
+    fn = Recorder()
+
+    async def slow(call: Callable[[], Arrays]) -> Arrays:
+        await asyncio.sleep(0.05)
+        return call()
+
+    batcher = MicroBatcher("test", fn, slow, BatchMetrics(Metrics()), 16, 0.0)
+
+    async def main() -> None:
+        first = asyncio.create_task(batcher.submit(_rows(0)))
+        await asyncio.sleep(0.01)  # the first batch (of 1) is running now
+        await asyncio.gather(first, *(batcher.submit(_rows(i)) for i in range(1, 6)))
+
+    asyncio.run(main())
+    assert fn.sizes == [1, 5]
+
+
+def test_a_failed_run_fails_only_its_own_callers() -> None:
+    fn = Recorder(fail_on=-1.0)
+    metrics = Metrics()
+    batcher = MicroBatcher("test", fn, _inline, BatchMetrics(metrics), 3, 5.0)
+    poison = np.full((1, 3, 4), -1.0, dtype=np.float32)
+
+    async def main() -> list[Arrays | BaseException]:
+        # The first three fill one batch (with the poison row); the next three another.
+        inputs = [_rows(0), poison, _rows(1), _rows(2), _rows(3), _rows(4)]
+        return await asyncio.gather(*(batcher.submit(x) for x in inputs), return_exceptions=True)
+
+    results = asyncio.run(main())
+    assert fn.sizes == [3, 3]
+    for failed in results[:3]:
+        assert isinstance(failed, Exception)
+        assert getattr(failed, "status_code", None) == 500
+        assert getattr(failed, "code", None) == "inference_failed"
+        assert "simulated" not in str(failed)  # internals stay in the log
+    for i, ok in zip(range(2, 5), results[3:], strict=True):
+        assert isinstance(ok, tuple)
+        np.testing.assert_array_equal(ok[0], _rows(i).sum(axis=(1, 2)) * 2.0)
+    failures = {
+        s.labels["graph"]: s.value
+        for family in text_string_to_metric_families(metrics.render().decode())
+        for s in family.samples
+        if s.name == "braincam_batch_failures_total"
+    }
+    assert failures == {"test": 1.0}
+
+
+def test_a_caller_cancelled_while_queued_is_dropped_from_its_batch() -> None:
+    fn = Recorder()
+    batcher = _batcher(fn, max_size=8, max_wait_s=0.05)
+
+    async def main() -> Arrays:
+        gone = asyncio.create_task(batcher.submit(_rows(0)))
+        kept = asyncio.create_task(batcher.submit(_rows(1)))
+        await asyncio.sleep(0)
+        gone.cancel()
+        return await kept
+
+    result = asyncio.run(main())
+    assert fn.sizes == [1]
+    np.testing.assert_array_equal(result[0], _rows(1).sum(axis=(1, 2)) * 2.0)
+
+
+# --- the service with batching on ----------------------------------------------------------
+
+N_CONCURRENT = 6
+
+
+def _client(model_dir: Path, **settings: object) -> TestClient:
+    return TestClient(create_app(Settings(model_dir=model_dir, providers=CPU, **settings)))  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def batched(tiny_model_dir: Path) -> Iterator[TestClient]:
+    # A long wait and max size = the number of concurrent requests: they can only
+    # be answered if they ran as one batch, or after the (test-failing) wait.
+    with _client(
+        tiny_model_dir,
+        batching=True,
+        batch_max_size=N_CONCURRENT,
+        batch_max_wait_ms=1000,
+        max_concurrency=N_CONCURRENT,
+    ) as client:
+        assert client.app.state.runtime.wait(120), client.get("/health").json()  # type: ignore[attr-defined]
+        yield client
+
+
+@pytest.fixture(scope="module")
+def unbatched(tiny_model_dir: Path) -> Iterator[TestClient]:
+    with _client(tiny_model_dir) as client:
+        assert client.app.state.runtime.wait(120), client.get("/health").json()  # type: ignore[attr-defined]
+        yield client
+
+
+@pytest.fixture(scope="module")
+def uploads(demo_data: Path) -> list[bytes]:
+    paths = sorted((demo_data / "Testing").glob("*/*.png"))[:: 4][:N_CONCURRENT]
+    assert len(paths) == N_CONCURRENT
+    return [p.read_bytes() for p in paths]
+
+
+def _batch_histogram(client: TestClient) -> tuple[float, float, dict[str, float]]:
+    """(runs, rows, cumulative bucket counts) of the classifier's batch sizes."""
+    count = total = 0.0
+    buckets: dict[str, float] = {}
+    for family in text_string_to_metric_families(client.get("/metrics").text):
+        for s in family.samples:
+            if s.labels.get("graph") != "classifier":
+                continue
+            if s.name == "braincam_batch_size_count":
+                count = s.value
+            elif s.name == "braincam_batch_size_sum":
+                total = s.value
+            elif s.name == "braincam_batch_size_bucket":
+                buckets[s.labels["le"]] = s.value
+    return count, total, buckets
+
+
+def _post_all(client: TestClient, files: list[bytes]) -> list[tuple[int, dict[str, object]]]:
+    def one(data: bytes) -> tuple[int, dict[str, object]]:
+        res = client.post("/predict", files={"file": ("x.png", data)})
+        return res.status_code, res.json()
+
+    with ThreadPoolExecutor(len(files)) as pool:
+        return list(pool.map(one, files))
+
+
+def test_concurrent_predicts_share_a_batch_and_match_the_unbatched_path(
+    batched: TestClient, unbatched: TestClient, uploads: list[bytes]
+) -> None:
+    runs0, rows0, _ = _batch_histogram(batched)
+    answers = _post_all(batched, uploads)
+    runs, rows, buckets = _batch_histogram(batched)
+    assert rows - rows0 == N_CONCURRENT
+    assert runs - runs0 == 1, "the concurrent requests did not share one run"
+    assert buckets["4.0"] < buckets["6.0"]  # a batch of more than 4 rows was observed
+
+    for data, (status, body) in zip(uploads, answers, strict=True):
+        assert status == 200, body
+        reference = unbatched.post("/predict", files={"file": ("x.png", data)}).json()
+        assert body["label"] == reference["label"]
+        assert body["class_index"] == reference["class_index"]
+        got, want = body["probabilities"], reference["probabilities"]
+        assert isinstance(got, dict) and got.keys() == want.keys()
+        np.testing.assert_allclose(list(got.values()), list(want.values()), atol=1e-5)
+        assert body["input"] == reference["input"]
+
+
+def test_a_bad_upload_fails_alone(
+    tiny_model_dir: Path, uploads: list[bytes], unbatched: TestClient
+) -> None:
+    bad = [b"not an image at all", b"\x89PNG\r\n\x1a\n" + bytes(40)]  # 415, 422
+    good = uploads[: N_CONCURRENT - len(bad)]
+    with _client(
+        tiny_model_dir,
+        batching=True,
+        batch_max_size=len(good),
+        batch_max_wait_ms=1000,
+        max_concurrency=N_CONCURRENT,
+    ) as client:
+        assert client.app.state.runtime.wait(120)  # type: ignore[attr-defined]
+        answers = _post_all(client, [*bad, *good])
+        runs, rows, _ = _batch_histogram(client)
+    assert answers[0][0] == 415 and answers[0][1]["code"] == "unsupported_media_type"
+    assert answers[1][0] == 422 and answers[1][1]["code"] == "undecodable_image"
+    assert (runs, rows) == (1, len(good))  # the good ones still made one full batch
+    for data, (status, body) in zip(good, answers[len(bad) :], strict=True):
+        assert status == 200, body
+        want = unbatched.post("/predict", files={"file": ("x.png", data)}).json()
+        assert body["label"] == want["label"]
+
+
+def test_an_inference_failure_is_a_json_error_for_that_batch_only(
+    tiny_model_dir: Path, uploads: list[bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with _client(
+        tiny_model_dir,
+        batching=True,
+        batch_max_size=2,
+        batch_max_wait_ms=1000,
+        max_concurrency=4,
+    ) as client:
+        runtime = client.app.state.runtime  # type: ignore[attr-defined]
+        assert runtime.wait(120)
+        model: OnnxModel = runtime.model
+        real = model.predict
+        calls = 0
+
+        def fails_once(batch: np.ndarray) -> np.ndarray:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                # What ORT raises on a broken run, e.g. an allocation failure.
+                raise RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION")
+            return real(batch)
+
+        monkeypatch.setattr(model, "predict", fails_once)
+        failed = _post_all(client, uploads[:2])
+        assert [status for status, _ in failed] == [500, 500]
+        for _, body in failed:
+            assert body == {
+                "detail": "inference failed; the error is logged",
+                "code": "inference_failed",
+            }
+        after = _post_all(client, uploads[2:4])
+        assert [status for status, _ in after] == [200, 200]
+        assert "ONNXRuntimeError" not in str(failed)
+
+
+def test_batching_is_off_by_default(unbatched: TestClient, uploads: list[bytes]) -> None:
+    assert Settings().batching is False
+    assert unbatched.app.state.runtime.batchers is None  # type: ignore[attr-defined]
+    assert unbatched.post("/predict", files={"file": ("x.png", uploads[0])}).status_code == 200
+    assert "braincam_batch_size" not in unbatched.get("/metrics").text
+
+
+def test_batch_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BRAINCAM_BATCHING", "true")
+    monkeypatch.setenv("BRAINCAM_BATCH_MAX_SIZE", "32")
+    monkeypatch.setenv("BRAINCAM_BATCH_MAX_WAIT_MS", "0.5")
+    settings = Settings()
+    assert (settings.batching, settings.batch_max_size, settings.batch_max_wait_ms) == (
+        True,
+        32,
+        0.5,
+    )
+    monkeypatch.setenv("BRAINCAM_BATCH_MAX_SIZE", "0")
+    with pytest.raises(ValueError):
+        Settings()
+
