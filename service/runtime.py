@@ -23,6 +23,7 @@ from typing import Literal, TypeVar
 
 from braincam.inference import OnnxModel
 from service import pipeline
+from service.batching import ModelBatchers
 from service.core.config import Settings
 from service.errors import ModelUnavailable
 from service.metrics import Metrics
@@ -43,6 +44,7 @@ class ModelRuntime:
         self._done = threading.Event()
         self._thread: threading.Thread | None = None
         self._executor: ThreadPoolExecutor | None = None
+        self.batchers: ModelBatchers | None = None  # set at load when batching is on
 
     @property
     def ready(self) -> bool:
@@ -82,6 +84,14 @@ class ModelRuntime:
             self.error = self._describe(exc)
         else:
             self.load_seconds = round(time.perf_counter() - started, 3)
+            if settings.batching:
+                self.batchers = ModelBatchers(
+                    model,
+                    self.run,
+                    self.metrics,
+                    settings.batch_max_size,
+                    settings.batch_max_wait_ms / 1000.0,
+                )
             self.model = model
             self.metrics.model_ready.set(1)
             spec = model.spec

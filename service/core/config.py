@@ -34,6 +34,10 @@ class Settings(BaseSettings):
     intra_op_threads: int = Field(default=0, ge=0)  # 0: ONNX Runtime's default (one per core)
     max_concurrency: int = Field(default=4, ge=1)
     png_compression: int = Field(default=1, ge=0, le=9)
+    # Micro-batching (service/batching.py): concurrent requests share one ORT run.
+    batching: bool = False
+    batch_max_size: int = Field(default=16, ge=1, le=1024)
+    batch_max_wait_ms: float = Field(default=2.0, ge=0, le=1000)
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
     workers: int = Field(default=1, ge=1)
