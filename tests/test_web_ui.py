@@ -24,6 +24,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
@@ -158,19 +159,19 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-@pytest.fixture(scope="module")
-def server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+@contextmanager
+def _live_server(model_dir: Path, log: Path, **settings: str) -> Iterator[str]:
+    """`python -m service` on a free port of 127.0.0.1; its URL once ready."""
     port = _free_port()
-    log = tmp_path_factory.mktemp("web_ui_server") / "server.log"
-    env = {
-        **os.environ,
-        "BRAINCAM_MODEL_DIR": str(tiny_model_dir),
-        "BRAINCAM_HOST": "127.0.0.1",
-        "BRAINCAM_PORT": str(port),
-        "BRAINCAM_PROVIDERS": "CPUExecutionProvider",
-        "BRAINCAM_MAX_UPLOAD_MB": str(UPLOAD_LIMIT_MB),
-        "BRAINCAM_LOG_LEVEL": "warning",
-    }
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BRAINCAM_")}
+    env.update(
+        BRAINCAM_MODEL_DIR=str(model_dir),
+        BRAINCAM_HOST="127.0.0.1",
+        BRAINCAM_PORT=str(port),
+        BRAINCAM_PROVIDERS="CPUExecutionProvider",
+        BRAINCAM_LOG_LEVEL="warning",
+        **{f"BRAINCAM_{k.upper()}": v for k, v in settings.items()},
+    )
     url = f"http://127.0.0.1:{port}"
     with log.open("wb") as out:
         proc = subprocess.Popen(
@@ -198,6 +199,13 @@ def server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
         assert "Traceback" not in log.read_text(), log.read_text()
 
 
+@pytest.fixture(scope="module")
+def server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    log = tmp_path_factory.mktemp("web_ui_server") / "server.log"
+    with _live_server(tiny_model_dir, log, max_upload_mb=str(UPLOAD_LIMIT_MB)) as url:
+        yield url
+
+
 class Page:
     """One browser page on the live server, with the page's own waits."""
 
@@ -208,6 +216,7 @@ class Page:
         width: int = 1280,
         height: int = 900,
         before_load: Callable[[Any], None] | None = None,
+        ready: bool = True,
     ) -> None:
         self.context = browser.new_context(viewport={"width": width, "height": height})
         self.page = self.context.new_page()
@@ -225,7 +234,8 @@ class Page:
             ),
         )
         self.page.goto(url)
-        self.page.wait_for_selector("#status[data-state=ready]", timeout=30_000)
+        if ready:
+            self.page.wait_for_selector("#status[data-state=ready]", timeout=30_000)
 
     def close(self) -> None:
         self.context.close()
@@ -515,3 +525,31 @@ def test_keyboard_and_layout(
         assert box is not None and box["width"] >= 150 and box["x"] + box["width"] <= width
     assert len({round(box["y"]) for box in boxes if box}) == 1  # side by side
     opened.close()
+
+
+def test_api_key_is_asked_for(
+    chromium: Any, tiny_model_dir: Path, glioma_image: Path, tmp_path: Path
+) -> None:
+    """With BRAINCAM_API_KEY set, the page (itself open) asks for the key, keeps it for
+    the tab, and sends it as X-API-Key."""
+    with _live_server(tiny_model_dir, tmp_path / "server.log", api_key="s3cret-key") as url:
+        opened = Page(chromium, url, ready=False)
+        page = opened.page
+        page.wait_for_selector("#status[data-state=error]")
+        assert opened.text("#status") == "API key required"
+        assert opened.visible("#key-form") and page.is_disabled("#file")
+        assert page.get_attribute("#error", "data-code") == "unauthorized"
+        assert page.evaluate("() => document.activeElement.id") == "api-key"
+
+        page.keyboard.type("wrong")
+        page.keyboard.press("Enter")
+        page.wait_for_selector("#status[data-state=error]")
+        assert opened.visible("#key-form")
+
+        page.fill("#api-key", "s3cret-key")
+        page.click("#key-form button")
+        page.wait_for_selector("#status[data-state=ready]")
+        assert not opened.visible("#key-form") and not opened.visible("#error")
+        answer = opened.upload(glioma_image)
+        assert answer["label"] == opened.text("#label")
+        opened.close()

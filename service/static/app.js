@@ -13,16 +13,23 @@
     unsupported_media_type:
       "This file type is not supported: send PNG, JPEG, BMP, TIFF, DICOM or NIfTI (.nii, .nii.gz).",
     undecodable_image: "The file could not be decoded: it may be truncated or corrupt.",
+    image_too_large: "The image has too many pixels for this service.",
+    invalid_input: "The input was not accepted.",
     invalid_parameter: "A setting was not accepted.",
     validation_error: "The request was not valid.",
     bad_request: "The upload could not be read.",
     model_loading: "The model is still loading; trying again…",
     model_unavailable: "The model could not be loaded: see /health for the reason.",
     service_unavailable: "The service is unavailable.",
+    too_many_requests: "The service is busy: try again in a moment.",
+    request_timeout: "The request took too long: try again.",
+    inference_failed: "The model failed on this image (details are in the service's log).",
     internal_error: "The service hit an internal error (details are in its log).",
+    unauthorized: "This service needs an API key: enter it above the image.",
     network: "Could not reach the service.",
   };
   const DEBOUNCE_MS = 250;
+  const KEY_STORAGE = "braincam.apiKey"; // sessionStorage: gone when the tab closes
   const MAX_LOADING_RETRIES = 120;
 
   const state = {
@@ -101,6 +108,28 @@
     return text.replace(/\.(nii\.gz|[a-z0-9]+)$/i, "").replace(/[^A-Za-z0-9._-]+/g, "_").slice(0, 80) || "image";
   }
 
+  // ---- API key (only when the service sets BRAINCAM_API_KEY) ----------------------
+
+  function authHeaders() {
+    const key = sessionStorage.getItem(KEY_STORAGE);
+    return key ? { "X-API-Key": key } : {};
+  }
+
+  function askForKey() {
+    $("key-form").hidden = false;
+    $("api-key").focus();
+  }
+
+  function wireKeyForm() {
+    $("key-form").addEventListener("submit", (event) => {
+      event.preventDefault();
+      sessionStorage.setItem(KEY_STORAGE, $("api-key").value.trim());
+      $("api-key").value = "";
+      setStatus("Checking the key…", "loading");
+      loadMetadata();
+    });
+  }
+
   // ---- errors, spinner -----------------------------------------------------------
 
   function showError(code, detail) {
@@ -137,7 +166,7 @@
   async function loadMetadata(attempt = 0) {
     let res;
     try {
-      res = await fetch(api("metadata"), { headers: { Accept: "application/json" } });
+      res = await fetch(api("metadata"), { headers: { Accept: "application/json", ...authHeaders() } });
     } catch {
       setStatus("Service unreachable", "error");
       showError("network", "GET /metadata failed");
@@ -150,13 +179,26 @@
       setTimeout(() => loadMetadata(attempt + 1), 1000);
       return;
     }
+    if (res.status === 401) {
+      setStatus("API key required", "error");
+      showError("unauthorized", body.detail);
+      askForKey();
+      return;
+    }
     if (!res.ok) {
       setStatus("Model unavailable", "error");
       showError(body.code || `http_${res.status}`, body.detail);
       return;
     }
     clearError();
-    applyMetadata(body);
+    $("key-form").hidden = true;
+    if (state.meta) {
+      // A key entered after /explain refused the old one: run the image again.
+      setStatus("Ready", "ready");
+      if (state.file) explain();
+    } else {
+      applyMetadata(body);
+    }
   }
 
   function applyMetadata(meta) {
@@ -205,7 +247,12 @@
     let res;
     let body;
     try {
-      res = await fetch(api("explain"), { method: "POST", body: formData(), signal: controller.signal });
+      res = await fetch(api("explain"), {
+        method: "POST",
+        body: formData(),
+        headers: authHeaders(),
+        signal: controller.signal,
+      });
       body = await res.json().catch(() => null);
     } catch (err) {
       if (err.name === "AbortError") return;
@@ -228,6 +275,7 @@
       setBusy(false);
       clearResult();
       showError(code, body && body.detail);
+      if (res.status === 401) askForKey();
       return;
     }
     try {
@@ -332,7 +380,8 @@
 
   function takeFile(file) {
     if (!file || !state.meta) return;
-    $("file-name").textContent = `${file.name} (${(file.size / 1024).toFixed(file.size < 10240 ? 1 : 0)} KiB)`;
+    const size = file.size < 1024 ? `${file.size} bytes` : `${(file.size / 1024).toFixed(file.size < 10240 ? 1 : 0)} KiB`;
+    $("file-name").textContent = `${file.name} (${size})`;
     $("file-name").hidden = false;
     // A new image starts from its own defaults: the middle slice, the predicted class.
     state.file = null;
@@ -398,6 +447,7 @@
     });
   }
 
+  wireKeyForm();
   wireDropzone();
   wireControls();
   loadMetadata();
