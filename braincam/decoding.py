@@ -5,12 +5,21 @@ a Content-Type. 8-bit images pass through untouched (that is what the trainer
 sees); deeper data (16-bit PNG/TIFF, DICOM, NIfTI, float TIFF) is windowed to
 uint8: DICOM by its own window centre/width when present, everything else by
 robust percentiles, so a stray hot pixel cannot black out the image.
+
+Uploads are hostile until decoded: sizes are checked from the headers before any
+decoder allocates (the pixel budget for 2-D images and slices, a byte budget for
+volumes), DICOM is parsed only when it carries its preamble (no `force`), and a
+.nii.gz is inflated no further than its header says the volume needs.
 """
 
 from __future__ import annotations
 
 import io
+import math
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,12 +27,26 @@ from typing import Any
 import cv2
 import numpy as np
 
-from braincam.errors import InputError, InvalidParameter, UndecodableImage, UnsupportedMediaType
+from braincam.errors import (
+    ImageTooLarge,
+    InputError,
+    InvalidParameter,
+    UndecodableImage,
+    UnsupportedMediaType,
+)
+from braincam.image_headers import raster_size
 
 RASTER_FORMATS = ("png", "jpeg", "bmp", "tiff")
 SUPPORTED_FORMATS = (*RASTER_FORMATS, "dicom", "nifti")
-# Largest decompressed NIfTI we accept from a .nii.gz (gzip bombs).
-MAX_DECOMPRESSED_BYTES = 512 * 1024 * 1024
+# Largest 2-D image (or DICOM frame / NIfTI slice plane) decoded, in pixels.
+DEFAULT_MAX_PIXELS = 40_000_000
+# Largest volume data (all DICOM frames, all NIfTI volumes) decoded, in bytes,
+# and the voxels of the one 3-D volume a NIfTI upload is reduced to (it is
+# reoriented whole, possibly as float64).
+MAX_VOLUME_BYTES = 512 * 1024 * 1024
+MAX_VOLUME_VOXELS = 64 * 1024 * 1024
+_NIFTI_HEADER_BYTES = 540  # NIfTI-2; NIfTI-1 headers are 348
+_max_pixels: ContextVar[int] = ContextVar("braincam_max_pixels", default=DEFAULT_MAX_PIXELS)
 ROBUST_PERCENTILES = (0.5, 99.5)
 
 
@@ -71,18 +94,57 @@ def _is_nifti_header(head: bytes) -> bool:
     )
 
 
-def decode_image(data: bytes, slice_index: int | None = None) -> DecodedImage:
-    """Decode any supported upload. `slice_index` picks a frame of DICOM/NIfTI volumes."""
+@contextmanager
+def pixel_budget(max_pixels: int) -> Iterator[None]:
+    """`decode_image` calls in this block (same thread or task) use `max_pixels`.
+
+    For callers that run the decoder behind code they do not own (the service sets
+    its configured budget around each worker task); an explicit `max_pixels`
+    argument to `decode_image` takes precedence.
+    """
+    token = _max_pixels.set(max_pixels)
+    try:
+        yield
+    finally:
+        _max_pixels.reset(token)
+
+
+def decode_image(
+    data: bytes, slice_index: int | None = None, *, max_pixels: int | None = None
+) -> DecodedImage:
+    """Decode any supported upload. `slice_index` picks a frame of DICOM/NIfTI volumes.
+
+    Images (and slices) over `max_pixels` are refused from their header with
+    `ImageTooLarge` (default: the `pixel_budget` in force, else DEFAULT_MAX_PIXELS).
+    """
     if not data:
         raise UndecodableImage("the uploaded file is empty")
+    budget = _max_pixels.get() if max_pixels is None else max_pixels
     fmt = sniff_format(data)
     if fmt in RASTER_FORMATS:
         if slice_index is not None:
             raise InvalidParameter(f"'slice' applies to DICOM and NIfTI volumes, not {fmt}")
-        return _decode_raster(data, fmt)
+        return _decode_raster(data, fmt, budget)
     if fmt == "dicom":
-        return _decode_dicom(data, slice_index)
-    return _decode_nifti(data, slice_index)
+        return _decode_dicom(data, slice_index, budget)
+    return _decode_nifti(data, slice_index, budget)
+
+
+def check_pixels(width: int, height: int, max_pixels: int, what: str = "image") -> None:
+    """Refuse a declared size over the pixel budget (413), before decoding."""
+    if width * height > max_pixels:
+        raise ImageTooLarge(
+            f"the {what} is {width}x{height} pixels ({width * height / 1e6:.1f} MP), "
+            f"over the {max_pixels / 1e6:.4g} MP limit"
+        )
+
+
+def _check_volume_bytes(nbytes: int, what: str) -> None:
+    if nbytes > MAX_VOLUME_BYTES:
+        raise ImageTooLarge(
+            f"the {what} holds {nbytes / 2**20:.0f} MiB of pixel data, "
+            f"over the {MAX_VOLUME_BYTES // 2**20} MiB limit"
+        )
 
 
 def load_image(path: str | Path) -> np.ndarray:
@@ -107,7 +169,8 @@ def to_uint8(values: np.ndarray, low: float | None = None, high: float | None = 
     return np.clip(scaled + 0.5, 0, 255).astype(np.uint8)
 
 
-def _decode_raster(data: bytes, fmt: str) -> DecodedImage:
+def _decode_raster(data: bytes, fmt: str, max_pixels: int) -> DecodedImage:
+    check_pixels(*raster_size(data, fmt), max_pixels)
     buf = np.frombuffer(data, dtype=np.uint8)
     try:
         img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
@@ -153,15 +216,30 @@ def _pick_slice(n: int, slice_index: int | None) -> int:
     return slice_index
 
 
-def _decode_dicom(data: bytes, slice_index: int | None) -> DecodedImage:
+def _decode_dicom(data: bytes, slice_index: int | None, max_pixels: int) -> DecodedImage:
     import pydicom  # imported lazily: only DICOM uploads pay for it
 
     try:
-        return _dicom_slice(pydicom.dcmread(io.BytesIO(data)), slice_index)
+        # force=False: a file without the DICM preamble is not guessed at.
+        ds = pydicom.dcmread(io.BytesIO(data), force=False)
+        _check_dicom_size(ds, max_pixels)
+        return _dicom_slice(ds, slice_index)
     except InputError:
         raise
     except Exception as exc:  # pydicom parses values lazily: any field may raise, any type
         raise UndecodableImage(f"could not decode the DICOM file: {type(exc).__name__}") from exc
+
+
+def _check_dicom_size(ds: Any, max_pixels: int) -> None:
+    """Bound what `pixel_array` will allocate (compressed transfer syntaxes inflate)."""
+    rows, columns = int(ds.Rows), int(ds.Columns)
+    if rows <= 0 or columns <= 0:
+        raise UndecodableImage(f"invalid DICOM image size {columns}x{rows}")
+    check_pixels(columns, rows, max_pixels, "DICOM frame")
+    frames = max(int(getattr(ds, "NumberOfFrames", 1) or 1), 1)
+    samples = max(int(getattr(ds, "SamplesPerPixel", 1) or 1), 1)
+    sample_bytes = max((int(getattr(ds, "BitsAllocated", 8) or 8) + 7) // 8, 1)
+    _check_volume_bytes(rows * columns * frames * samples * sample_bytes, "DICOM file")
 
 
 def _dicom_slice(ds: Any, slice_index: int | None) -> DecodedImage:
@@ -203,35 +281,76 @@ def _dicom_slice(ds: Any, slice_index: int | None) -> DecodedImage:
     return DecodedImage(pixels, "dicom", bit_depth, index, frames)
 
 
-def _gunzip_bounded(data: bytes) -> bytes:
-    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
-    try:
-        out = inflater.decompress(data, MAX_DECOMPRESSED_BYTES)
-    except zlib.error as exc:
-        raise UndecodableImage("corrupt gzip stream") from exc
-    if inflater.unconsumed_tail:
-        raise UndecodableImage(
-            f"the decompressed volume exceeds {MAX_DECOMPRESSED_BYTES // 2**20} MiB"
-        )
-    return out
+class _Inflater:
+    """A gzip stream inflated on demand, never further than asked."""
+
+    def __init__(self, data: bytes) -> None:
+        self._z = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        self._pending = data
+        self.out = b""
+
+    def inflate_to(self, size: int) -> bytes:
+        if size > len(self.out) and self._pending:
+            try:
+                chunk = self._z.decompress(self._pending, size - len(self.out))
+            except zlib.error as exc:
+                raise UndecodableImage("corrupt gzip stream") from exc
+            self._pending = self._z.unconsumed_tail
+            self.out += chunk
+        return self.out
 
 
-def _decode_nifti(data: bytes, slice_index: int | None) -> DecodedImage:
+def _nifti_header(head: bytes) -> tuple[Any, tuple[int, ...], int]:
+    """(image class, data shape, bytes up to the end of the data) from the header
+    alone, after checking the shape is one we are willing to load."""
     import nibabel as nib  # lazily: only NIfTI uploads pay for it
 
-    raw = _gunzip_bounded(data) if data.startswith(b"\x1f\x8b") else data
-    if not _is_nifti_header(raw[:512]):
-        if data.startswith(b"\x1f\x8b"):
+    nifti2 = head[4:7] in (b"n+2", b"ni2")
+    cls = nib.Nifti2Image if nifti2 else nib.Nifti1Image
+    # The header proper with a cleared extension flag: extensions (read later with
+    # the image) are not needed for the shape, and may lie beyond `head`.
+    fixed = head[: 540 if nifti2 else 348] + bytes(4)
+    try:
+        header = cls.header_class.from_fileobj(io.BytesIO(fixed))
+        shape = tuple(int(d) for d in header.get_data_shape())
+        itemsize = int(header.get_data_dtype().itemsize)
+        offset = int(header.get_data_offset())
+    except Exception as exc:  # nibabel raises several types on invalid headers
+        raise UndecodableImage(f"invalid NIfTI header: {type(exc).__name__}") from exc
+    if len(shape) < 2 or min(shape) < 1:
+        raise UndecodableImage(f"unsupported NIfTI shape {shape}")
+    if math.prod(shape[:3]) > MAX_VOLUME_VOXELS:
+        raise ImageTooLarge(
+            f"the NIfTI volume {shape[:3]} has over {MAX_VOLUME_VOXELS // 2**20} Mi voxels"
+        )
+    return cls, shape, offset + math.prod(shape) * itemsize
+
+
+def _decode_nifti(data: bytes, slice_index: int | None, max_pixels: int) -> DecodedImage:
+    import nibabel as nib  # lazily: only NIfTI uploads pay for it
+
+    gz = _Inflater(data) if data.startswith(b"\x1f\x8b") else None
+    head = gz.inflate_to(_NIFTI_HEADER_BYTES) if gz else data[:_NIFTI_HEADER_BYTES]
+    if not _is_nifti_header(head):
+        if gz:
             raise UnsupportedMediaType("gzip upload is not a NIfTI volume")
         raise UndecodableImage("not a valid NIfTI header")
-    cls = nib.Nifti2Image if raw[4:7] in (b"n+2", b"ni2") else nib.Nifti1Image
+    cls, shape, end = _nifti_header(head)
+    # Any two of the first three axes can become the axial plane after reorientation.
+    a, b = sorted(shape[:3] + (1,) * (3 - len(shape[:3])))[-2:]
+    check_pixels(a, b, max_pixels, "NIfTI slice plane")
+    _check_volume_bytes(end, "NIfTI file")
+    raw = gz.inflate_to(end) if gz else data
+    if len(raw) < end:
+        raise UndecodableImage("the NIfTI file is truncated: less data than its header declares")
     try:
-        img = nib.as_closest_canonical(cls.from_bytes(raw))
+        img = cls.from_bytes(raw)
+        if len(shape) > 3:  # 4-D series: the first volume, sliced before any data is read
+            img = img.slicer[(slice(None),) * 3 + (0,) * (len(shape) - 3)]
+        img = nib.as_closest_canonical(img)
         volume = np.asanyarray(img.dataobj)
-    except Exception as exc:  # nibabel raises several types on truncated data
+    except Exception as exc:  # nibabel raises several types on damaged data
         raise UndecodableImage(f"could not read the NIfTI volume: {type(exc).__name__}") from exc
-    while volume.ndim > 3:  # 4-D series: first volume
-        volume = volume[..., 0]
     if volume.ndim == 2:
         volume = volume[:, :, None]
     if volume.ndim != 3 or min(volume.shape[:2]) < 2:

@@ -32,3 +32,11 @@ class InvalidParameter(InputError):
 class PayloadTooLarge(InputError):
     status_code = 413
     code = "payload_too_large"
+
+
+class ImageTooLarge(InputError):
+    """The file is small but declares more pixels (or voxels) than the budget: refused
+    from its header, before anything is decoded."""
+
+    status_code = 413
+    code = "image_too_large"

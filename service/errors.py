@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 
 _HTTP_CODES = {
     400: "bad_request",
+    401: "unauthorized",
     404: "not_found",
     405: "method_not_allowed",
     406: "not_acceptable",
@@ -53,6 +54,19 @@ class ModelUnavailable(ServiceError):
     def __init__(self, detail: str, code: str, retry_after: int | None = None) -> None:
         headers = {"Retry-After": str(retry_after)} if retry_after else None
         super().__init__(503, code, detail, headers)
+
+
+class RequestTimeout(ServiceError):
+    """The request's blocking work (queue wait, decoding, inference) passed its deadline."""
+
+    def __init__(self, timeout_s: float) -> None:
+        super().__init__(
+            503,
+            "request_timeout",
+            f"the request took longer than {timeout_s:g} s (BRAINCAM_REQUEST_TIMEOUT_S); "
+            "the service is busy or the image is very large",
+            {"Retry-After": "1"},
+        )
 
 
 def error_json(
@@ -120,15 +134,19 @@ def install_error_handlers(app: FastAPI) -> None:
 def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     descriptions = {
         400: "Malformed request body",
+        401: "Missing or wrong X-API-Key (only when BRAINCAM_API_KEY is set)",
         404: "Unknown model name",
-        413: "Upload larger than BRAINCAM_MAX_UPLOAD_MB",
+        413: "Upload larger than BRAINCAM_MAX_UPLOAD_MB, or an image over "
+        "BRAINCAM_MAX_IMAGE_PIXELS (read from its header)",
         415: "Unsupported or unrecognised file type",
         422: "Undecodable image or invalid parameter",
         500: "Internal error (details are logged, never returned)",
-        503: "Model not loaded (still loading, or failed to load: see /health)",
+        503: "Model not loaded (still loading, or failed to load: see /health), "
+        "or the request passed BRAINCAM_REQUEST_TIMEOUT_S",
     }
     examples = {
         400: ("There was an error parsing the body", "bad_request"),
+        401: ("missing or invalid API key (X-API-Key header)", "unauthorized"),
         404: ("model 'other' is not served here", "model_not_found"),
         413: ("the upload exceeds the 20 MiB limit", "payload_too_large"),
         415: ("unrecognised file type: send PNG, JPEG, ...", "unsupported_media_type"),

@@ -18,6 +18,13 @@ from service.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
+# On every response: no MIME sniffing of our JSON (an echoed file name cannot turn
+# into HTML), and no caching of results derived from patient images.
+SECURITY_HEADERS = (
+    (b"x-content-type-options", b"nosniff"),
+    (b"cache-control", b"no-store"),
+)
+
 
 class BodyTooLarge(StarletteHTTPException):
     """Raised from `receive` when the body outgrows its bound; FastAPI re-raises
@@ -68,6 +75,7 @@ class RequestMiddleware:
                     return
                 status = message["status"]
                 response_started = True
+                message = {**message, "headers": _with_security_headers(message)}
             await send(message)
 
         async def receive_wrapper() -> Message:
@@ -93,6 +101,7 @@ class RequestMiddleware:
                         (b"content-type", b"application/json"),
                         (b"content-length", str(len(body)).encode()),
                         (b"connection", b"close"),
+                        *SECURITY_HEADERS,
                     ],
                 }
             )
@@ -124,6 +133,13 @@ class RequestMiddleware:
                 endpoint=endpoint, method=scope["method"], status=str(status)
             ).inc()
             self.metrics.latency.labels(endpoint=endpoint).observe(time.perf_counter() - started)
+
+
+def _with_security_headers(message: Message) -> list[tuple[bytes, bytes]]:
+    headers = list(message.get("headers", ()))
+    present = {name.lower() for name, _ in headers}
+    headers.extend(item for item in SECURITY_HEADERS if item[0] not in present)
+    return headers
 
 
 def _content_length(scope: Scope) -> int | None:

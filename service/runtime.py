@@ -21,11 +21,12 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Literal, TypeVar
 
+from braincam.decoding import pixel_budget
 from braincam.inference import OnnxModel
 from service import pipeline
 from service.batching import ModelBatchers
 from service.core.config import Settings
-from service.errors import ModelUnavailable
+from service.errors import ModelUnavailable, RequestTimeout
 from service.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -155,13 +156,21 @@ class ModelRuntime:
         if self._executor is None:
             raise ModelUnavailable("the service is not started", code="model_loading")
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            self._executor, functools.partial(self._in_slot, fn, *args)
-        )
+        work = loop.run_in_executor(self._executor, functools.partial(self._in_slot, fn, *args))
+        # The deadline covers the queue wait and the work (decode, inference). A thread
+        # cannot be stopped: work that started finishes in the background, work still
+        # queued is cancelled, and the client gets a 503 instead of waiting on.
+        timeout = self.settings.request_timeout_s
+        try:
+            return await asyncio.wait_for(work, timeout)
+        except asyncio.TimeoutError:
+            raise RequestTimeout(timeout) from None
 
     def _in_slot(self, fn: Callable[..., T], *args: object) -> T:
         self.metrics.in_progress.inc()
         try:
-            return fn(*args)
+            # The configured pixel budget for every decode_image call in this task.
+            with pixel_budget(self.settings.max_image_pixels):
+                return fn(*args)
         finally:
             self.metrics.in_progress.dec()

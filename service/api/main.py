@@ -5,11 +5,13 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from service.api.routes import explain, health, metadata, oip, predict, ui
+from service.security import PROTECTED
 
 api_router = APIRouter()
-api_router.include_router(predict.router)
-api_router.include_router(explain.router)
+# The probes (health) stay open; the rest needs X-API-Key when BRAINCAM_API_KEY is set.
+api_router.include_router(predict.router, **PROTECTED)
+api_router.include_router(explain.router, **PROTECTED)
 api_router.include_router(health.router)
-api_router.include_router(metadata.router)
-api_router.include_router(oip.router)  # POST /v2/models/{name}/infer
+api_router.include_router(metadata.router, **PROTECTED)
+api_router.include_router(oip.router, **PROTECTED)  # POST /v2/models/{name}/infer
 api_router.include_router(ui.router)  # GET /: the web page

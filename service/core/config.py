@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 LogLevel = Literal["critical", "error", "warning", "info", "debug"]
@@ -31,6 +31,11 @@ class Settings(BaseSettings):
     providers: str = "CUDAExecutionProvider,CPUExecutionProvider"
     cors_origins: str = ""
     max_upload_mb: float = Field(default=20.0, gt=0)
+    # Hardening (docs/security.md): decoded-size budget checked from image headers,
+    # a deadline for a request's blocking work, an optional API key (X-API-Key).
+    max_image_pixels: int = Field(default=40_000_000, ge=1)
+    request_timeout_s: float = Field(default=30.0, gt=0)
+    api_key: SecretStr | None = None
     intra_op_threads: int = Field(default=0, ge=0)  # 0: ONNX Runtime's default (one per core)
     max_concurrency: int = Field(default=4, ge=1)
     png_compression: int = Field(default=1, ge=0, le=9)
