@@ -36,10 +36,8 @@ lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy braincam service exporter trainer benchmarks
 
-bench: model
-	$(PY) -m benchmarks.bench_service --model-dir models/demo
-	$(PY) -m benchmarks.bench_export --model-dir models/demo
-	$(PY) -m benchmarks.bench_encoders
+bench: model  ## every figure side by side (3-5 min), report in benchmarks/results/
+	$(PY) -m benchmarks --model-dir models/demo
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

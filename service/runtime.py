@@ -75,7 +75,7 @@ class ModelRuntime:
             model = OnnxModel(
                 settings.model_dir,
                 providers=settings.provider_list,
-                intra_op_threads=settings.intra_op_threads or None,
+                intra_op_threads=settings.ort_intra_op_threads,
             )
             model.warmup()
             pipeline.warmup(model)

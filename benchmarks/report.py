@@ -1,0 +1,224 @@
+"""The Markdown report: machine, latency tables, concurrency, memory, goals."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from benchmarks.serving import ServingResults
+from benchmarks.stats import Timing
+
+RSS_GOAL_MB = 400.0
+
+
+@dataclass(frozen=True)
+class Goal:
+    name: str
+    measured: str
+    target: str
+    met: bool
+
+
+def _ms(t: Timing | None) -> tuple[str, str]:
+    if t is None:
+        return "n/a", "n/a"
+    return f"{t.p50:.2f}", f"{t.p95:.2f}"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def goals(
+    direct: dict[str, Timing],
+    keras: dict[str, Timing],
+    serving: ServingResults | None,
+    top_clients: int,
+) -> list[Goal]:
+    out: list[Goal] = []
+    if serving is not None:
+        predict = serving.sequential["/predict"].p50
+        explain = serving.sequential["/explain"].p50
+        base = direct["ort_classifier@1"].p50 + direct["decode@1"].p50
+        out.append(
+            Goal(
+                "/predict p50 vs session.run + decode",
+                f"{predict / base:.2f}x ({predict:.2f} vs {base:.2f} ms)",
+                "<= 1.5x",
+                predict <= 1.5 * base,
+            )
+        )
+        out.append(
+            Goal(
+                "/explain p50 vs /predict p50",
+                f"{explain / predict:.2f}x ({explain:.2f} vs {predict:.2f} ms)",
+                "<= 1.3x",
+                explain <= 1.3 * predict,
+            )
+        )
+    if keras:
+        k = keras["keras_predict@1"].p50 + keras["keras_gradient_tape@1"].p50
+        o = direct["ort_gradcam@1"].p50  # prediction and map from one run
+        out.append(
+            Goal(
+                "Keras predict + GradientTape vs ORT Grad-CAM graph + CAM (batch 1)",
+                f"{k / o:.1f}x ({k:.1f} vs {o:.2f} ms)",
+                ">= 10x",
+                k >= 10 * o,
+            )
+        )
+    if serving is not None:
+        # Best against best: a badly tuned batch-1 baseline would flatter batching.
+        best = {
+            kind: max(
+                (serving.concurrency[(m.key, top_clients)].throughput, m.label)
+                for m in serving.modes
+                if m.key.startswith("batched") == (kind == "on")
+            )
+            for kind in ("on", "off")
+        }
+        (on, on_label), (off, off_label) = best["on"], best["off"]
+        ratio = on / off if off else math.nan
+        out.append(
+            Goal(
+                f"micro-batching vs batch-1 throughput at {top_clients} clients (best modes)",
+                f"{ratio:.2f}x ({on:.0f} req/s, {on_label} vs {off:.0f}, {off_label})",
+                ">= 2x",
+                ratio >= 2,
+            )
+        )
+        peak = max(serving.rss_peak_mb.values())
+        out.append(
+            Goal(
+                "serving peak RSS (VmHWM), worst mode",
+                f"{peak:.0f} MB",
+                f"<= {RSS_GOAL_MB:.0f} MB",
+                peak <= RSS_GOAL_MB,
+            )
+        )
+    return out
+
+
+def render(
+    title: str,
+    machine: dict[str, str],
+    setup: dict[str, str],
+    direct: dict[str, Timing],
+    keras: dict[str, Timing],
+    keras_note: str | None,
+    serving: ServingResults | None,
+    clients: tuple[int, ...],
+    load_after: str,
+) -> str:
+    lines = [f"# {title}", ""]
+    lines += _table(
+        ["", ""], [[k, v] for k, v in {**machine, "load average at the end": load_after}.items()]
+    )
+    lines += ["", *(f"- {k}: {v}" for k, v in setup.items()), ""]
+
+    lines += ["## Classification (ms per call; batch 16 = one call on 16 images)", ""]
+    rows = []
+    for what, key in (
+        ("decode (PNG bytes -> pixels)", "decode"),
+        ("decode + preprocess", "decode+preprocess"),
+        ("ORT classifier `session.run`", "ort_classifier"),
+        ("Keras `model.predict`", "keras_predict"),
+        ("Keras model in a `tf.function`", "keras_tf_function"),
+    ):
+        for n in (1, 16):
+            t = direct.get(f"{key}@{n}") or keras.get(f"{key}@{n}")
+            if t is not None:
+                rows.append([what, str(n), *_ms(t), str(t.n)])
+    if serving is not None:
+        rows.append(
+            [
+                "HTTP `POST /predict` (loopback, 1 client)",
+                "1",
+                *_ms(serving.sequential["/predict"]),
+                str(serving.sequential["/predict"].n),
+            ]
+        )
+    lines += _table(["what", "batch", "p50 ms", "p95 ms", "runs"], rows)
+
+    lines += ["", "## Explanation (Grad-CAM, prediction included)", ""]
+    rows = []
+    for what, key in (
+        ("Keras GradientTape + Grad-CAM in numpy", "keras_gradient_tape"),
+        ("ORT Grad-CAM graph + Grad-CAM in numpy", "ort_gradcam"),
+    ):
+        for n in (1, 16):
+            t = direct.get(f"{key}@{n}") or keras.get(f"{key}@{n}")
+            if t is not None:
+                rows.append([what, str(n), *_ms(t), str(t.n)])
+    if serving is not None:
+        rows.append(
+            [
+                "HTTP `POST /explain` (loopback, 1 client)",
+                "1",
+                *_ms(serving.sequential["/explain"]),
+                str(serving.sequential["/explain"].n),
+            ]
+        )
+    lines += _table(["what", "batch", "p50 ms", "p95 ms", "runs"], rows)
+    if keras_note:
+        lines += ["", f"Keras rows skipped: {keras_note}"]
+
+    if serving is not None:
+        lines += ["", "Where the server's time goes (medians of the responses' `timing_ms`):", ""]
+        for path, medians in serving.server_timing.items():
+            lines.append(f"- `{path}`: " + ", ".join(f"{k} {v:.2f}" for k, v in medians.items()))
+
+        lines += ["", "## Concurrency: `POST /predict`, closed loop", ""]
+        rows = []
+        for c in clients:
+            for mode in serving.modes:
+                r = serving.concurrency[(mode.key, c)]
+                t = r.timing
+                mean = r.mean_batch
+                rows.append(
+                    [
+                        str(c),
+                        mode.label,
+                        f"{r.throughput:.0f}",
+                        f"{t.p50:.1f}",
+                        f"{t.p95:.1f}",
+                        f"{r.cpu_ms_per_request:.2f}",
+                        "" if mean is None else f"{mean:.1f}",
+                        str(r.requests),
+                        str(r.errors),
+                    ]
+                )
+        lines += _table(
+            [
+                "clients",
+                "mode",
+                "req/s",
+                "p50 ms",
+                "p95 ms",
+                "server CPU ms/req",
+                "mean batch",
+                "requests",
+                "errors",
+            ],
+            rows,
+        )
+
+        lines += ["", "## Memory: serving process RSS (MB)", ""]
+        lines += _table(
+            ["mode", "after start-up (VmHWM)", "peak after all runs (VmHWM)"],
+            [
+                [m.label, f"{serving.rss_ready_mb[m.key]:.0f}", f"{serving.rss_peak_mb[m.key]:.0f}"]
+                for m in serving.modes
+            ],
+        )
+
+    lines += ["", "## Goals", ""]
+    lines += _table(
+        ["goal", "measured", "target", "met"],
+        [
+            [g.name, g.measured, g.target, "yes" if g.met else "**no**"]
+            for g in goals(direct, keras, serving, max(clients))
+        ],
+    )
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,175 @@
+"""HTTP figures against real uvicorn servers on 127.0.0.1 (subprocesses).
+
+Sequential latency of /predict and /explain (one client, keep-alive), then
+closed-loop concurrency on /predict for each serving mode. Every mode has its own
+server, all started up front, and the runs are interleaved (mode A, B, C, A, B,
+C, ...) so that a change in background load hits every mode alike rather than
+whichever happened to run last.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import urllib.request
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from benchmarks.load import LoadResult, run_load
+from benchmarks.server import Server, serve
+from benchmarks.stats import Timing
+
+
+@dataclass(frozen=True)
+class Mode:
+    key: str
+    label: str
+    env: dict[str, str]
+
+
+def serving_modes(cores: int) -> list[Mode]:
+    every_core = {"BRAINCAM_INTRA_OP_THREADS": str(cores)}
+    return [
+        Mode("batch1", "batch-1, default settings", {}),
+        Mode("batch1_all_threads", f"batch-1, ORT threads = {cores} (ORT's default)", every_core),
+        Mode("batched", "micro-batching, default settings", {"BRAINCAM_BATCHING": "1"}),
+        Mode(
+            "batched_all_threads",
+            f"micro-batching, ORT threads = {cores}",
+            {"BRAINCAM_BATCHING": "1", **every_core},
+        ),
+    ]
+
+
+@dataclass
+class Concurrency:
+    requests: int = 0
+    errors: int = 0
+    seconds: float = 0.0
+    cpu_seconds: float = 0.0  # the server process's, during the runs
+    latencies_ms: list[float] = field(default_factory=list)
+    batch_rows: float = 0.0
+    batch_runs: float = 0.0
+
+    def add(self, result: LoadResult, cpu_seconds: float) -> None:
+        self.requests += result.requests
+        self.errors += result.errors
+        self.seconds += result.seconds
+        self.cpu_seconds += cpu_seconds
+        self.latencies_ms += result.latencies_ms
+
+    @property
+    def throughput(self) -> float:
+        return self.requests / self.seconds if self.seconds else 0.0
+
+    @property
+    def timing(self) -> Timing:
+        return Timing.of(self.latencies_ms)
+
+    @property
+    def cpu_ms_per_request(self) -> float:
+        return 1000.0 * self.cpu_seconds / self.requests if self.requests else float("nan")
+
+    @property
+    def mean_batch(self) -> float | None:
+        return self.batch_rows / self.batch_runs if self.batch_runs else None
+
+
+@dataclass
+class ServingResults:
+    modes: list[Mode]
+    sequential: dict[str, Timing]  # "/predict", "/explain" on the default server
+    server_timing: dict[str, dict[str, float]]  # medians of the responses' timing_ms
+    concurrency: dict[tuple[str, int], Concurrency]
+    rss_ready_mb: dict[str, float]
+    rss_peak_mb: dict[str, float]
+
+
+def _batch_counts(server: Server) -> tuple[float, float]:
+    """(rows, runs) of the classifier batcher so far, from /metrics."""
+    url = f"http://{server.host}:{server.port}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as res:
+        text = res.read().decode()
+    rows = runs = 0.0
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.labels.get("graph") == "classifier":
+                if s.name == "braincam_batch_size_sum":
+                    rows = s.value
+                elif s.name == "braincam_batch_size_count":
+                    runs = s.value
+    return rows, runs
+
+
+def _timing_medians(bodies: list[bytes]) -> dict[str, float]:
+    timings = [json.loads(b)["timing_ms"] for b in bodies]
+    return {k: statistics.median(t[k] for t in timings) for k in timings[0]} if timings else {}
+
+
+def measure(
+    model_dir: Path,
+    data: bytes,
+    clients: tuple[int, ...],
+    seconds_per_run: float,
+    requests_per_run: int,
+    rounds: int,
+    sequential_requests: int,
+    log: Path,
+) -> ServingResults:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+    modes = serving_modes(cores)
+    with ExitStack() as stack:
+        servers = {m.key: stack.enter_context(serve(model_dir, m.env, log)) for m in modes}
+        rss_ready = {key: s.peak_rss_mb for key, s in servers.items()}
+
+        default = servers["batch1"]
+        sequential: dict[str, Timing] = {}
+        server_timing: dict[str, dict[str, float]] = {}
+        for path in ("/predict", "/explain"):
+            result = run_load(
+                default.host,
+                default.port,
+                path,
+                data,
+                clients=1,
+                max_requests=sequential_requests,
+                max_seconds=seconds_per_run * 2,
+                warmup=5,
+                keep_bodies=sequential_requests,
+            )
+            if result.errors:
+                raise RuntimeError(f"{path}: {result.errors} failed requests; see {log}")
+            sequential[path] = Timing.of(result.latencies_ms)
+            server_timing[path] = _timing_medians(result.bodies)
+
+        concurrency = {(m.key, c): Concurrency() for m in modes for c in clients}
+        for c in clients:
+            for _ in range(rounds):
+                for mode in modes:
+                    server = servers[mode.key]
+                    batched = mode.key.startswith("batched")
+                    # Warm the connections and the arena for this batch size first.
+                    run_load(server.host, server.port, "/predict", data, c, 2 * c, seconds_per_run)
+                    before = _batch_counts(server) if batched else (0.0, 0.0)
+                    cpu0 = server.cpu_seconds
+                    result = run_load(
+                        server.host,
+                        server.port,
+                        "/predict",
+                        data,
+                        clients=c,
+                        max_requests=requests_per_run,
+                        max_seconds=seconds_per_run,
+                    )
+                    entry = concurrency[(mode.key, c)]
+                    entry.add(result, server.cpu_seconds - cpu0)
+                    if batched:
+                        after = _batch_counts(server)
+                        entry.batch_rows += after[0] - before[0]
+                        entry.batch_runs += after[1] - before[1]
+        rss_peak = {key: s.peak_rss_mb for key, s in servers.items()}
+    return ServingResults(modes, sequential, server_timing, concurrency, rss_ready, rss_peak)
