@@ -209,7 +209,12 @@ class MicroBatcher:
 
 
 class ModelBatchers:
-    """One micro-batcher per graph of a loaded model."""
+    """The micro-batchers of a loaded model: /predict's classifier runs.
+
+    /explain is not batched: on CPU the Grad-CAM graph's cost per image does not fall
+    with the batch size (`python -m benchmarks` measures it), and most of its time
+    is the per-request PNG encoding.
+    """
 
     def __init__(
         self,
@@ -219,18 +224,9 @@ class ModelBatchers:
         max_size: int,
         max_wait_s: float,
     ) -> None:
-        batch_metrics = BatchMetrics(metrics)
-
         def classifier(image: np.ndarray) -> Arrays:
             return (model.predict(image),)
 
-        def gradcam(image: np.ndarray, target: np.ndarray) -> Arrays:
-            out = model.gradcam(image, target)
-            return out.probabilities, out.class_index, out.activations, out.gradients
-
         self.classifier = MicroBatcher(
-            "classifier", classifier, run_in_pool, batch_metrics, max_size, max_wait_s
-        )
-        self.gradcam = MicroBatcher(
-            "gradcam", gradcam, run_in_pool, batch_metrics, max_size, max_wait_s
+            "classifier", classifier, run_in_pool, BatchMetrics(metrics), max_size, max_wait_s
         )

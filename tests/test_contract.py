@@ -107,7 +107,7 @@ def test_trainer_exporter_and_service_tensors_are_byte_identical(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:
     from exporter.export import calibration_inputs
-    from service.pipeline import _prepare
+    from service.pipeline import prepare
 
     spec = load_spec(tiny_model_dir)
     files = _write_mixed_formats(tmp_path / "Testing" / "glioma")
@@ -117,7 +117,7 @@ def test_trainer_exporter_and_service_tensors_are_byte_identical(
     trainer = load_dataset_split(tmp_path, "Testing", spec.preprocessing)
     glioma = [i for i, c in enumerate(trainer.classes) if c == "glioma"]
     assert [trainer.paths[i] for i in glioma] == files
-    service = np.stack([_prepare(p.read_bytes(), None, spec).batch[0] for p in files])
+    service = np.stack([prepare(p.read_bytes(), None, spec).batch[0] for p in files])
     exporter = calibration_inputs(tmp_path / "Testing" / "glioma", spec.preprocessing)
 
     assert trainer.x[glioma].tobytes() == service.tobytes()
