@@ -40,22 +40,18 @@ def _global_average(layer: Any, x: tf.Tensor, g: tf.Tensor) -> tf.Tensor:
     return g * tf.ones_like(x) * (1.0 / (h * w))
 
 
-def _window_view(x: tf.Tensor, ph: int, pw: int) -> tf.Tensor:
-    """[N,H,W,C] (cropped to whole windows) -> [N,Hp,Wp,C,ph*pw], row-major in-window."""
-    hp, wp, c = int(x.shape[1]) // ph, int(x.shape[2]) // pw, int(x.shape[3])
-    x = x[:, : hp * ph, : wp * pw, :]
-    x = tf.reshape(x, [-1, hp, ph, wp, pw, c])
-    x = tf.transpose(x, [0, 1, 3, 5, 2, 4])
-    return tf.reshape(x, [-1, hp, wp, c, ph * pw])
+def _interleave(parts: list[list[tf.Tensor]], x: tf.Tensor) -> tf.Tensor:
+    """parts[i][j] [N,Hp,Wp,C], window position (i, j) -> [N,H,W,C] like x.
 
-
-def _unwindow(gw: tf.Tensor, x: tf.Tensor, ph: int, pw: int) -> tf.Tensor:
-    """Inverse of `_window_view`, zero-padding the rows/cols the pooling dropped."""
+    Stacks and reshapes only: the windowed view as one 6-D transpose costs more
+    than the rest of the gradient in ONNX Runtime. Rows/cols the pooling dropped
+    get zeros.
+    """
+    ph, pw = len(parts), len(parts[0])
     h, w, c = int(x.shape[1]), int(x.shape[2]), int(x.shape[3])
     hp, wp = h // ph, w // pw
-    g = tf.reshape(gw, [-1, hp, wp, c, ph, pw])
-    g = tf.transpose(g, [0, 1, 4, 2, 5, 3])
-    g = tf.reshape(g, [-1, hp * ph, wp * pw, c])
+    rows = [tf.stack(row, axis=3) for row in parts]  # [N,Hp,Wp,pw,C] each
+    g = tf.reshape(tf.stack(rows, axis=2), [-1, hp * ph, wp * pw, c])  # [N,Hp,ph,Wp,pw,C]
     return tf.pad(g, [[0, 0], [0, h - hp * ph], [0, w - wp * pw], [0, 0]])
 
 
@@ -71,14 +67,31 @@ def _pool_geometry(layer: Any) -> tuple[int, int]:
 
 def _max_pool(layer: Any, x: tf.Tensor, g: tf.Tensor) -> tf.Tensor:
     ph, pw = _pool_geometry(layer)
-    first_max = tf.one_hot(tf.argmax(_window_view(x, ph, pw), axis=-1), ph * pw, dtype=g.dtype)
-    return _unwindow(first_max * g[..., None], x, ph, pw)
+    hp, wp = int(x.shape[1]) // ph, int(x.shape[2]) // pw
+    whole = x[:, : hp * ph, : wp * pw, :]  # the rows/cols valid pooling reads
+    # The same MaxPool as the forward pass (the converter keeps one node for both).
+    peak = tf.nn.max_pool2d(whole, (ph, pw), (ph, pw), "VALID")
+    # Each window position, in row-major order, takes the gradient if it holds the
+    # maximum and no earlier position did: TensorFlow's tie-breaking, exactly.
+    taken: tf.Tensor | None = None
+    parts: list[list[tf.Tensor]] = []
+    for i in range(ph):
+        parts.append([])
+        for j in range(pw):
+            first = tf.equal(whole[:, i::ph, j::pw, :], peak)
+            if taken is None:
+                taken = first
+            else:
+                first = tf.logical_and(first, tf.logical_not(taken))
+                taken = tf.logical_or(taken, first)
+            parts[i].append(g * tf.cast(first, g.dtype))
+    return _interleave(parts, x)
 
 
 def _average_pool(layer: Any, x: tf.Tensor, g: tf.Tensor) -> tf.Tensor:
     ph, pw = _pool_geometry(layer)
-    spread = tf.ones_like(_window_view(x, ph, pw)) * (1.0 / (ph * pw))
-    return _unwindow(spread * g[..., None], x, ph, pw)
+    share = g * (1.0 / (ph * pw))
+    return _interleave([[share] * pw for _ in range(ph)], x)
 
 
 def _global_max(layer: Any, x: tf.Tensor, g: tf.Tensor) -> tf.Tensor:
