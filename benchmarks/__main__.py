@@ -71,10 +71,16 @@ def main(argv: list[str] | None = None) -> int:
     machine = machine_info()
     started = time.perf_counter()
 
-    # The service's own session settings (its default ORT thread count): what it runs.
-    threads = Settings().ort_intra_op_threads
+    # The service's own session settings (ORT threads, spinning): what it runs.
+    settings = Settings()
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    threads = (f"{settings.intra_op_threads}" if settings.intra_op_threads
+               else f"{usable} (ORT's default: one per core)")
     model = OnnxModel(
-        args.model_dir, providers=["CPUExecutionProvider"], intra_op_threads=threads
+        args.model_dir,
+        providers=["CPUExecutionProvider"],
+        intra_op_threads=settings.intra_op_threads or None,
+        allow_spinning=settings.ort_spinning,
     )
     model.warmup()
     spec = model.spec
@@ -125,8 +131,8 @@ def main(argv: list[str] | None = None) -> int:
         "model": f"{spec.name} v{spec.version}, input {spec.input_shape}, "
         f"{len(spec.labels)} classes, explained layer {spec.explanation.layer}",
         "image": image_note,
-        "ORT": f"CPUExecutionProvider, {threads} intra-op thread(s) as the service's "
-        "default settings give on this machine",
+        "ORT": f"CPUExecutionProvider, {threads} intra-op thread(s), spinning "
+        f"{'on' if settings.ort_spinning else 'off'}: the service's settings",
         "HTTP": f"uvicorn on 127.0.0.1, keep-alive raw-socket client in this process; "
         f"concurrency runs {seconds_per_run:.0f} s or "
         f"{300 if quick else 3000} requests each, {1 if quick else 2} interleaved round(s)",

@@ -10,7 +10,6 @@ whichever happened to run last.
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import urllib.request
 from contextlib import ExitStack
@@ -31,17 +30,16 @@ class Mode:
     env: dict[str, str]
 
 
-def serving_modes(cores: int) -> list[Mode]:
-    every_core = {"BRAINCAM_INTRA_OP_THREADS": str(cores)}
+def serving_modes() -> list[Mode]:
+    # Default: ORT threads = cores, spinning off. The alternatives: one thread per
+    # run (no intra-op parallelism), ORT's own spinning threads, micro-batching.
     return [
         Mode("batch1", "batch-1, default settings", {}),
-        Mode("batch1_all_threads", f"batch-1, ORT threads = {cores} (ORT's default)", every_core),
+        Mode("batch1_one_thread", "batch-1, 1 ORT thread per run",
+             {"BRAINCAM_INTRA_OP_THREADS": "1"}),
+        Mode("batch1_spinning", "batch-1, ORT threads spinning (ORT's default)",
+             {"BRAINCAM_ORT_SPINNING": "1"}),
         Mode("batched", "micro-batching, default settings", {"BRAINCAM_BATCHING": "1"}),
-        Mode(
-            "batched_all_threads",
-            f"micro-batching, ORT threads = {cores}",
-            {"BRAINCAM_BATCHING": "1", **every_core},
-        ),
     ]
 
 
@@ -120,8 +118,7 @@ def measure(
     sequential_requests: int,
     log: Path,
 ) -> ServingResults:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
-    modes = serving_modes(cores)
+    modes = serving_modes()
     with ExitStack() as stack:
         servers = {m.key: stack.enter_context(serve(model_dir, m.env, log)) for m in modes}
         rss_ready = {key: s.peak_rss_mb for key, s in servers.items()}

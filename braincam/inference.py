@@ -79,6 +79,7 @@ class OnnxModel:
         model_dir: str | Path,
         providers: Sequence[str] = DEFAULT_PROVIDERS,
         intra_op_threads: int | None = None,
+        allow_spinning: bool | None = None,
         verify: bool = True,
     ) -> None:
         import onnxruntime as ort
@@ -90,6 +91,10 @@ class OnnxModel:
         options = ort.SessionOptions()
         if intra_op_threads:
             options.intra_op_num_threads = intra_op_threads
+        if allow_spinning is not None:  # None: ORT's default (spin)
+            options.add_session_config_entry(
+                "session.intra_op.allow_spinning", "1" if allow_spinning else "0"
+            )
         graphs = self.spec.graphs
         self.classifier = ort.InferenceSession(
             str(self.model_dir / graphs.classifier.file), options, providers=usable

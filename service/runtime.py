@@ -75,7 +75,8 @@ class ModelRuntime:
             model = OnnxModel(
                 settings.model_dir,
                 providers=settings.provider_list,
-                intra_op_threads=settings.ort_intra_op_threads,
+                intra_op_threads=settings.intra_op_threads or None,
+                allow_spinning=settings.ort_spinning,
             )
             model.warmup()
             pipeline.warmup(model)

@@ -337,14 +337,3 @@ def test_batch_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv("BRAINCAM_BATCH_MAX_SIZE", "0")
     with pytest.raises(ValueError):
         Settings()
-
-
-
-def test_ort_threads_default_to_the_cores_shared_among_the_workers() -> None:
-    import os
-
-    cores = len(os.sched_getaffinity(0))
-    assert Settings(intra_op_threads=3, max_concurrency=8).ort_intra_op_threads == 3
-    assert Settings(max_concurrency=1).ort_intra_op_threads == cores
-    assert Settings(max_concurrency=cores * 4).ort_intra_op_threads == 1
-    assert Settings(max_concurrency=2).ort_intra_op_threads == max(1, cores // 2)

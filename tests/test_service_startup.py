@@ -158,6 +158,7 @@ def test_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
         "BRAINCAM_LOG_LEVEL": "DEBUG",
         "BRAINCAM_PNG_COMPRESSION": "6",
         "BRAINCAM_MAX_CONCURRENCY": "8",
+        "BRAINCAM_ORT_SPINNING": "true",
     }
     for key, value in env.items():
         monkeypatch.setenv(key, value)
@@ -168,6 +169,7 @@ def test_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     assert (s.intra_op_threads, s.host, s.port, s.workers) == (3, "0.0.0.0", 9001, 2)
     assert s.cors_origin_list == ["https://a.example", "https://b.example"]
     assert (s.log_level, s.png_compression, s.max_concurrency) == ("debug", 6, 8)
+    assert s.ort_spinning is True
     for key in env:
         monkeypatch.setenv(key, "")  # empty means unset: the defaults
     d = Settings()
@@ -175,6 +177,7 @@ def test_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     assert d.provider_list == ["CUDAExecutionProvider", CPU]
     assert (d.max_upload_bytes, d.intra_op_threads, d.port) == (20 * 2**20, 0, 8000)
     assert (d.host, d.workers, d.png_compression, d.log_level) == ("127.0.0.1", 1, 1, "info")
+    assert d.ort_spinning is False
     for key, bad in [
         ("BRAINCAM_PNG_COMPRESSION", "12"),
         ("BRAINCAM_MAX_UPLOAD_MB", "0"),
@@ -185,6 +188,23 @@ def test_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
         with pytest.raises(ValidationError):
             Settings()
         monkeypatch.delenv(key)
+
+
+def test_served_sessions_take_the_thread_settings(tiny_model_dir: Path) -> None:
+    """ORT threads stop spin-waiting by default (several requests share the cores)."""
+    key = "session.intra_op.allow_spinning"
+    for settings, spinning, threads in [
+        (Settings(model_dir=tiny_model_dir), "0", 0),
+        (Settings(model_dir=tiny_model_dir, ort_spinning=True, intra_op_threads=1), "1", 1),
+    ]:
+        with TestClient(create_app(settings)) as client:
+            runtime = client.app.state.runtime  # type: ignore[attr-defined]
+            assert runtime.wait(60)
+            model = runtime.model
+            for session in (model.classifier, model.gradcam_session):
+                options = session.get_session_options()
+                assert options.get_session_config_entry(key) == spinning
+                assert options.intra_op_num_threads == threads
 
 
 def test_cors(tmp_path: Path) -> None:

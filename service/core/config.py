@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -37,7 +36,11 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(default=40_000_000, ge=1)
     request_timeout_s: float = Field(default=30.0, gt=0)
     api_key: SecretStr | None = None
-    intra_op_threads: int = Field(default=0, ge=0)  # 0: the cores shared among the workers
+    intra_op_threads: int = Field(default=0, ge=0)  # 0: ONNX Runtime's default (one per core)
+    # ORT's intra-op threads spin-wait between runs by default. With several requests
+    # in flight the spinning threads burn the cores the others need; off, they sleep
+    # and one request still gets every core (`python -m benchmarks` measures both).
+    ort_spinning: bool = False
     max_concurrency: int = Field(default=4, ge=1)
     png_compression: int = Field(default=1, ge=0, le=9)
     # Micro-batching (service/batching.py): concurrent requests share one ORT run.
@@ -69,19 +72,6 @@ class Settings(BaseSettings):
     @property
     def cors_origin_list(self) -> list[str]:
         return _split(self.cors_origins)
-
-    @property
-    def ort_intra_op_threads(self) -> int:
-        """Threads per ORT run: the setting, or with 0 the usable cores / max_concurrency.
-
-        Not ORT's own default (a thread per core in every run): with several requests
-        in flight that oversubscribes the CPU, and spinning ORT threads then burn the
-        cores the event loop needs (`python -m benchmarks` measures both).
-        """
-        if self.intra_op_threads:
-            return self.intra_op_threads
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
-        return max(1, (cores or os.cpu_count() or 1) // self.max_concurrency)
 
     @property
     def max_upload_bytes(self) -> int:
