@@ -47,6 +47,25 @@ class ExplainParams:
     alpha: float
     smooth: bool
     png_compression: int
+    images: frozenset[str] = frozenset({"overlay"})  # of IMAGES
+
+
+# The PNGs /explain can return; `images` picks them (see the route).
+IMAGES = ("overlay", "heatmap", "panels")
+
+
+def resolve_images(value: str | None) -> frozenset[str]:
+    """'overlay,heatmap' (any order, 'all' for every one) -> the set; empty -> overlay."""
+    names = {part.strip().lower() for part in (value or "").split(",") if part.strip()}
+    if "all" in names:
+        return frozenset(IMAGES)
+    unknown = sorted(names - set(IMAGES))
+    if unknown:
+        raise InvalidParameter(
+            f"unknown image {unknown[0][:64]!r} in 'images'; "
+            f"choose from {', '.join(IMAGES)} or all"
+        )
+    return frozenset(names or {"overlay"})
 
 
 def resolve_target(value: str | None, spec: ModelSpec) -> int | None:
@@ -202,12 +221,17 @@ def explain(
     cam = flip_smoothed(cams[0], cams[1]) if params.smooth else cams[0]
     t2 = time.perf_counter()
     heat = colorize(cam, params.colormap)
-    overlay = blend(decoded.pixels, heat, params.alpha)
-    panel = panels(decoded.pixels, heat, overlay)
+    images = params.images
     level = params.png_compression
-    overlay_png = to_base64_png(overlay, level)
-    heatmap_png = to_base64_png(heat, level)
-    panels_png = to_base64_png(panel, level)
+    # The overlay is blended only when returned or drawn into the panels.
+    overlay = blend(decoded.pixels, heat, params.alpha) if images & {"overlay", "panels"} else None
+    overlay_png = heatmap_png = panels_png = None
+    if overlay is not None and "overlay" in images:
+        overlay_png = to_base64_png(overlay, level)
+    if "heatmap" in images:
+        heatmap_png = to_base64_png(heat, level)
+    if overlay is not None and "panels" in images:
+        panels_png = to_base64_png(panels(decoded.pixels, heat, overlay), level)
     t3 = time.perf_counter()
 
     return ExplainResponse(
@@ -244,7 +268,9 @@ def warmup(model: OnnxModel) -> None:
     ramp = np.linspace(0, 255, h * w, dtype=np.float32).reshape(h, w).astype(np.uint8)
     data = encode_png(ramp)
     scratch = Metrics()  # not the app's: warm-up runs are not traffic
-    params = ExplainParams(None, "gradcam", "jet", 0.4, smooth=False, png_compression=1)
+    params = ExplainParams(
+        None, "gradcam", "jet", 0.4, smooth=False, png_compression=1, images=frozenset(IMAGES)
+    )
     predict(model, scratch, data, None, time.perf_counter())
     explain(model, scratch, data, None, params, time.perf_counter())
 

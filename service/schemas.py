@@ -75,9 +75,17 @@ class ExplainResponse(PredictResponse):
         description="runs of gradcam.onnx: 1, or 2 when the decided class had to be "
         "re-explained (binary threshold overriding argmax, or a flip changing the class)",
     )
-    overlay_png: str = Field(description="base64 PNG: the image with the heatmap blended")
-    heatmap_png: str = Field(description="base64 PNG: the colourised heatmap")
-    panels_png: str = Field(description="base64 PNG: Original | Heatmap | Overlay")
+    # Each PNG is encoded only when asked for (`images`): encoding, not the model,
+    # is the largest cost of /explain.
+    overlay_png: str | None = Field(
+        default=None, description="base64 PNG: the image with the heatmap blended"
+    )
+    heatmap_png: str | None = Field(
+        default=None, description="base64 PNG: the colourised heatmap (`images=heatmap`)"
+    )
+    panels_png: str | None = Field(
+        default=None, description="base64 PNG: Original | Heatmap | Overlay (`images=panels`)"
+    )
 
 
 class ProviderInfo(BaseModel):

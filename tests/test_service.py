@@ -159,6 +159,8 @@ FORMATS = [
 def _post(client: TestClient, path: str, sample: Sample, **form: str) -> Any:
     # A misleading file name and content type: the type must come from the bytes.
     files = {"file": ("upload.bin", sample.data, "application/octet-stream")}
+    if path == "/explain":  # every picture, unless a test asks for fewer
+        form = {"images": "all", **form}
     return client.post(path, files=files, data={**sample.form, **form})
 
 
@@ -414,6 +416,24 @@ def test_truncated_files_are_422(service: TestClient, samples: dict[str, Sample]
             _assert_error(res, 422)
 
 
+def test_explain_encodes_only_the_images_asked_for(
+    service: TestClient, samples: dict[str, Sample]
+) -> None:
+    sample = samples["png_rgb"]
+    full = _post(service, "/explain", sample).json()
+    default = service.post("/explain", files={"file": ("x.png", sample.data)}).json()
+    assert default["overlay_png"] == full["overlay_png"]
+    assert default["heatmap_png"] is None and default["panels_png"] is None
+    for images, present in [
+        ("heatmap", {"heatmap_png"}),
+        (" Panels , overlay", {"panels_png", "overlay_png"}),
+        ("", {"overlay_png"}),
+    ]:
+        body = _post(service, "/explain", sample, images=images).json()
+        for key in ("overlay_png", "heatmap_png", "panels_png"):
+            assert body[key] == (full[key] if key in present else None), (images, key)
+
+
 @pytest.mark.parametrize(
     ("form", "code"),
     [
@@ -430,6 +450,7 @@ def test_truncated_files_are_422(service: TestClient, samples: dict[str, Sample]
         ({"slice": "two"}, "validation_error"),
         ({"slice": "0"}, "invalid_parameter"),  # a PNG has no slices
         ({"smooth": "perhaps"}, "validation_error"),
+        ({"images": "overlay,thumbnail"}, "invalid_parameter"),
     ],
 )
 def test_bad_parameters_are_422(

@@ -307,7 +307,7 @@ def _api_explain(server: str, image: Path, **fields: str) -> dict[str, Any]:
     res = httpx.post(
         f"{server}/explain",
         files={"file": (image.name, image.read_bytes())},
-        data=fields,
+        data={"images": "all", **fields},  # what the page asks for
         timeout=60,
     )
     assert res.status_code == 200, res.text

@@ -233,6 +233,8 @@
     form.append("alpha", $("alpha").value);
     form.append("colormap", $("colormap").value);
     form.append("smooth", $("smooth").checked ? "true" : "false");
+    // The page shows all three: the Original panel is cut from the panels figure.
+    form.append("images", "overlay,heatmap,panels");
     return form;
   }
 

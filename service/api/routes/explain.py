@@ -65,9 +65,19 @@ async def explain(
             "(both run as one batch of 2)."
         ),
     ] = False,
+    images: Annotated[
+        str,
+        Form(
+            description="Which base64 PNGs to return, comma-separated: overlay, heatmap, "
+            "panels (Original | Heatmap | Overlay), or all. Each costs its PNG encoding, "
+            "the largest part of /explain's time.",
+            examples=["overlay,heatmap"],
+        ),
+    ] = "overlay",
 ) -> Response:
-    """The /predict fields, the explained class, and three base64 PNGs at the size of
-    the uploaded image: the overlay, the coloured heatmap and a three-panel figure.
+    """The /predict fields, the explained class, and base64 PNGs at the size of the
+    uploaded image: the overlay, and on request (`images`) the coloured heatmap and a
+    three-panel figure.
 
     Prediction and explanation come from one run of the Grad-CAM graph. Only when the
     decided class is not the graph's argmax (a binary model's threshold decided
@@ -84,6 +94,7 @@ async def explain(
         alpha=alpha,
         smooth=smooth,
         png_compression=settings.png_compression,
+        images=pipeline.resolve_images(images),
     )
     data = await read_upload(file, settings.max_upload_bytes)
     metrics.upload_bytes.observe(len(data))
