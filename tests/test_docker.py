@@ -660,6 +660,16 @@ def test_compose_gpu_service(compose: dict) -> None:
     assert any(str(v).endswith(":/models:ro") for v in svc["volumes"])
 
 
+def test_compose_passes_every_service_setting_through(compose: dict) -> None:
+    """A setting added to Settings must reach the containers from the shell or .env."""
+    from service.core.config import Settings
+
+    wanted = {f"BRAINCAM_{name.upper()}" for name in Settings.model_fields}
+    for name in ("braincam", "braincam-cpu"):
+        missing = wanted - set(compose["services"][name]["environment"])
+        assert not missing, f"{name} does not pass {sorted(missing)}"
+
+
 def test_compose_cpu_and_train_profiles(compose: dict) -> None:
     services = compose["services"]
     cpu = services["braincam-cpu"]
