@@ -121,6 +121,29 @@ def top_fraction_iou(cam: np.ndarray, lesion: np.ndarray, fraction: float = TOP_
     return float(inter / np.count_nonzero(top | mask))
 
 
+def lesion_auroc(cam: np.ndarray, lesion: np.ndarray) -> float:
+    """ROC AUC of the map as a lesion-pixel detector: the chance that a random lesion
+    pixel scores higher than a random pixel outside it (ties count half).
+
+    Unlike energy-in-mask and off-brain mass, which share out the map's *mass*, it
+    depends only on the order of the values: a change of contrast (squaring the
+    map, a gamma) cannot move it. 1 when every lesion pixel outranks every other,
+    0.5 for a constant map, NaN for an empty or full mask.
+    """
+    c, (m,) = _check(cam, lesion)
+    flat, inside = c.ravel().astype(np.float64), m.ravel()
+    n_in = int(np.count_nonzero(inside))
+    n_out = inside.size - n_in
+    if n_in == 0 or n_out == 0:
+        return float("nan")
+    # Mann-Whitney U from average ranks: tied values (a ReLU's zeros) share a rank.
+    _, which, counts = np.unique(flat, return_inverse=True, return_counts=True)
+    ends = np.cumsum(counts)
+    ranks = (ends - (counts - 1) / 2.0)[which]
+    u = ranks[inside].sum() - n_in * (n_in + 1) / 2.0
+    return float(u / (n_in * n_out))
+
+
 def off_brain_mass(cam: np.ndarray, brain: np.ndarray) -> float:
     """Share of the CAM's mass outside the brain: the shortcut check (skull, text, borders).
 

@@ -16,6 +16,7 @@ from braincam.localization import (
     deletion_auc,
     energy_in_mask,
     insertion_auc,
+    lesion_auroc,
     off_brain_mass,
     off_brain_peak,
     perturbation_batch,
@@ -51,6 +52,25 @@ def test_cam_equal_to_mask_scores_perfectly() -> None:
     smooth = np.exp(-((yy - 9.5) ** 2 + (xx - 24.5) ** 2) / 50.0)
     smooth[mask] += 1.0  # the lesion ranks first
     assert top_fraction_iou(smooth, mask) == pytest.approx(100 / 240)
+
+
+def test_lesion_auroc_ranks_and_ignores_contrast() -> None:
+    mask = lesion_mask()
+    cam = mask.astype(np.float32)
+    assert lesion_auroc(cam, mask) == 1.0
+    assert lesion_auroc(1.0 - cam, mask) == 0.0
+    assert lesion_auroc(np.full((N, N), 0.3, np.float32), mask) == 0.5  # ties count half
+    # Half the lesion on top, half tied with the background at zero: 0.5 * 1 + 0.5 * 0.5.
+    half = cam.copy()
+    half[5:10] = 0.0
+    assert lesion_auroc(half, mask) == pytest.approx(0.75)
+    # Rank-based: any increasing transform leaves it unchanged, while energy-in-mask moves.
+    rng = np.random.default_rng(0)
+    noisy = np.clip(cam * 0.5 + rng.random((N, N)) * 0.6, 0, 1).astype(np.float32)
+    assert lesion_auroc(noisy**3, mask) == pytest.approx(lesion_auroc(noisy, mask))
+    assert energy_in_mask(noisy**3, mask) > energy_in_mask(noisy, mask)
+    assert np.isnan(lesion_auroc(cam, np.zeros((N, N), bool)))
+    assert np.isnan(lesion_auroc(cam, np.ones((N, N), bool)))
 
 
 def test_cam_outside_mask_scores_zero() -> None:
@@ -224,6 +244,7 @@ def test_explain_eval_end_to_end(demo_data: Path, tiny_model_dir: Path, tmp_path
             "pointing_game_strict",
             "energy_in_mask",
             "top15_iou",
+            "lesion_auroc",
             "off_brain_mass",
             "deletion_auc",
             "insertion_auc",

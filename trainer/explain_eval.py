@@ -49,6 +49,7 @@ from braincam.localization import (
     Baseline,
     causal_aucs,
     energy_in_mask,
+    lesion_auroc,
     off_brain_mass,
     off_brain_peak,
     pointing_game,
@@ -79,6 +80,7 @@ METRICS: dict[str, str] = {
     "pointing_game_strict": "pointing strict",
     "energy_in_mask": "energy in mask",
     "top15_iou": "top-15% IoU",
+    "lesion_auroc": "lesion AUROC",
     "deletion_auc": "deletion AUC",
     "random_deletion_auc": "random del. AUC",
     "deletion_ratio": "deletion ratio",
@@ -88,7 +90,9 @@ METRICS: dict[str, str] = {
     "off_brain_peak": "off-brain peak",
 }
 _PER_IMAGE = [k for k in METRICS if k != "deletion_ratio"]
-_LESION_ONLY = ("pointing_game", "pointing_game_strict", "energy_in_mask", "top15_iou")
+_LESION_ONLY = (
+    "pointing_game", "pointing_game_strict", "energy_in_mask", "top15_iou", "lesion_auroc"
+)
 _CAUSAL = ("deletion_auc", "random_deletion_auc", "insertion_auc", "random_insertion_auc")
 GRID_CELL = 180  # px, longer side of each grid thumbnail
 
@@ -190,6 +194,7 @@ def image_scores(
             pointing_game_strict=pointing_game(cam, lesion, 0.0),
             energy_in_mask=energy_in_mask(cam, lesion),
             top15_iou=top_fraction_iou(cam, lesion, TOP_FRACTION),
+            lesion_auroc=lesion_auroc(cam, lesion),
         )
     scores["off_brain_mass"] = off_brain_mass(cam, brain) if brain is not None else nan
     scores["off_brain_peak"] = off_brain_peak(cam, brain) if brain is not None else nan
