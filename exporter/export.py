@@ -49,7 +49,7 @@ class ExportResult:
     seconds: float
 
 
-def _load_keras(path: Path) -> Any:
+def load_keras(path: Path) -> Any:
     import keras
 
     if not path.is_file():
@@ -197,7 +197,7 @@ def export_model(
     """Export, gate on parity, and only then move the model directory into place."""
     started = time.perf_counter()
     model_path, out_dir = Path(model_path), Path(out_dir)
-    model = _load_keras(model_path)
+    model = load_keras(model_path)
     run = _read_run(model_path)
     prep = _resolve_preprocessing(
         model, run, {"height": height, "width": width, "channels": channels, "scale": scale}

@@ -212,7 +212,9 @@ def test_causal_aucs_batches_everything_in_one_call() -> None:
 # --- the command, end to end --------------------------------------------------------
 
 
-def test_explain_eval_end_to_end(demo_data: Path, tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_explain_eval_end_to_end(
+    demo_data: Path, tiny_run: Path, tiny_model_dir: Path, tmp_path: Path
+) -> None:
     from trainer.explain_eval import GRID_PNG, REPORT_JSON, REPORT_MD, main
 
     out = tmp_path / "explain"
@@ -230,6 +232,8 @@ def test_explain_eval_end_to_end(demo_data: Path, tiny_model_dir: Path, tmp_path
             "4",
             "--out",
             str(out),
+            "--keras",
+            str(tiny_run / "model.keras"),
         ]
     )
     assert code == 0
@@ -279,10 +283,43 @@ def test_explain_eval_end_to_end(demo_data: Path, tiny_model_dir: Path, tmp_path
     assert twins["n_images"] == report["n_lesion_images"]
     assert sum(twins["twin_predicted"].values()) == twins["n_images"]
     assert 0.0 <= twins["twin_called_healthy"] <= 1.0
+    # The shuffled-weights sanity check ran on every image through a real export.
+    check = report["randomization"]
+    assert check["n_images"] == 8 and "error" not in check
+    assert list(check["methods"]) == ["gradcam", "hirescam", "eigencam"]
+    for res in check["methods"].values():
+        rho = res["mean_rank_correlation"]
+        assert rho is None or -1.0 <= rho <= 1.0
     md = (out / REPORT_MD).read_text()
+    assert "shuffled weights" in md
     assert "| gradcam |" in md and "Goal check" in md and "ceiling" in md
     assert "without their lesions" in md
     assert (out / GRID_PNG).read_bytes().startswith(b"\x89PNG")
+
+
+def test_rank_correlation() -> None:
+    from trainer.sanity_check import rank_correlation
+
+    ramp = np.arange(16, dtype=np.float32).reshape(4, 4)
+    assert rank_correlation(ramp, ramp**2) == pytest.approx(1.0)  # same order
+    assert rank_correlation(ramp, -ramp) == pytest.approx(-1.0)
+    assert np.isnan(rank_correlation(ramp, np.zeros((4, 4))))  # an all-zero map
+
+
+def test_shuffled_kernels_keep_distribution_and_lose_structure(tiny_run: Path) -> None:
+    from exporter.export import load_keras
+    from trainer.sanity_check import shuffled_kernels_model
+
+    original = load_keras(tiny_run / "model.keras").get_weights()
+    shuffled = shuffled_kernels_model(tiny_run / "model.keras", seed=0).get_weights()
+    again = shuffled_kernels_model(tiny_run / "model.keras", seed=0).get_weights()
+    for w, s, s2 in zip(original, shuffled, again, strict=True):
+        assert np.array_equal(s, s2)  # deterministic per seed
+        if w.ndim >= 2:  # kernels: same values, another order
+            assert np.array_equal(np.sort(w.ravel()), np.sort(s.ravel()))
+            assert not np.array_equal(w, s)
+        else:  # biases, BatchNorm parameters and statistics stay
+            assert np.array_equal(w, s)
 
 
 def test_explain_eval_rejects_unknown_method(

@@ -486,6 +486,30 @@ def twin_table(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+def randomization_table(report: dict[str, Any]) -> list[str]:
+    check = report.get("randomization")
+    if not check:
+        return []
+    lines = [
+        "",
+        "## Sanity check: shuffled weights",
+        "",
+        f"Every kernel of the model shuffled (seed {check['seed']}), exported, and the same "
+        f"{check['n_images']} images explained again. Spearman rank correlation of each "
+        "method's maps (explained layer grid) with the trained model's: near 0, the map "
+        "depends on what the model learned; near 1, it would look the same for any weights.",
+        "",
+        *([f"The shuffled model did not export: {check['error']}", ""]
+          if check.get("error") else []),
+        "| method | mean rank correlation | maps compared |",
+        "|---|---|---|",
+    ]
+    for m, res in check["methods"].items():
+        rho = res["mean_rank_correlation"]
+        lines.append(f"| {m} | {'–' if rho is None else f'{rho:.2f}'} | {res['n_defined']} |")
+    return lines
+
+
 def markdown(report: dict[str, Any]) -> str:
     s = report["settings"]
     lines = [
@@ -525,7 +549,7 @@ def markdown(report: dict[str, Any]) -> str:
             mark = "n/a" if ok is None else ("✓" if ok else "✗")
             cells.append(f"{mark} {_fmt(k, res['overall'][k])}")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    lines += ["", *twin_table(report)]
+    lines += ["", *twin_table(report), *randomization_table(report)]
     lines += [
         "",
         "## Per class",
@@ -589,8 +613,14 @@ def run(
     baseline: str = "blur",
     seed: int = 0,
     grid_per_class: int = 2,
+    keras: Path | None = None,
+    sanity_images: int = 64,
 ) -> dict[str, Any]:
-    """Evaluate, write the three outputs, return the report."""
+    """Evaluate, write the three outputs, return the report.
+
+    With `keras` (the model's .keras file), also run the weight-randomisation sanity
+    check (trainer/sanity_check.py) on `sanity_images` images spread over the split.
+    """
     import onnxruntime as ort
 
     available = set(ort.get_available_providers())
@@ -622,6 +652,18 @@ def run(
     for res in result.values():
         res["goals"] = goal_check(res["overall"])
     references = {name: summarise(name) for name in REFERENCES}
+    randomization = None
+    if keras is not None and samples:
+        from trainer.sanity_check import randomization_check
+
+        picked = [samples[i] for i in np.unique(
+            np.linspace(0, len(samples) - 1, min(sanity_images, len(samples))).astype(int)
+        )]
+        x = np.stack([preprocess(load_image(s.path), spec.preprocessing) for s in picked])
+        randomization = randomization_check(
+            model, keras, x, np.array([s.target for s in picked]), methods,
+            calibration=find_split_dir(data, split), seed=seed,
+        )
     first = result[methods[0]]["overall"] if methods else {}
     report: dict[str, Any] = {
         "model": spec.name,
@@ -651,6 +693,7 @@ def run(
         "goals": {k: {"op": op, "value": v} for k, (op, v) in GOALS.items()},
         "methods": result,
         "references": references,
+        "randomization": randomization,
     }
     out = out or model_dir
     out.mkdir(parents=True, exist_ok=True)
@@ -696,6 +739,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--seed", type=int, default=0, help="random-order baseline seed")
     parser.add_argument("--grid-per-class", type=int, default=2)
+    parser.add_argument(
+        "--keras",
+        type=Path,
+        default=None,
+        help="the model's .keras file: also run the shuffled-weights sanity check",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     if args.limit is not None and args.limit < 1:
@@ -714,6 +763,7 @@ def main(argv: list[str] | None = None) -> int:
             baseline=args.baseline,
             seed=args.seed,
             grid_per_class=args.grid_per_class,
+            keras=args.keras,
         )
     except (FileNotFoundError, ValueError) as exc:  # bad data dir, model dir, sha256 mismatch
         print(f"error: {exc}", file=sys.stderr)
@@ -724,6 +774,7 @@ def main(argv: list[str] | None = None) -> int:
         f"({report['n_lesion_images']} with lesions), accuracy {_fmt('a', report['accuracy'])}\n"
     )
     print(overall_table(report))
+    print("\n".join(randomization_table(report)))
     print(f"\nwrote {out / REPORT_JSON}, {out / REPORT_MD}, {out / GRID_PNG}")
     return 0
 
