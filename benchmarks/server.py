@@ -1,26 +1,14 @@
-"""`python -m service` (uvicorn) as a subprocess on 127.0.0.1, for the HTTP figures."""
+"""The service as a subprocess on 127.0.0.1 for the HTTP figures, with its /proc facts."""
 
 from __future__ import annotations
 
 import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from service.local_server import LocalServer
+from service.local_server import serve as serve_locally
 
 
 def _status_kb(pid: int, field: str) -> int:
@@ -30,20 +18,11 @@ def _status_kb(pid: int, field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/{pid}/status")
 
 
-@dataclass
-class Server:
-    host: str
-    port: int
-    process: subprocess.Popen[bytes]
-
+class Server(LocalServer):
     @property
     def peak_rss_mb(self) -> float:
         """VmHWM: the process's peak resident set since it started."""
         return _status_kb(self.process.pid, "VmHWM") / 1024.0
-
-    @property
-    def rss_mb(self) -> float:
-        return _status_kb(self.process.pid, "VmRSS") / 1024.0
 
     @property
     def cpu_seconds(self) -> float:
@@ -58,39 +37,5 @@ def serve(
     model_dir: Path, env: dict[str, str], log: Path, timeout: float = 120
 ) -> Iterator[Server]:
     """Start the service with BRAINCAM_* overrides, wait until /ready, stop it after."""
-    port = free_port()
-    full_env = {
-        **os.environ,
-        "BRAINCAM_MODEL_DIR": str(model_dir),
-        "BRAINCAM_PROVIDERS": "CPUExecutionProvider",
-        "BRAINCAM_LOG_LEVEL": "warning",
-        "BRAINCAM_HOST": "127.0.0.1",
-        "BRAINCAM_PORT": str(port),
-        **env,
-    }
-    with log.open("ab") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "service"], cwd=ROOT, env=full_env, stdout=out, stderr=out
-        )
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"the server exited during start-up; see {log}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=2) as res:
-                    if res.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the server was not ready after {timeout:.0f} s; see {log}")
-            time.sleep(0.1)
-        yield Server("127.0.0.1", port, proc)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    with serve_locally(model_dir, env, log, timeout=timeout) as server:
+        yield Server(server.host, server.port, server.process)

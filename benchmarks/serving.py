@@ -89,7 +89,7 @@ class ServingResults:
 
 def _batch_counts(server: Server) -> tuple[float, float]:
     """(rows, runs) of the classifier batcher so far, from /metrics."""
-    url = f"http://{server.host}:{server.port}/metrics"
+    url = f"{server.url}/metrics"
     with urllib.request.urlopen(url, timeout=10) as res:
         text = res.read().decode()
     rows = runs = 0.0

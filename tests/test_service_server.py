@@ -3,12 +3,7 @@ real HTTP uploads (including oversized and streamed ones), clean shutdown."""
 
 from __future__ import annotations
 
-import os
 import signal
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,56 +12,20 @@ import httpx
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from service.local_server import serve
 
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = _free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
-    env = {
-        **os.environ,
-        "BRAINCAM_MODEL_DIR": str(tiny_model_dir),
-        "BRAINCAM_PORT": str(port),
-        "BRAINCAM_PROVIDERS": "CPUExecutionProvider",
-        "BRAINCAM_MAX_UPLOAD_MB": "1",
-        "BRAINCAM_LOG_LEVEL": "info",
-    }
-    url = f"http://127.0.0.1:{port}"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "service"], cwd=ROOT, env=env, stdout=out, stderr=out
-        )
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, log.read_text()
-            try:
-                if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.2)
-        yield url
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            rc = proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            raise
-        text = log.read_text()
-        # Recent uvicorn re-raises the signal after a graceful shutdown: -SIGTERM.
-        assert rc in (0, -signal.SIGTERM), text
-        assert "Application shutdown complete" in text, text
-        assert "Traceback" not in text, text
+    settings = {"BRAINCAM_MAX_UPLOAD_MB": "1", "BRAINCAM_LOG_LEVEL": "info"}
+    with serve(tiny_model_dir, settings, log) as live:
+        yield live.url
+    text = log.read_text()
+    # Recent uvicorn re-raises the signal after a graceful shutdown: -SIGTERM.
+    assert live.process.returncode in (0, -signal.SIGTERM), text
+    assert "Application shutdown complete" in text, text
+    assert "Traceback" not in text, text
 
 
 def _png(h: int = 40, w: int = 50) -> bytes:

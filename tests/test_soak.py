@@ -6,12 +6,7 @@ warm-up. Bounded: a fixed number of requests, each with a timeout."""
 from __future__ import annotations
 
 import gzip
-import os
 import random
-import signal
-import socket
-import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -31,8 +26,8 @@ from braincam.decision import decide
 from braincam.decoding import decode_image
 from braincam.inference import OnnxModel
 from braincam.preprocessing import preprocess
+from service.local_server import serve
 
-ROOT = Path(__file__).resolve().parents[1]
 CPU = "CPUExecutionProvider"
 MAX_UPLOAD_BYTES = 2**20
 PARALLEL = 32
@@ -76,53 +71,19 @@ def _good_requests() -> list[Good]:
     return goods
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def server(
     tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[str, int]]:
-    port = _free_port()
     log = tmp_path_factory.mktemp("soak") / "server.log"
-    env = {
-        **os.environ,
-        "BRAINCAM_MODEL_DIR": str(tiny_model_dir),
-        "BRAINCAM_PORT": str(port),
-        "BRAINCAM_PROVIDERS": CPU,
+    settings = {
         "BRAINCAM_MAX_UPLOAD_MB": str(MAX_UPLOAD_BYTES / 2**20),
         "BRAINCAM_MAX_CONCURRENCY": "4",
         "BRAINCAM_INTRA_OP_THREADS": "1",
-        "BRAINCAM_LOG_LEVEL": "warning",
     }
-    url = f"http://127.0.0.1:{port}"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "service"], cwd=ROOT, env=env, stdout=out, stderr=out
-        )
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, log.read_text()
-            try:
-                if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.2)
-        yield url, proc.pid
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            raise
-        assert "unhandled error" not in log.read_text()
+    with serve(tiny_model_dir, settings, log) as live:
+        yield live.url, live.process.pid
+    assert "unhandled error" not in log.read_text()
 
 
 def _expected(model: OnnxModel, good: Good) -> dict[str, float]:

@@ -17,11 +17,6 @@ import json
 import os
 import re
 import shutil
-import signal
-import socket
-import subprocess
-import sys
-import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -38,6 +33,7 @@ from fastapi.testclient import TestClient
 from braincam import DISCLAIMER
 from service.api.routes.ui import STATIC_DIR
 from service.core.config import Settings
+from service.local_server import serve
 from service.main import create_app
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -153,50 +149,13 @@ def chromium() -> Iterator[Any]:
             browser.close()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @contextmanager
 def _live_server(model_dir: Path, log: Path, **settings: str) -> Iterator[str]:
-    """`python -m service` on a free port of 127.0.0.1; its URL once ready."""
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BRAINCAM_")}
-    env.update(
-        BRAINCAM_MODEL_DIR=str(model_dir),
-        BRAINCAM_HOST="127.0.0.1",
-        BRAINCAM_PORT=str(port),
-        BRAINCAM_PROVIDERS="CPUExecutionProvider",
-        BRAINCAM_LOG_LEVEL="warning",
-        **{f"BRAINCAM_{k.upper()}": v for k, v in settings.items()},
-    )
-    url = f"http://127.0.0.1:{port}"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "service"], cwd=ROOT, env=env, stdout=out, stderr=out
-        )
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, log.read_text()
-            try:
-                if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.2)
-        yield url
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        assert "Traceback" not in log.read_text(), log.read_text()
+    """`python -m service` on 127.0.0.1 with only these settings; its URL once ready."""
+    env = {f"BRAINCAM_{k.upper()}": v for k, v in settings.items()}
+    with serve(model_dir, env, log, inherit_settings=False) as live:
+        yield live.url
+    assert "Traceback" not in log.read_text(), log.read_text()
 
 
 @pytest.fixture(scope="module")
