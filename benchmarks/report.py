@@ -117,50 +117,40 @@ def render(
     )
     lines += ["", *(f"- {k}: {v}" for k, v in setup.items()), ""]
 
-    lines += ["## Classification (ms per call; batch 16 = one call on 16 images)", ""]
-    rows = []
-    for what, key in (
-        ("decode (PNG bytes -> pixels)", "decode"),
-        ("decode + preprocess", "decode+preprocess"),
-        ("ORT classifier `session.run`", "ort_classifier"),
-        ("Keras `model.predict`", "keras_predict"),
-        ("Keras model in a `tf.function`", "keras_tf_function"),
-    ):
-        for n in (1, 16):
-            t = direct.get(f"{key}@{n}") or keras.get(f"{key}@{n}")
-            if t is not None:
-                rows.append([what, str(n), *_ms(t), str(t.n)])
-    if serving is not None:
-        rows.append(
-            [
-                "HTTP `POST /predict` (loopback, 1 client)",
-                "1",
-                *_ms(serving.sequential["/predict"]),
-                str(serving.sequential["/predict"].n),
-            ]
-        )
-    lines += _table(["what", "batch", "p50 ms", "p95 ms", "runs"], rows)
+    def latency_table(rows_of: tuple[tuple[str, str], ...], path: str) -> list[str]:
+        """Direct/Keras rows at batch 1 and 16, then the HTTP endpoint at batch 1."""
+        rows = []
+        for what, key in rows_of:
+            for n in (1, 16):
+                t = direct.get(f"{key}@{n}") or keras.get(f"{key}@{n}")
+                if t is not None:
+                    rows.append([what, str(n), *_ms(t), str(t.n)])
+        if serving is not None:
+            http = serving.sequential[path]
+            rows.append(
+                [f"HTTP `POST {path}` (loopback, 1 client)", "1", *_ms(http), str(http.n)]
+            )
+        return _table(["what", "batch", "p50 ms", "p95 ms", "runs"], rows)
 
+    lines += ["## Classification (ms per call; batch 16 = one call on 16 images)", ""]
+    lines += latency_table(
+        (
+            ("decode (PNG bytes -> pixels)", "decode"),
+            ("decode + preprocess", "decode+preprocess"),
+            ("ORT classifier `session.run`", "ort_classifier"),
+            ("Keras `model.predict`", "keras_predict"),
+            ("Keras model in a `tf.function`", "keras_tf_function"),
+        ),
+        "/predict",
+    )
     lines += ["", "## Explanation (Grad-CAM, prediction included)", ""]
-    rows = []
-    for what, key in (
-        ("Keras GradientTape + Grad-CAM in numpy", "keras_gradient_tape"),
-        ("ORT Grad-CAM graph + Grad-CAM in numpy", "ort_gradcam"),
-    ):
-        for n in (1, 16):
-            t = direct.get(f"{key}@{n}") or keras.get(f"{key}@{n}")
-            if t is not None:
-                rows.append([what, str(n), *_ms(t), str(t.n)])
-    if serving is not None:
-        rows.append(
-            [
-                "HTTP `POST /explain` (loopback, 1 client)",
-                "1",
-                *_ms(serving.sequential["/explain"]),
-                str(serving.sequential["/explain"].n),
-            ]
-        )
-    lines += _table(["what", "batch", "p50 ms", "p95 ms", "runs"], rows)
+    lines += latency_table(
+        (
+            ("Keras GradientTape + Grad-CAM in numpy", "keras_gradient_tape"),
+            ("ORT Grad-CAM graph + Grad-CAM in numpy", "ort_gradcam"),
+        ),
+        "/explain",
+    )
     if keras_note:
         lines += ["", f"Keras rows skipped: {keras_note}"]
 
