@@ -127,9 +127,18 @@ def tiff_declaring(width: int, height: int) -> bytes:
 
 
 def dicom(
-    pixels: np.ndarray, *, preamble: bool = True, rows_cols: tuple[int, int] | None = None
+    pixels: np.ndarray,
+    *,
+    preamble: bool = True,
+    rows_cols: tuple[int, int] | None = None,
+    rescale: tuple[float, float] | None = None,
+    window: tuple[float, float] | None = None,
 ) -> bytes:
-    """A minimal MR DICOM of uint16 `pixels`; `rows_cols` overrides the declared size."""
+    """A minimal MR DICOM of uint16 `pixels` [H,W], or frames [n,H,W] (n > 1: multi-frame).
+
+    `rows_cols` overrides the declared size; `rescale` is (slope, intercept) and
+    `window` (center, width), each written only when given.
+    """
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
@@ -142,11 +151,17 @@ def dicom(
     ds.SOPClassUID = MRImageStorage
     ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
     ds.Modality = "MR"
-    ds.Rows, ds.Columns = rows_cols or pixels.shape
+    ds.Rows, ds.Columns = rows_cols or pixels.shape[-2:]
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
     ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 12, 11
     ds.PixelRepresentation = 0
+    if rescale is not None:
+        ds.RescaleSlope, ds.RescaleIntercept = rescale
+    if window is not None:
+        ds.WindowCenter, ds.WindowWidth = window
+    if pixels.ndim == 3 and pixels.shape[0] > 1:
+        ds.NumberOfFrames = int(pixels.shape[0])
     ds.PixelData = np.ascontiguousarray(pixels, dtype=np.uint16).tobytes()
     buf = io.BytesIO()
     ds.save_as(buf, enforce_file_format=True)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import gzip
-import io
 import json
 import random
 from collections.abc import Iterator
@@ -22,6 +21,7 @@ import cv2
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from hostile_inputs import dicom, nifti
 from prometheus_client.parser import text_string_to_metric_families
 
 from braincam import DISCLAIMER
@@ -82,43 +82,6 @@ def _encode(ext: str, img: np.ndarray, params: list[int] | None = None) -> bytes
     return buf.tobytes()
 
 
-def _dicom(
-    frames: np.ndarray, slope: float, intercept: float, window: tuple[float, float]
-) -> bytes:
-    """A minimal valid MR DICOM file; frames [n,H,W] uint16 (n > 1: multi-frame)."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = MRImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid(entropy_srcs=[str(frames.shape)])
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = MRImageStorage
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.Modality = "MR"
-    ds.Rows, ds.Columns = int(frames.shape[1]), int(frames.shape[2])
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 12, 11
-    ds.PixelRepresentation = 0
-    ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
-    ds.WindowCenter, ds.WindowWidth = window
-    if frames.shape[0] > 1:
-        ds.NumberOfFrames = int(frames.shape[0])
-    ds.PixelData = np.ascontiguousarray(frames, dtype=np.uint16).tobytes()
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
-
-
-def _nifti(volume: np.ndarray) -> bytes:
-    import nibabel as nib
-
-    return bytes(nib.Nifti1Image(volume, np.diag([1.0, 1.0, 2.0, 1.0])).to_bytes())
-
-
 @pytest.fixture(scope="module")
 def samples(gray: np.ndarray) -> dict[str, Sample]:
     """The same slice in every accepted format, at assorted sizes and depths."""
@@ -128,7 +91,7 @@ def samples(gray: np.ndarray) -> dict[str, Sample]:
     raw12 = (gray.astype(np.uint16) * 16).astype(np.uint16)  # 12-bit scanner values
     frames = np.stack([raw12, np.flipud(raw12), np.fliplr(raw12)])
     volume = np.stack([gray.T.astype(np.int16) * (k + 1) for k in range(5)], axis=2)
-    nii = _nifti(volume)
+    nii = nifti(volume)
     return {
         "png8": Sample(_encode(".png", gray), "png"),
         "png16": Sample(_encode(".png", deep), "png"),
@@ -140,11 +103,13 @@ def samples(gray: np.ndarray) -> dict[str, Sample]:
         "bmp": Sample(_encode(".bmp", rgb), "bmp"),
         "tiff": Sample(_encode(".tiff", gray), "tiff"),
         "tiff16": Sample(_encode(".tiff", deep), "tiff"),
-        "dicom": Sample(_dicom(raw12[None], 2.0, -100.0, (2000.0, 3800.0)), "dicom"),
+        "dicom": Sample(dicom(raw12, rescale=(2.0, -100.0), window=(2000.0, 3800.0)), "dicom"),
         "dicom_multiframe": Sample(
-            _dicom(frames, 1.5, 10.0, (1500.0, 3000.0)), "dicom", {"slice": "2"}
+            dicom(frames, rescale=(1.5, 10.0), window=(1500.0, 3000.0)), "dicom", {"slice": "2"}
         ),
-        "dicom_multiframe_default": Sample(_dicom(frames, 1.0, 0.0, (2048.0, 4096.0)), "dicom"),
+        "dicom_multiframe_default": Sample(
+            dicom(frames, rescale=(1.0, 0.0), window=(2048.0, 4096.0)), "dicom"
+        ),
         "nifti": Sample(nii, "nifti", {"slice": "3"}),
         "nifti_gz": Sample(gzip.compress(nii), "nifti"),
     }
