@@ -18,6 +18,7 @@ Everything here is blocking work: the route runs it in the worker pool.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -99,7 +100,9 @@ def _tensors(args: Sequence[Any]) -> list[TensorSpec]:
     ]
 
 
-def protocol_models(model: OnnxModel) -> dict[str, ProtocolModel]:
+# Per loaded model, computed once: every /v2 request looks its model up here.
+@functools.lru_cache(maxsize=4)
+def protocol_models(model: OnnxModel) -> Mapping[str, ProtocolModel]:
     """The OIP models of the served directory, described by the graphs themselves."""
     spec = model.spec
     return {
