@@ -65,6 +65,8 @@ def test_page_and_assets_are_served(client: TestClient) -> None:
     js = client.get("/static/app.js")
     assert js.status_code == 200 and "javascript" in js.headers["content-type"]
     assert js.headers["cache-control"] == "no-cache" and js.headers["etag"]
+    for served in (res, js):  # from RequestMiddleware, like every response
+        assert served.headers["x-content-type-options"] == "nosniff"
     css = client.get("/static/style.css")
     assert css.status_code == 200 and css.headers["content-type"].startswith("text/css")
     # Revalidation is a cheap 304.

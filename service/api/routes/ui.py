@@ -21,7 +21,8 @@ CONTENT_SECURITY_POLICY = (
     "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
 )
 # Revalidate on every load (a cheap 304 via ETag): a new release is never mixed
-# with a cached app.js from the previous one.
+# with a cached app.js from the previous one. (RequestMiddleware adds `nosniff` to
+# every response, and `no-store` only where a route set no Cache-Control.)
 _CACHE = "no-cache"
 
 router = APIRouter(include_in_schema=False)
@@ -35,7 +36,6 @@ async def index() -> FileResponse:
         headers={
             "Content-Security-Policy": CONTENT_SECURITY_POLICY,
             "Cache-Control": _CACHE,
-            "X-Content-Type-Options": "nosniff",
             "Referrer-Policy": "no-referrer",
         },
     )
@@ -48,7 +48,6 @@ class _Assets(StaticFiles):
                 message["headers"] = [
                     *message.get("headers", []),
                     (b"cache-control", _CACHE.encode()),
-                    (b"x-content-type-options", b"nosniff"),
                 ]
             await send(message)
 
