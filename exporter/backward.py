@@ -7,8 +7,9 @@ at run time. So the Grad-CAM graph takes the autodiff gradient only through the
 vector part of the head (Dense stacks, which export cleanly) and routes it back
 through these spatial layers with plain ops. Each rule reproduces TensorFlow's own
 gradient exactly, ties included (max pooling sends the gradient to the first
-maximum of a window in row-major order); the parity gate checks that claim
-against TensorFlow's autodiff on every export.
+maximum of a window in row-major order, global max pooling shares it among all
+maxima); the parity gate checks that claim against TensorFlow's autodiff on every
+export.
 """
 
 from __future__ import annotations
@@ -95,10 +96,13 @@ def _average_pool(layer: Any, x: tf.Tensor, g: tf.Tensor) -> tf.Tensor:
 
 
 def _global_max(layer: Any, x: tf.Tensor, g: tf.Tensor) -> tf.Tensor:
-    h, w, c = int(x.shape[1]), int(x.shape[2]), int(x.shape[3])
-    flat = tf.reshape(x, [-1, h * w, c])
-    first_max = tf.one_hot(tf.argmax(flat, axis=1), h * w, axis=1, dtype=g.dtype)
-    return tf.reshape(first_max * tf.reshape(g, [-1, 1, c]), tf.shape(x))
+    # tf.reduce_max's own gradient: shared equally by every position holding the
+    # maximum (unlike MaxPool's first-maximum rule). Ties are common: a channel the
+    # ReLU silenced everywhere has its maximum, 0, at every position.
+    peak = tf.reduce_max(x, axis=[1, 2], keepdims=True)
+    hit = tf.cast(tf.equal(x, peak), g.dtype)
+    share = hit / tf.reduce_sum(hit, axis=[1, 2], keepdims=True)
+    return share * tf.reshape(g, [-1, 1, 1, int(x.shape[3])])
 
 
 def _batch_norm(layer: Any, x: tf.Tensor, g: tf.Tensor) -> tf.Tensor:

@@ -187,6 +187,29 @@ def test_explaining_a_block_before_the_last(demo_data: Path, tmp_path: Path) -> 
     assert spec.parity["gradcam_predicted_gradients_rel"] <= 1e-4
 
 
+def test_global_max_pooling_shares_the_gradient_of_tied_maxima(
+    demo_data: Path, tmp_path: Path
+) -> None:
+    # Channel 0 of the explained layer is dead (ReLU of a negative constant), so its
+    # maximum, 0, is tied at every position and TensorFlow shares the gradient among
+    # them all, not just the first.
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((64, 64, 1))
+    x = keras.layers.Conv2D(8, 3, padding="same", name="c1")(inputs)
+    x = keras.layers.ReLU(name="c1_relu")(x)
+    x = keras.layers.Conv2D(8, 3, padding="same", name="c2")(x)
+    x = keras.layers.ReLU(name="c2_relu")(x)
+    x = keras.layers.GlobalMaxPooling2D()(x)
+    outputs = keras.layers.Dense(4, activation="softmax")(x)
+    model = keras.Model(inputs, outputs)
+    c2 = model.get_layer("c2")
+    kernel, bias = c2.get_weights()
+    kernel[..., 0], bias[0] = 0.0, -1.0
+    c2.set_weights([kernel, bias])
+    out = _export_and_check(model, tmp_path, demo_data / "Testing", LABELS4, layer="c2_relu")
+    assert load_spec(out).parity["gradcam_predicted_gradients_rel"] <= 1e-4
+
+
 def test_wrong_conv_gradient_fails_the_parity_gate(
     demo_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
