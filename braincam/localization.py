@@ -147,11 +147,12 @@ def lesion_auroc(cam: np.ndarray, lesion: np.ndarray) -> float:
 def off_brain_mass(cam: np.ndarray, brain: np.ndarray) -> float:
     """Share of the CAM's mass outside the brain: the shortcut check (skull, text, borders).
 
-    0.0 for an all-zero CAM.
+    NaN for an all-zero CAM: it points nowhere, so it neither passes nor fails the
+    check (a 0.0 would reward a method for explaining nothing).
     """
     c, (m,) = _check(cam, brain)
     total = c.sum()
-    return float(c[~m].sum() / total) if total > 0 else 0.0
+    return float(c[~m].sum() / total) if total > 0 else float("nan")
 
 
 def off_brain_peak(cam: np.ndarray, brain: np.ndarray, level: float = PEAK_LEVEL) -> float:
@@ -159,12 +160,12 @@ def off_brain_peak(cam: np.ndarray, brain: np.ndarray, level: float = PEAK_LEVEL
 
     Off-brain *mass* also counts a low, flat floor spread over a large background;
     this asks only where the explanation is hot: is the peak on skull or background?
-    0.0 for an all-zero CAM.
+    NaN for an all-zero CAM, as for the mass.
     """
     c, (m,) = _check(cam, brain)
     peak_value = c.max()
     if peak_value <= 0:
-        return 0.0
+        return float("nan")
     peak = c >= level * peak_value
     return float((peak & ~m).sum() / peak.sum())
 

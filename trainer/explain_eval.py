@@ -15,7 +15,8 @@ Masks follow the demo-data layout:
 
 Populations: pointing game, energy-in-mask, top-15 % IoU, deletion and insertion
 use the tumour images (a non-empty lesion mask); off-brain mass uses every image
-with a brain mask. Per-class rows show notumor's deletion/insertion too.
+with a brain mask and a map that is not all zero (the share of all-zero maps is
+reported beside it). Per-class rows show notumor's deletion/insertion too.
 
 Writes explain_report.json, explain_report.md and explain_grid.png to --out
 (default: the model directory) and prints the overall table.
@@ -88,6 +89,7 @@ METRICS: dict[str, str] = {
     "random_insertion_auc": "random ins. AUC",
     "off_brain_mass": "off-brain mass",
     "off_brain_peak": "off-brain peak",
+    "empty_map": "empty maps",
 }
 _PER_IMAGE = [k for k in METRICS if k != "deletion_ratio"]
 _LESION_ONLY = (
@@ -198,6 +200,9 @@ def image_scores(
         )
     scores["off_brain_mass"] = off_brain_mass(cam, brain) if brain is not None else nan
     scores["off_brain_peak"] = off_brain_peak(cam, brain) if brain is not None else nan
+    # An all-zero map explains nothing: its off-brain figures are NaN (left out of the
+    # means), so the share of such maps is reported beside them.
+    scores["empty_map"] = float(not cam.max() > 0)
     return scores
 
 
@@ -425,7 +430,7 @@ def _clean(obj: Any) -> Any:
 def _fmt(key: str, v: float | None) -> str:
     if v is None or math.isnan(v):
         return "–"
-    if key in ("off_brain_mass", "off_brain_peak"):
+    if key in ("off_brain_mass", "off_brain_peak", "empty_map"):
         return f"{100 * v:.1f} %"
     return f"{v:.3f}"
 
@@ -525,9 +530,10 @@ def markdown(report: dict[str, Any]) -> str:
         f"{s['steps']} steps, '{s['baseline']}' baseline, target-class probability, trapezoid AUC; "
         f"random pixel order with seed {s['seed']}; deletion ratio = mean deletion AUC / mean "
         "random deletion AUC. Lesion metrics and deletion/insertion average over tumour images; "
-        "off-brain mass and peak over all images. Off-brain peak: the share of the CAM's "
-        "half-maximum region outside the brain (a flat floor over the background adds to the "
-        "mass, not to the peak).",
+        "off-brain mass and peak over all images whose map is not all zero (such a map points "
+        "nowhere; the empty-maps column gives their share). Off-brain peak: the share of the "
+        "CAM's half-maximum region outside the brain (a flat floor over the background adds "
+        "to the mass, not to the peak).",
         "",
         f"The explained layer `{s['layer']}` is a {s['layer_grid']} grid. Two reference rows "
         "frame the figures: a uniform map (chance) and the lesion mask itself, area-pooled to "
