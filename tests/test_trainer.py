@@ -22,7 +22,7 @@ from braincam.preprocessing import Preprocessing  # noqa: E402
 from trainer import cli  # noqa: E402
 from trainer.errors import WeightsError  # noqa: E402
 from trainer.evaluate import youden_threshold  # noqa: E402
-from trainer.model import build_model  # noqa: E402
+from trainer.model import CNN_HEADS, DEFAULT_CNN_HEAD, build_model  # noqa: E402
 from trainer.pipeline import augmenter, stratified_split  # noqa: E402
 from trainer.train import TrainConfig, train  # noqa: E402
 
@@ -158,6 +158,20 @@ def test_batchnorm_recalibration_matches_the_data() -> None:
     assert abs(float(bn.moving_mean.numpy()[0]) - 3.0) < 0.1
     assert abs(float(bn.moving_variance.numpy()[0]) - 4.0) < 0.3
     assert bn.momentum == 0.99  # restored
+
+
+@pytest.mark.parametrize(
+    ("head", "pooling"),
+    [("max", keras.layers.GlobalMaxPooling2D), ("gap", keras.layers.GlobalAveragePooling2D),
+     ("flatten", keras.layers.Flatten)],
+)
+def test_cnn_heads(head: str, pooling: type) -> None:
+    model, layer = build_model("cnn", (32, 32, 1), 4, cnn_head=head)  # type: ignore[arg-type]
+    assert layer == "block4_relu"
+    assert sum(isinstance(x, pooling) for x in model.layers) == 1
+    assert DEFAULT_CNN_HEAD == "max"  # the measured choice (trainer/model.py)
+    # The CLI lists the heads without importing TensorFlow: the two lists must agree.
+    assert cli.CNN_HEADS == CNN_HEADS
 
 
 def test_weights_file_roundtrip(tmp_path: Path) -> None:

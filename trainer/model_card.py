@@ -96,13 +96,16 @@ def _metrics_section(metrics: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+_POOLING = {"gap": "global average pooling", "max": "global max pooling"}
+
+
 def _architecture_section(run: dict[str, Any]) -> str:
     cfg = run["config"]
     prep = run["preprocessing"]
     if run["arch"] == "cnn":
         arch = (
             "Small CNN: four Conv3x3-BatchNorm-ReLU-MaxPool blocks (32/64/128/256 filters), "
-            f"{'global average pooling' if run.get('cnn_head') == 'gap' else 'flatten'}, "
+            f"{_POOLING.get(run.get('cnn_head', ''), 'flatten')}, "
             "Dropout 0.5, Dense 256 ReLU, Dropout 0.3, softmax."
         )
     else:

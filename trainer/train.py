@@ -39,6 +39,7 @@ from trainer.errors import ConfigError
 from trainer.model import (
     ARCHS,
     CNN,
+    CNN_HEADS,
     DEFAULT_CNN_HEAD,
     MIN_IMG_SIZE,
     CnnHead,
@@ -102,8 +103,8 @@ class TrainConfig:
             problems.append("val-split must be between 0 and 0.5")
         if not 0.0 < self.learning_rate < 1.0:
             problems.append("lr must be between 0 and 1")
-        if self.cnn_head not in ("gap", "flatten"):
-            problems.append("cnn head must be gap or flatten")
+        if self.cnn_head not in CNN_HEADS:
+            problems.append(f"cnn head must be one of {', '.join(CNN_HEADS)}")
         if problems:
             raise ConfigError("; ".join(problems))
 
