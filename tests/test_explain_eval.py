@@ -250,6 +250,7 @@ def test_explain_eval_end_to_end(
             "top15_iou",
             "lesion_auroc",
             "off_brain_mass",
+            "off_brain_mass_tumour",
             "deletion_auc",
             "insertion_auc",
             "random_deletion_auc",
@@ -332,3 +333,21 @@ def test_explain_eval_rejects_unknown_method(
     )
     assert code == 2
     assert "nope" in capsys.readouterr().err
+
+
+def test_aggregate_populations() -> None:
+    from trainer.explain_eval import _PER_IMAGE, aggregate
+
+    def row(path: str, lesion: bool, off_brain: float, energy: float = float("nan")) -> dict:
+        r = dict.fromkeys(_PER_IMAGE, float("nan"))
+        r.update(path=path, has_lesion=lesion, off_brain_mass=off_brain, energy_in_mask=energy,
+                 empty_map=float(np.isnan(off_brain)))
+        return r
+
+    out = aggregate([row("a", True, 0.1, 0.6), row("b", True, 0.3, 0.2),
+                     row("c", False, 0.9), row("d", False, float("nan"))])
+    assert out["energy_in_mask"] == pytest.approx(0.4)  # tumour images only
+    assert out["off_brain_mass"] == pytest.approx((0.1 + 0.3 + 0.9) / 3)  # empty map left out
+    assert out["off_brain_mass_tumour"] == pytest.approx(0.2)
+    assert out["empty_map"] == pytest.approx(0.25)
+    assert (out["n_images"], out["n_lesion_images"]) == (4, 2)

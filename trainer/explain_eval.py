@@ -88,10 +88,12 @@ METRICS: dict[str, str] = {
     "insertion_auc": "insertion AUC",
     "random_insertion_auc": "random ins. AUC",
     "off_brain_mass": "off-brain mass",
+    "off_brain_mass_tumour": "off-brain mass, tumour images",
     "off_brain_peak": "off-brain peak",
     "empty_map": "empty maps",
 }
-_PER_IMAGE = [k for k in METRICS if k != "deletion_ratio"]
+_DERIVED = ("deletion_ratio", "off_brain_mass_tumour")  # computed from the per-image keys
+_PER_IMAGE = [k for k in METRICS if k not in _DERIVED]
 _LESION_ONLY = (
     "pointing_game", "pointing_game_strict", "energy_in_mask", "top15_iou", "lesion_auroc"
 )
@@ -400,6 +402,8 @@ def aggregate(rows: list[dict[str, Any]]) -> dict[str, Any]:
     rnd = out["random_deletion_auc"]
     valid = rnd > 0 and not math.isnan(out["deletion_auc"])  # NaN compares False
     out["deletion_ratio"] = out["deletion_auc"] / rnd if valid else float("nan")
+    # "No tumour" maps have no lesion to point at: the tumour images' share on its own.
+    out["off_brain_mass_tumour"] = _mean([r["off_brain_mass"] for r in lesion_rows])
     out["n_images"] = len({r["path"] for r in rows})
     out["n_lesion_images"] = len({r["path"] for r in lesion_rows})
     return out
@@ -430,7 +434,7 @@ def _clean(obj: Any) -> Any:
 def _fmt(key: str, v: float | None) -> str:
     if v is None or math.isnan(v):
         return "–"
-    if key in ("off_brain_mass", "off_brain_peak", "empty_map"):
+    if key in ("off_brain_mass", "off_brain_mass_tumour", "off_brain_peak", "empty_map"):
         return f"{100 * v:.1f} %"
     return f"{v:.3f}"
 
