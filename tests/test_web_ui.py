@@ -358,6 +358,11 @@ def test_changing_target_and_controls_reexplains(page: Page, glioma_image: Path)
     assert answer["alpha"] == 0.45 and page.text("#alpha-value") == "0.45"
     assert not np.array_equal(page.pixels("panel-overlay"), after)
 
+    # A "notumor" map has nothing to point at, and the caption says so; tumour maps don't.
+    assert "no lesion to point at" not in page.text("#explained")
+    page.explain_after(lambda: page.page.select_option("#target", "notumor"))
+    assert "no lesion to point at" in page.text("#explained")
+
 
 def test_api_errors_are_shown(page: Page, glioma_image: Path, tmp_path: Path) -> None:
     page.upload(glioma_image)

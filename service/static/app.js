@@ -31,6 +31,9 @@
   const DEBOUNCE_MS = 250;
   const KEY_STORAGE = "braincam.apiKey"; // sessionStorage: gone when the tab closes
   const MAX_LOADING_RETRIES = 120;
+  // The healthy class, as braincam's datasets name it for both tasks. Its map has no
+  // lesion to point at (README: "How good are the explanations?").
+  const NO_TUMOUR = "notumor";
 
   const state = {
     meta: null,
@@ -345,9 +348,13 @@
     $("confidence").textContent = pct(r.confidence);
     renderProbabilities(r.probabilities, r.label);
     const which = r.target.label === r.label ? "the predicted class" : "a class other than the prediction";
+    const healthy = r.target.label === NO_TUMOUR
+      ? " A \u201cnotumor\u201d map has no lesion to point at: that verdict rests on the absence" +
+        " of lesion evidence. Explain a tumour class to see where the model looked for one."
+      : "";
     $("explained").textContent =
       `Heatmap: ${r.method} for ${r.target.label} (${which}), layer ${r.layer}` +
-      `${r.smooth ? ", smoothed with the mirrored image" : ""}.`;
+      `${r.smooth ? ", smoothed with the mirrored image" : ""}.${healthy}`;
     $("explained").dataset.target = r.target.label;
 
     // Decoded before the spinner goes: the three panels appear together.
