@@ -170,8 +170,9 @@ def test_cnn_heads(head: str, pooling: type) -> None:
     assert layer == "block4_relu"
     assert sum(isinstance(x, pooling) for x in model.layers) == 1
     assert DEFAULT_CNN_HEAD == "max"  # the measured choice (trainer/model.py)
-    # The CLI lists the heads without importing TensorFlow: the two lists must agree.
+    # The CLI lists the heads without importing TensorFlow: it must agree with the model.
     assert cli.CNN_HEADS == CNN_HEADS
+    assert cli.parse_args(["--data", "d", "--out", "o"]).cnn_head == DEFAULT_CNN_HEAD
 
 
 def test_weights_file_roundtrip(tmp_path: Path) -> None:

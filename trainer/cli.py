@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 # parses (and answers --help) before paying for that import.
 ARCHS = ("cnn", "EfficientNetB0", "ResNet50", "MobileNetV2", "Xception", "DenseNet121")
 CNN_HEADS = ("gap", "max", "flatten")
+DEFAULT_CNN_HEAD = "max"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -46,8 +47,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--val-split", type=float, default=0.15,
                    help="fraction of Training/ held out for validation (stratified)")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
-    p.add_argument("--cnn-head", choices=CNN_HEADS, default="gap",
-                   help="the CNN's pooling before the dense head (default gap)")
+    p.add_argument("--cnn-head", choices=CNN_HEADS, default=DEFAULT_CNN_HEAD,
+                   help=f"the CNN's pooling before the dense head (default {DEFAULT_CNN_HEAD})")
     p.add_argument("--export", type=Path, metavar="MODEL_DIR",
                    help="also export to ONNX (classifier + Grad-CAM graphs, model.json)")
     p.add_argument("-q", "--quiet", action="store_true", help="no per-epoch progress")
