@@ -10,17 +10,18 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import numpy as np
 import pytest
+from clients import ready_client
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from braincam.inference import OnnxModel
 from service.batching import BatchMetrics, MicroBatcher
 from service.core.config import Settings
-from service.main import create_app
 from service.metrics import Metrics
 
 CPU = "CPUExecutionProvider"
@@ -176,8 +177,8 @@ def test_a_caller_cancelled_while_queued_is_dropped_from_its_batch() -> None:
 N_CONCURRENT = 6
 
 
-def _client(model_dir: Path, **settings: object) -> TestClient:
-    return TestClient(create_app(Settings(model_dir=model_dir, providers=CPU, **settings)))  # type: ignore[arg-type]
+def _client(model_dir: Path, **settings: object) -> AbstractContextManager[TestClient]:
+    return ready_client(Settings(model_dir=model_dir, providers=CPU, **settings))  # type: ignore[arg-type]
 
 
 @pytest.fixture(scope="module")
@@ -191,14 +192,12 @@ def batched(tiny_model_dir: Path) -> Iterator[TestClient]:
         batch_max_wait_ms=1000,
         max_concurrency=N_CONCURRENT,
     ) as client:
-        assert client.app.state.runtime.wait(120), client.get("/health").json()  # type: ignore[attr-defined]
         yield client
 
 
 @pytest.fixture(scope="module")
 def unbatched(tiny_model_dir: Path) -> Iterator[TestClient]:
     with _client(tiny_model_dir) as client:
-        assert client.app.state.runtime.wait(120), client.get("/health").json()  # type: ignore[attr-defined]
         yield client
 
 
@@ -268,7 +267,6 @@ def test_a_bad_upload_fails_alone(
         batch_max_wait_ms=1000,
         max_concurrency=N_CONCURRENT,
     ) as client:
-        assert client.app.state.runtime.wait(120)  # type: ignore[attr-defined]
         answers = _post_all(client, [*bad, *good])
         runs, rows, _ = _batch_histogram(client)
     assert answers[0][0] == 415 and answers[0][1]["code"] == "unsupported_media_type"
@@ -291,7 +289,6 @@ def test_an_inference_failure_is_a_json_error_for_that_batch_only(
         max_concurrency=4,
     ) as client:
         runtime = client.app.state.runtime  # type: ignore[attr-defined]
-        assert runtime.wait(120)
         model: OnnxModel = runtime.model
         real = model.predict
         calls = 0

@@ -7,12 +7,14 @@ import gzip
 import struct
 import time
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
 import pytest
+from clients import ready_client
 from fastapi.testclient import TestClient
 from hostile_inputs import (
     brain_slice,
@@ -32,7 +34,6 @@ from braincam.image_headers import raster_size
 from braincam.inference import OnnxModel
 from braincam.preprocessing import preprocess
 from service.core.config import Settings
-from service.main import create_app
 
 CPU = "CPUExecutionProvider"
 MAX_UPLOAD_MB = 1.0
@@ -41,17 +42,16 @@ HOSTILE = hostile_cases(MAX_UPLOAD_BYTES)
 UNUSUAL = unusual_cases()
 
 
-def _client(model_dir: Path, **overrides: Any) -> TestClient:
+def _client(model_dir: Path, **overrides: Any) -> AbstractContextManager[TestClient]:
     settings = Settings(
         model_dir=model_dir, providers=CPU, max_upload_mb=MAX_UPLOAD_MB, **overrides
     )
-    return TestClient(create_app(settings))
+    return ready_client(settings)
 
 
 @pytest.fixture(scope="module")
 def service(tiny_model_dir: Path) -> Iterator[TestClient]:
     with _client(tiny_model_dir) as client:
-        assert client.app.state.runtime.wait(120), client.get("/health").json()  # type: ignore[attr-defined]
         yield client
 
 
@@ -233,7 +233,6 @@ def zlib_stream(data: bytes, trailing: int) -> bytes:
 def test_max_image_pixels_setting(tiny_model_dir: Path) -> None:
     png = encode(".png", brain_slice())
     with _client(tiny_model_dir, max_image_pixels=4000) as client:
-        assert client.app.state.runtime.wait(120)  # type: ignore[attr-defined]
         body = assert_json_error(client.post("/predict", files={"file": ("a.png", png)}), 413)
         assert body["code"] == "image_too_large" and "64x64" in body["detail"]
         small = encode(".png", brain_slice(size=60))
@@ -255,7 +254,6 @@ def test_request_timeout_is_a_503_json_and_the_service_recovers(tiny_model_dir: 
     )
     with _client(tiny_model_dir, request_timeout_s=1e-3, max_concurrency=1) as client:
         runtime = client.app.state.runtime  # type: ignore[attr-defined]
-        assert runtime.wait(120)
         for path in ("/predict", "/explain"):
             res = client.post(path, files={"file": ("a.png", big)})
             assert_json_error(res, 503, "request_timeout")
@@ -273,7 +271,6 @@ def test_api_key(tiny_model_dir: Path) -> None:
     png = encode(".png", brain_slice())
     key = "s3cret-κλειδί"  # non-ASCII on purpose: compared as bytes
     with _client(tiny_model_dir, api_key=key) as client:
-        assert client.app.state.runtime.wait(120)  # type: ignore[attr-defined]
         for path in ("/health", "/ready", "/v2/health/live", "/v2/health/ready"):
             assert client.get(path).status_code == 200, path
         good = {"X-API-Key": key.encode()}  # UTF-8 bytes on the wire
@@ -345,7 +342,6 @@ def test_cors_only_for_configured_origins(tiny_model_dir: Path, service: TestCli
     res = service.options("/predict", headers={"Origin": "https://evil.example", **preflight})
     assert "access-control-allow-origin" not in res.headers
     with _client(tiny_model_dir, cors_origins="https://viewer.example") as client:
-        assert client.app.state.runtime.wait(120)  # type: ignore[attr-defined]
         ok = client.options("/predict", headers={"Origin": "https://viewer.example", **preflight})
         assert ok.status_code == 200
         assert ok.headers["access-control-allow-origin"] == "https://viewer.example"

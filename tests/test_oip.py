@@ -13,6 +13,7 @@ from typing import Any
 import cv2
 import numpy as np
 import pytest
+from clients import ready_client
 from fastapi.testclient import TestClient
 
 from braincam.decoding import decode_image
@@ -28,8 +29,7 @@ CPU = "CPUExecutionProvider"
 @pytest.fixture(scope="module")
 def client(tiny_model_dir: Path) -> Iterator[TestClient]:
     settings = Settings(model_dir=tiny_model_dir, providers=CPU, max_concurrency=2)
-    with TestClient(create_app(settings)) as c:
-        assert c.app.state.runtime.wait(120), c.get("/health").json()  # type: ignore[attr-defined]
+    with ready_client(settings) as c:
         yield c
 
 

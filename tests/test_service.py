@@ -20,6 +20,7 @@ from typing import Any
 import cv2
 import numpy as np
 import pytest
+from clients import ready_client
 from fastapi.testclient import TestClient
 from hostile_inputs import dicom, nifti
 from prometheus_client.parser import text_string_to_metric_families
@@ -32,7 +33,6 @@ from braincam.inference import OnnxModel
 from braincam.overlay import COLORMAPS, colorize
 from braincam.preprocessing import preprocess
 from service.core.config import Settings
-from service.main import create_app
 
 MAX_UPLOAD_MB = 1.0  # small, so the 413 tests stay cheap
 CPU = "CPUExecutionProvider"
@@ -46,8 +46,7 @@ def service(tiny_model_dir: Path) -> Iterator[TestClient]:
     settings = Settings(
         model_dir=tiny_model_dir, providers=CPU, max_upload_mb=MAX_UPLOAD_MB, max_concurrency=4
     )
-    with TestClient(create_app(settings)) as client:
-        assert client.app.state.runtime.wait(120), client.get("/health").json()  # type: ignore[attr-defined]
+    with ready_client(settings) as client:
         yield client
 
 

@@ -12,6 +12,7 @@ from typing import Any
 import cv2
 import numpy as np
 import pytest
+from clients import ready_client
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from fastapi.testclient import TestClient
@@ -132,8 +133,7 @@ def test_unavailable_cuda_is_reported(tiny_model_dir: Path) -> None:
 
     settings = Settings(model_dir=tiny_model_dir)  # default: CUDA first, then CPU
     assert settings.provider_list == ["CUDAExecutionProvider", CPU]
-    with TestClient(create_app(settings)) as client:
-        assert client.app.state.runtime.wait(120)  # type: ignore[attr-defined]
+    with ready_client(settings) as client:
         body = client.get("/health").json()
         assert body["execution_providers"]["requested"] == ["CUDAExecutionProvider", CPU]
         assert body["providers"] == body["execution_providers"]["active"]
@@ -237,8 +237,7 @@ def test_unexpected_errors_are_a_generic_500(
     def boom(*args: Any) -> Any:
         raise RuntimeError("secret detail at /srv/internal/path")
 
-    with TestClient(create_app(Settings(model_dir=tiny_model_dir, providers=CPU))) as client:
-        assert client.app.state.runtime.wait(120)  # type: ignore[attr-defined]
+    with ready_client(Settings(model_dir=tiny_model_dir, providers=CPU)) as client:
         monkeypatch.setattr(pipeline, "predict", boom)  # after the warm-up, which uses it
         res = client.post("/predict", files={"file": ("x.png", _png())})
         assert res.status_code == 500
