@@ -6,6 +6,7 @@ the trainer and the exporter: `decode_image` -> `preprocess` -> ORT -> `decide`.
 
 from __future__ import annotations
 
+import base64
 import logging
 import time
 from dataclasses import dataclass
@@ -19,7 +20,15 @@ from braincam.decoding import DecodedImage, decode_image
 from braincam.errors import InputError, InvalidParameter, UndecodableImage
 from braincam.inference import OnnxModel
 from braincam.model_spec import ModelSpec
-from braincam.overlay import blend, colorize, encode_png, panels, to_base64_png
+from braincam.overlay import (
+    IMAGE_FORMATS,
+    ImageFormat,
+    blend,
+    colorize,
+    encode_png,
+    panels,
+    to_base64,
+)
 from braincam.preprocessing import preprocess
 from service.metrics import Metrics
 from service.schemas import (
@@ -29,6 +38,7 @@ from service.schemas import (
     ModelRef,
     PredictResponse,
     PredictTiming,
+    RawCam,
     Target,
 )
 
@@ -46,26 +56,59 @@ class ExplainParams:
     colormap: str
     alpha: float
     smooth: bool
-    png_compression: int
+    png_compression: int | None  # None: fpng; 0..9: libpng at that zlib level
     images: frozenset[str] = frozenset({"overlay"})  # of IMAGES
+    image_format: ImageFormat = "png"
+    heatmap: str = "image"  # of HEATMAP_MODES
 
 
-# The PNGs /explain can return; `images` picks them (see the route).
+# The images /explain can return; `images` picks them (see the route).
 IMAGES = ("overlay", "heatmap", "panels")
+# heatmap=image: only the images; raw: also the CAM at the explained layer's
+# resolution as base64 float32; list: the same as a JSON list of rows.
+HEATMAP_MODES = ("image", "raw", "list")
 
 
-def resolve_images(value: str | None) -> frozenset[str]:
-    """'overlay,heatmap' (any order, 'all' for every one) -> the set; empty -> overlay."""
-    names = {part.strip().lower() for part in (value or "").split(",") if part.strip()}
+def resolve_heatmap(value: str | None) -> str:
+    mode = (value or "image").strip().lower()
+    if mode not in HEATMAP_MODES:
+        raise InvalidParameter(
+            f"'heatmap' must be one of {', '.join(HEATMAP_MODES)}, got {mode[:64]!r}"
+        )
+    return mode
+
+
+def resolve_images(value: str | None, heatmap: str = "image") -> frozenset[str]:
+    """'overlay,heatmap' (any order, 'all' for every one, 'none') -> the set.
+
+    Unset: the overlay, or no image at all when the raw map was asked for (a client
+    that renders the map itself should not pay for an encoded image).
+    """
+    if value is None:
+        return frozenset({"overlay"}) if heatmap == "image" else frozenset()
+    names = {part.strip().lower() for part in value.split(",") if part.strip()}
     if "all" in names:
         return frozenset(IMAGES)
+    if names == {"none"}:
+        return frozenset()
     unknown = sorted(names - set(IMAGES))
     if unknown:
         raise InvalidParameter(
             f"unknown image {unknown[0][:64]!r} in 'images'; "
-            f"choose from {', '.join(IMAGES)} or all"
+            f"choose from {', '.join(IMAGES)}, all or none"
         )
     return frozenset(names or {"overlay"})
+
+
+def raw_cam(cam: np.ndarray, mode: str) -> RawCam:
+    """The explained layer's map [h,w] in [0,1] as /explain returns it."""
+    values = np.ascontiguousarray(cam, dtype="<f4")
+    h, w = values.shape
+    if mode == "list":
+        return RawCam(shape=[h, w], encoding="list", data=values.tolist())
+    return RawCam(
+        shape=[h, w], encoding="base64", data=base64.b64encode(values.tobytes()).decode("ascii")
+    )
 
 
 def resolve_target(value: str | None, spec: ModelSpec) -> int | None:
@@ -217,21 +260,32 @@ def explain(
     metrics.inference.labels(graph="gradcam").observe(inference_s)
 
     t1 = time.perf_counter()
-    cams = compute_cam(params.method, acts, grads, size=decoded.size)
-    cam = flip_smoothed(cams[0], cams[1]) if params.smooth else cams[0]
-    t2 = time.perf_counter()
-    heat = colorize(cam, params.colormap)
     images = params.images
-    level = params.png_compression
-    # The overlay is blended only when returned or drawn into the panels.
-    overlay = blend(decoded.pixels, heat, params.alpha) if images & {"overlay", "panels"} else None
-    overlay_png = heatmap_png = panels_png = None
-    if overlay is not None and "overlay" in images:
-        overlay_png = to_base64_png(overlay, level)
-    if "heatmap" in images:
-        heatmap_png = to_base64_png(heat, level)
-    if overlay is not None and "panels" in images:
-        panels_png = to_base64_png(panels(decoded.pixels, heat, overlay), level)
+    cam = raw = None
+    if images:
+        cams = compute_cam(params.method, acts, grads, size=decoded.size)
+        cam = flip_smoothed(cams[0], cams[1]) if params.smooth else cams[0]
+    if params.heatmap != "image":
+        small = compute_cam(params.method, acts, grads)
+        small_cam = flip_smoothed(small[0], small[1]) if params.smooth else small[0]
+        raw = raw_cam(small_cam, params.heatmap)
+    t2 = time.perf_counter()
+    encoded: dict[str, str] = {}
+    if cam is not None:
+        heat = colorize(cam, params.colormap)
+        # The overlay is blended only when returned or drawn into the panels.
+        overlay = blend(decoded.pixels, heat, params.alpha) if images - {"heatmap"} else None
+        pictures = {
+            "overlay": overlay,
+            "heatmap": heat,
+            "panels": panels(decoded.pixels, heat, overlay) if overlay is not None else None,
+        }
+        fmt, level = params.image_format, params.png_compression
+        encoded = {
+            f"{name}_{fmt}": to_base64(picture, fmt, level)
+            for name, picture in pictures.items()
+            if name in images and picture is not None
+        }
     t3 = time.perf_counter()
 
     return ExplainResponse(
@@ -244,9 +298,8 @@ def explain(
         alpha=params.alpha,
         smooth=params.smooth,
         gradcam_runs=runs,
-        overlay_png=overlay_png,
-        heatmap_png=heatmap_png,
-        panels_png=panels_png,
+        image_format=params.image_format,
+        cam=raw,
         timing_ms=ExplainTiming(
             decode=_ms(prepared.decode_s),
             preprocess=_ms(prepared.preprocess_s),
@@ -255,7 +308,7 @@ def explain(
             encode=_ms(t3 - t2),
             total=_ms(time.perf_counter() - started),
         ),
-    )
+    ).model_copy(update=encoded)  # the image fields, named by format (all str)
 
 
 def warmup(model: OnnxModel) -> None:
@@ -268,11 +321,13 @@ def warmup(model: OnnxModel) -> None:
     ramp = np.linspace(0, 255, h * w, dtype=np.float32).reshape(h, w).astype(np.uint8)
     data = encode_png(ramp)
     scratch = Metrics()  # not the app's: warm-up runs are not traffic
-    params = ExplainParams(
-        None, "gradcam", "jet", 0.4, smooth=False, png_compression=1, images=frozenset(IMAGES)
-    )
     predict(model, scratch, data, None, time.perf_counter())
-    explain(model, scratch, data, None, params, time.perf_counter())
+    for image_format in IMAGE_FORMATS:  # each encoder's first call loads/initialises it
+        params = ExplainParams(
+            None, "gradcam", "jet", 0.4, smooth=False, png_compression=None,
+            images=frozenset(IMAGES), image_format=image_format, heatmap="raw",
+        )
+        explain(model, scratch, data, None, params, time.perf_counter())
 
 
 def warm_thread() -> None:

@@ -62,6 +62,18 @@ class Target(BaseModel):
     label: str
 
 
+class RawCam(BaseModel):
+    """The explained layer's class activation map, before resizing and colouring."""
+
+    shape: list[int] = Field(examples=[[9, 9]], description="[h, w] of the explained layer")
+    dtype: Literal["float32"] = "float32"
+    encoding: Literal["base64", "list"] = Field(
+        description="base64: the h*w little-endian float32 values, row-major; "
+        "list: `data` is a JSON list of h rows"
+    )
+    data: str | list[list[float]] = Field(description="the values, in [0, 1]")
+
+
 class ExplainResponse(PredictResponse):
     timing_ms: ExplainTiming
     target: Target = Field(description="the class the heatmap explains")
@@ -75,8 +87,14 @@ class ExplainResponse(PredictResponse):
         description="runs of gradcam.onnx: 1, or 2 when the decided class had to be "
         "re-explained (binary threshold overriding argmax, or a flip changing the class)",
     )
-    # Each PNG is encoded only when asked for (`images`): encoding, not the model,
-    # is the largest cost of /explain.
+    image_format: Literal["png", "webp", "jpeg"] = Field(
+        default="png", description="the format of the returned images (`image_format`)"
+    )
+    cam: RawCam | None = Field(
+        default=None, description="the raw map (`heatmap=raw` or `heatmap=list`)"
+    )
+    # Each image is encoded only when asked for (`images`), in `image_format`: the
+    # field's suffix names the format, so a field never holds another format.
     overlay_png: str | None = Field(
         default=None, description="base64 PNG: the image with the heatmap blended"
     )
@@ -86,6 +104,12 @@ class ExplainResponse(PredictResponse):
     panels_png: str | None = Field(
         default=None, description="base64 PNG: Original | Heatmap | Overlay (`images=panels`)"
     )
+    overlay_webp: str | None = Field(default=None, description="as overlay_png, lossless WebP")
+    heatmap_webp: str | None = Field(default=None, description="as heatmap_png, lossless WebP")
+    panels_webp: str | None = Field(default=None, description="as panels_png, lossless WebP")
+    overlay_jpeg: str | None = Field(default=None, description="as overlay_png, JPEG (lossy)")
+    heatmap_jpeg: str | None = Field(default=None, description="as heatmap_png, JPEG (lossy)")
+    panels_jpeg: str | None = Field(default=None, description="as panels_png, JPEG (lossy)")
 
 
 class ProviderInfo(BaseModel):

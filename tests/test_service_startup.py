@@ -176,7 +176,7 @@ def test_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     assert d.model_dir == Path("models/demo") and d.cors_origin_list == []
     assert d.provider_list == ["CUDAExecutionProvider", CPU]
     assert (d.max_upload_bytes, d.intra_op_threads, d.port) == (20 * 2**20, 0, 8000)
-    assert (d.host, d.workers, d.png_compression, d.log_level) == ("127.0.0.1", 1, 1, "info")
+    assert (d.host, d.workers, d.png_compression, d.log_level) == ("127.0.0.1", 1, None, "info")
     assert d.ort_spinning is False
     for key, bad in [
         ("BRAINCAM_PNG_COMPRESSION", "12"),

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Form, Response
 
 from braincam.cam import METHODS, get_method
 from braincam.errors import InvalidParameter
-from braincam.overlay import COLORMAPS
+from braincam.overlay import COLORMAPS, IMAGE_FORMATS, ImageFormat
 from service import pipeline
 from service.api.deps import MetricsDep, ModelDep, RuntimeDep, SettingsDep
 from service.api.routes.predict import FileField, SliceField, json_bytes
@@ -66,18 +66,37 @@ async def explain(
         ),
     ] = False,
     images: Annotated[
-        str,
+        str | None,
         Form(
-            description="Which base64 PNGs to return, comma-separated: overlay, heatmap, "
-            "panels (Original | Heatmap | Overlay), or all. Each costs its PNG encoding, "
-            "the largest part of /explain's time.",
+            description="Which base64 images to return, comma-separated: overlay, heatmap, "
+            "panels (Original | Heatmap | Overlay), all, or none. Each costs its encoding. "
+            "Default: overlay, or none with `heatmap=raw|list`.",
             examples=["overlay,heatmap"],
         ),
-    ] = "overlay",
+    ] = None,
+    image_format: Annotated[
+        str,
+        Form(
+            description="Format of the images: png (lossless, the default), webp "
+            "(lossless, ~1.8x smaller, ~10x slower to write) or jpeg (lossy, smallest). "
+            "The fields are named by format: overlay_png, overlay_webp, overlay_jpeg.",
+            json_schema_extra={"enum": list(IMAGE_FORMATS)},
+        ),
+    ] = "png",
+    heatmap: Annotated[
+        str,
+        Form(
+            description="image: only the images; raw: also the map at the explained "
+            "layer's resolution in `cam` (base64 little-endian float32, h*w row-major); "
+            "list: the same as a JSON list of rows. Costs no image encoding.",
+            json_schema_extra={"enum": list(pipeline.HEATMAP_MODES)},
+        ),
+    ] = "image",
 ) -> Response:
-    """The /predict fields, the explained class, and base64 PNGs at the size of the
-    uploaded image: the overlay, and on request (`images`) the coloured heatmap and a
-    three-panel figure.
+    """The /predict fields, the explained class, and base64 images (PNG unless
+    `image_format` says otherwise) at the size of the uploaded image: the overlay, and
+    on request (`images`) the coloured heatmap and a three-panel figure; with
+    `heatmap=raw` the map itself, small, for a client to render.
 
     Prediction and explanation come from one run of the Grad-CAM graph. Only when the
     decided class is not the graph's argmax (a binary model's threshold decided
@@ -87,6 +106,7 @@ async def explain(
     """
     started = time.perf_counter()
     # Parameters are checked before the upload is touched: a typo costs no inference.
+    heatmap_mode = pipeline.resolve_heatmap(heatmap)
     params = pipeline.ExplainParams(
         target=pipeline.resolve_target(target, model.spec),
         method=get_method(method.strip().lower()[:64]).name,  # [:64]: bounded echo in errors
@@ -94,12 +114,24 @@ async def explain(
         alpha=alpha,
         smooth=smooth,
         png_compression=settings.png_compression,
-        images=pipeline.resolve_images(images),
+        images=pipeline.resolve_images(images, heatmap_mode),
+        image_format=_image_format(image_format),
+        heatmap=heatmap_mode,
     )
     data = await read_upload(file, settings.max_upload_bytes)
     metrics.upload_bytes.observe(len(data))
     result = await runtime.run(pipeline.explain, model, metrics, data, slice_index, params, started)
     return json_bytes(result)
+
+
+def _image_format(name: str) -> ImageFormat:
+    key = name.strip().lower()
+    for known in IMAGE_FORMATS:
+        if key == known or (key == "jpg" and known == "jpeg"):
+            return known
+    raise InvalidParameter(
+        f"unknown image_format {name[:16]!r}; choose from {', '.join(IMAGE_FORMATS)}"
+    )
 
 
 def _colormap(name: str) -> str:
