@@ -75,6 +75,26 @@ class Decision(BaseModel):
     threshold_method: str | None = None
 
 
+class Quantization(BaseModel):
+    """How classifier.onnx was quantised to INT8 (`python -m exporter quantize`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    classifier: Literal["int8"] = "int8"
+    method: str = Field(description="e.g. static QDQ, onnxruntime.quantization")
+    activations: str = Field(description="QInt8 or QUInt8")
+    weights: str = Field(description="QInt8")
+    per_channel: bool
+    reduce_range: bool
+    calibration_method: str
+    calibration_images: int
+    top1_agreement: float = Field(description="decisions equal to the float model's, 0..1")
+    max_probability_diff: float
+    min_top1_agreement: float = Field(description="the gate the export passed")
+    gradcam: str = Field(description="what the Grad-CAM graph runs in, and why")
+    float_classifier_sha256: str
+
+
 class ModelSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -93,6 +113,8 @@ class ModelSpec(BaseModel):
     exported_at: str = ""
     source: dict[str, Any] = Field(default_factory=dict)
     disclaimer: str = DISCLAIMER
+    # None: both graphs float32, as exported.
+    quantization: Quantization | None = None
 
     @model_validator(mode="after")
     def _check(self) -> ModelSpec:

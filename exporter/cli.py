@@ -1,5 +1,6 @@
-"""`python -m exporter --model PATH.keras --out models/NAME [...]`, and
-`python -m exporter triton --model-dir models/NAME --repo DIR [...]` (exporter/triton.py)."""
+"""`python -m exporter --model PATH.keras --out models/NAME [...]`,
+`python -m exporter triton --model-dir models/NAME --repo DIR [...]` (exporter/triton.py) and
+`python -m exporter quantize --model-dir models/NAME --calibration DIR` (exporter/quantize.py)."""
 
 from __future__ import annotations
 
@@ -43,6 +44,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--name")
     p.add_argument("--version")
+    p.add_argument(
+        "--quantize",
+        choices=("int8",),
+        help="then quantise the classifier (exporter/quantize.py), calibrated and gated "
+        "on the --calibration images",
+    )
     return p.parse_args(argv)
 
 
@@ -53,6 +60,10 @@ def main(argv: list[str] | None = None) -> int:
         from exporter import triton
 
         return triton.main(argv[1:])
+    if argv[:1] == ["quantize"]:
+        from exporter import quantize
+
+        return quantize.main(argv[1:])
     args = parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
@@ -94,4 +105,15 @@ def main(argv: list[str] | None = None) -> int:
         f"  parity on {parity['n_inputs']} inputs: "
         + ", ".join(f"{k}={v:.2g}" for k, v in parity.items() if isinstance(v, float))
     )
+    if args.quantize:
+        from exporter.calibration import CalibrationError
+        from exporter.export import DEFAULT_CALIBRATION
+        from exporter.quantize import QuantizationError, quantize_model_dir, report
+
+        try:
+            quantised = quantize_model_dir(result.out_dir, args.calibration or DEFAULT_CALIBRATION)
+        except (QuantizationError, CalibrationError) as exc:
+            print(f"quantisation failed (the float export stands): {exc}", file=sys.stderr)
+            return 1
+        print(report(quantised))
     return 0

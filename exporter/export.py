@@ -14,11 +14,6 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from braincam.datasets import IMAGE_SUFFIXES, canonical_class
-from braincam.decoding import load_image
-from braincam.errors import InputError
 from braincam.model_spec import (
     CLASSIFIER_ONNX,
     GRADCAM_ONNX,
@@ -31,7 +26,8 @@ from braincam.model_spec import (
     save_spec,
     sha256_file,
 )
-from braincam.preprocessing import Preprocessing, preprocess
+from braincam.preprocessing import Preprocessing
+from exporter.calibration import calibration_inputs  # re-exported: the tests import it here
 from exporter.model_split import ExportError, split_model
 
 log = logging.getLogger(__name__)
@@ -39,7 +35,6 @@ log = logging.getLogger(__name__)
 RUN_JSON = "run.json"
 DEFAULT_OPSET = 17
 DEFAULT_CALIBRATION = Path("data/demo/Testing")
-CALIBRATION_IMAGES = 32
 
 
 @dataclass
@@ -63,37 +58,6 @@ def load_keras(path: Path) -> Any:
 def _read_run(model_path: Path) -> dict[str, Any]:
     run = model_path.parent / RUN_JSON
     return json.loads(run.read_text()) if run.is_file() else {}
-
-
-def calibration_inputs(
-    root: Path, spec: Preprocessing, limit: int = CALIBRATION_IMAGES
-) -> np.ndarray:
-    """Up to `limit` real images from a folder (a Kaggle split, class folders or flat),
-    taken round-robin across class folders so every class is represented."""
-    if not root.is_dir():
-        raise ExportError(f"calibration directory {root} does not exist (pass --calibration DIR)")
-    testing = [p for p in root.iterdir() if p.is_dir() and p.name.lower() == "testing"]
-    if testing:
-        root = testing[0]
-    groups = [
-        sorted(p for p in d.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-        for d in sorted(root.iterdir())
-        if d.is_dir() and canonical_class(d.name)
-    ]
-    if not groups:
-        groups = [sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)]
-    ordered = [g[i] for i in range(max(map(len, groups), default=0)) for g in groups if i < len(g)]
-    images: list[np.ndarray] = []
-    for path in ordered:
-        if len(images) == limit:
-            break
-        try:
-            images.append(preprocess(load_image(path), spec))
-        except (InputError, OSError, ValueError):
-            log.warning("calibration: skipped unreadable %s", path)
-    if not images:
-        raise ExportError(f"no readable images in calibration directory {root}")
-    return np.stack(images)
 
 
 def _versions() -> dict[str, str]:

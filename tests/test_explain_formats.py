@@ -110,7 +110,8 @@ def test_every_lossless_format_returns_the_same_pixels(
     cam = compute_cam("gradcam", out.activations, out.gradients, size=decoded.size)[0]
     heat = colorize(cam, "jet")
     overlay = blend(decoded.pixels, heat, 0.4)
-    expected = {"overlay": overlay, "heatmap": heat, "panels": panels(decoded.pixels, heat, overlay)}
+    figure = panels(decoded.pixels, heat, overlay)
+    expected = {"overlay": overlay, "heatmap": heat, "panels": figure}
 
     for fmt in ("png", "webp"):
         body = _explain(service, upload, images="all", image_format=fmt.upper())
