@@ -304,15 +304,20 @@ class Encoded:
     header_length: int | None  # set when binary outputs follow the JSON
 
 
-def run_inference(
-    model: OnnxModel,
-    metrics: Metrics,
-    name: str,
-    version: str | None,
-    body: bytes,
-    headers: Mapping[str, str],
-) -> Encoded:
-    """Parse, check, run the graph, encode: the whole blocking part of an infer call."""
+@dataclass(frozen=True)
+class PreparedInference:
+    """A checked infer request: the graph's feeds and the outputs to return."""
+
+    target: ProtocolModel
+    request: InferenceRequest
+    feeds: dict[str, np.ndarray]
+    requested: list[RequestOutput]
+
+
+def prepare_inference(
+    model: OnnxModel, name: str, version: str | None, body: bytes, headers: Mapping[str, str]
+) -> PreparedInference:
+    """Parse and check an infer call (every failure a 4xx before any inference)."""
     target = find_model(model, name, version)
     request, binary = parse_request(body, headers)
     feeds = decode_inputs(request, binary, target, len(model.spec.labels))
@@ -323,14 +328,37 @@ def run_inference(
                 f"model {target.name!r} has no output {out.name[:64]!r}; it has "
                 f"{[t.name for t in target.outputs]}"
             )
-    session = model.classifier if target.graph == "classifier" else model.gradcam_session
-    started = time.perf_counter()
-    arrays = session.run([o.name for o in requested], feeds)
-    metrics.inference.labels(graph=target.graph).observe(time.perf_counter() - started)
+    return PreparedInference(target, request, feeds, list(requested))
 
+
+def run_inference(
+    model: OnnxModel,
+    metrics: Metrics,
+    name: str,
+    version: str | None,
+    body: bytes,
+    headers: Mapping[str, str],
+) -> Encoded:
+    """Parse, check, run the graph, encode: the whole blocking part of an unbatched call."""
+    return run_prepared(model, metrics, prepare_inference(model, name, version, body, headers))
+
+
+def run_prepared(model: OnnxModel, metrics: Metrics, prepared: PreparedInference) -> Encoded:
+    """Run a checked request's graph on its own and encode the response."""
+    graph = prepared.target.graph
+    session = model.classifier if graph == "classifier" else model.gradcam_session
+    started = time.perf_counter()
+    arrays = session.run([o.name for o in prepared.requested], prepared.feeds)
+    metrics.inference.labels(graph=graph).observe(time.perf_counter() - started)
+    return encode_outputs(prepared, [np.asarray(a) for a in arrays])
+
+
+def encode_outputs(prepared: PreparedInference, arrays: Sequence[np.ndarray]) -> Encoded:
+    """The response to an infer call: `arrays` in the order of `prepared.requested`."""
+    request, target = prepared.request, prepared.target
     outputs: list[dict[str, Any]] = []
     tail: list[bytes] = []
-    for out, array in zip(requested, arrays, strict=True):
+    for out, array in zip(prepared.requested, arrays, strict=True):
         array = np.asarray(array)
         spec = target.output(out.name)
         assert spec is not None

@@ -35,6 +35,20 @@ T = TypeVar("T")
 Status = Literal["loading", "ok", "error"]
 
 
+def batching_decision(settings: Settings, model: OnnxModel) -> tuple[bool, str]:
+    """Whether requests are micro-batched, and why (logged, shown in /metadata)."""
+    mode = settings.batching
+    if mode != "auto":
+        return mode == "on", f"BRAINCAM_BATCHING={mode}"
+    active = ", ".join(model.providers.active)
+    if model.providers.gpu:
+        return True, f"BRAINCAM_BATCHING=auto and the session runs on a GPU ({active})"
+    return False, (
+        f"BRAINCAM_BATCHING=auto and the session runs on {active}: on the CPU, "
+        "per-image cost does not fall with the batch size"
+    )
+
+
 class ModelRuntime:
     def __init__(self, settings: Settings, metrics: Metrics) -> None:
         self.settings = settings
@@ -46,6 +60,7 @@ class ModelRuntime:
         self._thread: threading.Thread | None = None
         self._executor: ThreadPoolExecutor | None = None
         self.batchers: ModelBatchers | None = None  # set at load when batching is on
+        self.batching_reason: str = "the model is not loaded"
 
     @property
     def ready(self) -> bool:
@@ -86,7 +101,9 @@ class ModelRuntime:
             self.error = self._describe(exc)
         else:
             self.load_seconds = round(time.perf_counter() - started, 3)
-            if settings.batching:
+            active, self.batching_reason = batching_decision(settings, model)
+            log.info("micro-batching %s: %s", "on" if active else "off", self.batching_reason)
+            if active:
                 self.batchers = ModelBatchers(
                     model,
                     self.run,

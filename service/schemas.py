@@ -151,10 +151,19 @@ class Limits(BaseModel):
     formats: list[str]
 
 
+class BatchingInfo(BaseModel):
+    setting: Literal["auto", "on", "off"] = Field(description="BRAINCAM_BATCHING")
+    active: bool = Field(description="whether requests are micro-batched")
+    reason: str
+    max_size: int
+    max_wait_ms: float
+
+
 class MetadataResponse(BaseModel):
     model: dict[str, Any] = Field(description="model.json of the served model")
     providers: ProviderInfo
     gpu: bool
+    batching: BatchingInfo | None = None
     cam_methods: list[str]
     colormaps: list[str]
     defaults: dict[str, Any]

@@ -314,9 +314,14 @@ def test_an_inference_failure_is_a_json_error_for_that_batch_only(
         assert "ONNXRuntimeError" not in str(failed)
 
 
-def test_batching_is_off_by_default(unbatched: TestClient, uploads: list[bytes]) -> None:
-    assert Settings().batching is False
+def test_batching_is_off_by_default_on_the_cpu(
+    unbatched: TestClient, uploads: list[bytes]
+) -> None:
+    assert Settings().batching == "auto"
     assert unbatched.app.state.runtime.batchers is None  # type: ignore[attr-defined]
+    info = unbatched.get("/metadata").json()["batching"]
+    assert info["setting"] == "auto" and info["active"] is False
+    assert CPU in info["reason"] and info["max_size"] == Settings().batch_max_size
     assert unbatched.post("/predict", files={"file": ("x.png", uploads[0])}).status_code == 200
     assert "braincam_batch_size" not in unbatched.get("/metrics").text
 
@@ -327,10 +332,82 @@ def test_batch_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv("BRAINCAM_BATCH_MAX_WAIT_MS", "0.5")
     settings = Settings()
     assert (settings.batching, settings.batch_max_size, settings.batch_max_wait_ms) == (
-        True,
+        "on",
         32,
         0.5,
     )
     monkeypatch.setenv("BRAINCAM_BATCH_MAX_SIZE", "0")
     with pytest.raises(ValueError):
         Settings()
+
+
+@pytest.mark.parametrize(
+    ("setting", "gpu", "active"),
+    [("auto", True, True), ("auto", False, False), ("on", False, True), ("off", True, False),
+     (" AUTO ", True, True), ("1", False, True), ("false", True, False)],
+)
+def test_auto_batches_on_a_gpu_only(setting: str, gpu: bool, active: bool) -> None:
+    from types import SimpleNamespace
+
+    from service.runtime import batching_decision
+
+    providers = ["CUDAExecutionProvider", CPU] if gpu else [CPU]
+    model = SimpleNamespace(providers=SimpleNamespace(gpu=gpu, active=providers))
+    on, reason = batching_decision(Settings(batching=setting), model)  # type: ignore[arg-type]
+    assert on is active
+    assert "BRAINCAM_BATCHING=" in reason
+    assert ("GPU" in reason) == (on and setting.strip().lower() == "auto")
+    with pytest.raises(ValueError):
+        Settings(batching="sometimes")
+
+
+def test_oip_classifier_calls_join_the_predict_batches(
+    batched: TestClient, unbatched: TestClient, uploads: list[bytes], tiny_model_dir: Path
+) -> None:
+    from braincam.decoding import decode_image
+    from braincam.preprocessing import preprocess
+
+    model = OnnxModel(tiny_model_dir, providers=[CPU])
+    name = model.spec.name
+    tensors = [preprocess(decode_image(d).pixels, model.spec.preprocessing) for d in uploads]
+    half = N_CONCURRENT // 2
+    two_rows = np.stack(tensors[:2])  # one OIP call of 2 rows
+
+    def infer(x: np.ndarray) -> tuple[int, dict[str, object]]:
+        body = {"inputs": [{"name": "image", "shape": list(x.shape), "datatype": "FP32",
+                            "data": x.ravel().tolist()}]}
+        res = batched.post(f"/v2/models/{name}/infer", json=body)
+        return res.status_code, res.json()
+
+    def predict(data: bytes) -> tuple[int, dict[str, object]]:
+        res = batched.post("/predict", files={"file": ("x.png", data)})
+        return res.status_code, res.json()
+
+    runs0, rows0, _ = _batch_histogram(batched)
+    with ThreadPoolExecutor(N_CONCURRENT) as pool:
+        oip = pool.submit(infer, two_rows)
+        singles = [pool.submit(infer, t[None]) for t in tensors[2:half + 1]]
+        predicts = [pool.submit(predict, d) for d in uploads[half + 1:]]
+        results = [oip.result(), *(f.result() for f in singles), *(f.result() for f in predicts)]
+    runs, rows, _ = _batch_histogram(batched)
+    assert all(status == 200 for status, _ in results), results
+    assert rows - rows0 == N_CONCURRENT  # 2 + singles + predicts rows
+    assert runs - runs0 == 1, "OIP and /predict calls did not share one run"
+
+    _, body = oip.result()
+    (output,) = body["outputs"]  # type: ignore[index]
+    assert output["name"] == "probabilities" and output["shape"] == [2, len(model.labels)]
+    np.testing.assert_allclose(
+        np.array(output["data"]).reshape(2, -1), model.predict(two_rows), atol=1e-5
+    )
+    # The Grad-CAM graph is not batched: it still answers through the batched service.
+    gc = {"inputs": [
+        {"name": "image", "shape": [1, *tensors[0].shape], "datatype": "FP32",
+         "data": tensors[0].ravel().tolist()},
+        {"name": "target", "shape": [1], "datatype": "INT64", "data": [-1]},
+    ]}
+    res = batched.post(f"/v2/models/{name}-gradcam/infer", json=gc)
+    assert res.status_code == 200, res.text
+    assert _batch_histogram(batched)[0] == runs
+    bad = batched.post(f"/v2/models/{name}/infer", json={"inputs": []})
+    assert bad.status_code == 400 and bad.json()["code"]

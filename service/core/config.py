@@ -9,6 +9,9 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 LogLevel = Literal["critical", "error", "warning", "info", "debug"]
+BatchingMode = Literal["auto", "on", "off"]
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
 
 # Room for the multipart envelope (boundaries, part headers, the small form fields)
 # on top of the file itself, when the whole request body is bounded.
@@ -46,7 +49,9 @@ class Settings(BaseSettings):
     # 1024x1024 overlay, files ~1.3x larger); 0..9: libpng at that zlib level.
     png_compression: int | None = Field(default=None, ge=0, le=9)
     # Micro-batching (service/batching.py): concurrent requests share one ORT run.
-    batching: bool = False
+    # auto: on when the session runs on a GPU provider, off on the CPU, where
+    # `python -m benchmarks` measures it losing to request-level parallelism.
+    batching: BatchingMode = "auto"
     batch_max_size: int = Field(default=16, ge=1, le=1024)
     batch_max_wait_ms: float = Field(default=2.0, ge=0, le=1000)
     host: str = "127.0.0.1"
@@ -60,6 +65,17 @@ class Settings(BaseSettings):
         # Settings(providers=["CPUExecutionProvider"]) works as well as the env string.
         if isinstance(value, (list, tuple)):
             return ",".join(str(v) for v in value)
+        return value
+
+    @field_validator("batching", mode="before")
+    @classmethod
+    def _batching(cls, value: Any) -> Any:
+        # true/false (and 1/0, yes/no) as before "auto" existed: on/off.
+        if isinstance(value, bool):
+            return "on" if value else "off"
+        if isinstance(value, str):
+            text = value.strip().lower()
+            return "on" if text in _TRUE else "off" if text in _FALSE else text
         return value
 
     @field_validator("log_level", mode="before")

@@ -16,6 +16,7 @@ from service.errors import error_responses
 from service.inference_protocol import TensorSpec, find_model
 from service.metrics import CONTENT_TYPE_LATEST
 from service.schemas import (
+    BatchingInfo,
     Limits,
     MetadataResponse,
     ModelMetadataV2,
@@ -35,7 +36,9 @@ router = APIRouter()
     summary="The served model and what the API accepts",
     responses=error_responses(503),
 )
-async def metadata(model: ModelDep, settings: SettingsDep) -> MetadataResponse:
+async def metadata(
+    model: ModelDep, runtime: RuntimeDep, settings: SettingsDep
+) -> MetadataResponse:
     report = model.providers
     return MetadataResponse(
         model=model.spec.model_dump(mode="json"),
@@ -43,6 +46,13 @@ async def metadata(model: ModelDep, settings: SettingsDep) -> MetadataResponse:
             requested=report.requested, available=report.available, active=report.active
         ),
         gpu=report.gpu,
+        batching=BatchingInfo(
+            setting=settings.batching,
+            active=runtime.batchers is not None,
+            reason=runtime.batching_reason,
+            max_size=settings.batch_max_size,
+            max_wait_ms=settings.batch_max_wait_ms,
+        ),
         cam_methods=list(METHODS),
         colormaps=list(COLORMAPS),
         defaults={"method": DEFAULT_METHOD, "alpha": DEFAULT_ALPHA, "colormap": DEFAULT_COLORMAP},

@@ -13,9 +13,20 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from braincam.errors import InputError
+from braincam.inference import OnnxModel
+from braincam.model_spec import IMAGE_INPUT, PROBABILITIES_OUTPUT
 from service.api.deps import MetricsDep, RuntimeDep
+from service.batching import ModelBatchers
 from service.errors import ServiceError, error_responses
-from service.inference_protocol import HEADER_LENGTH, run_inference
+from service.inference_protocol import (
+    HEADER_LENGTH,
+    Encoded,
+    encode_outputs,
+    prepare_inference,
+    run_inference,
+    run_prepared,
+)
+from service.runtime import ModelRuntime
 
 router = APIRouter(tags=["open inference protocol"])
 
@@ -73,9 +84,16 @@ async def _infer(
         model = runtime.require()
         # The body is bounded by RequestMiddleware (BRAINCAM_MAX_UPLOAD_MB).
         body = await request.body()
-        encoded = await runtime.run(
-            run_inference, model, metrics, name, version, body, dict(request.headers)
-        )
+        request_headers = dict(request.headers)
+        batchers = runtime.batchers
+        if batchers is None:
+            encoded = await runtime.run(
+                run_inference, model, metrics, name, version, body, request_headers
+            )
+        else:
+            encoded = await _batched(
+                runtime, batchers, model, name, version, body, request_headers
+            )
     except (ServiceError, InputError) as exc:
         metrics.error(exc.status_code, exc.code)
         headers = getattr(exc, "headers", None)
@@ -91,6 +109,26 @@ async def _infer(
         media_type="application/octet-stream",
         headers={HEADER_LENGTH: str(encoded.header_length)},
     )
+
+
+async def _batched(
+    runtime: ModelRuntime,
+    batchers: ModelBatchers,
+    model: OnnxModel,
+    name: str,
+    version: str | None,
+    body: bytes,
+    headers: dict[str, str],
+) -> Encoded:
+    """Classifier calls share the micro-batcher's runs with /predict; the Grad-CAM
+    graph runs alone, as /explain's does."""
+    prepared = await runtime.run(prepare_inference, model, name, version, body, headers)
+    if prepared.target.graph != "classifier":
+        return await runtime.run(run_prepared, model, runtime.metrics, prepared)
+    (probabilities,) = await batchers.classifier.submit(prepared.feeds[IMAGE_INPUT])
+    produced = {PROBABILITIES_OUTPUT: probabilities}
+    arrays = [produced[out.name] for out in prepared.requested]
+    return await runtime.run(encode_outputs, prepared, arrays)
 
 
 @router.post("/v2/models/{name}/infer", **_DOC)
