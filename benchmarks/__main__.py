@@ -19,6 +19,7 @@ import socket
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import cv2
@@ -27,6 +28,7 @@ from benchmarks import direct, serving
 from benchmarks.machine import load_average, machine_info
 from benchmarks.report import render
 from benchmarks.stats import Timing
+from benchmarks.uploads import benchmark_uploads
 from braincam.decoding import decode_image
 from braincam.inference import OnnxModel
 from service.core.config import Settings
@@ -62,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-keras", action="store_true", help="skip the Keras rows")
     p.add_argument("--no-http", action="store_true", help="skip the server figures")
     p.add_argument("--clients", default="1,8,32", help="concurrent clients, comma-separated")
+    p.add_argument("--no-sizes", action="store_true",
+                   help="skip the 512/1024 PNG, JPEG and DICOM uploads (benchmarks/uploads.py)")
     args = p.parse_args(argv)
 
     quick = args.quick
@@ -86,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     spec = model.spec
     print(f"direct ORT figures ({image_note}) ...", file=sys.stderr)
     direct_rows = direct.measure(model, data, repeats, budget)
-    del model
+    uploads = [] if args.no_sizes else benchmark_uploads(data)
+    raw = partial(direct.raw_predict, model)
 
     results: serving.ServingResults | None = None
     seconds_per_run = 1.5 if quick else 5.0
@@ -104,11 +109,15 @@ def main(argv: list[str] | None = None) -> int:
                     rounds=1 if quick else 2,
                     sequential_requests=30 if quick else 300,
                     log=log,
+                    uploads=uploads,
+                    raw=raw,
+                    upload_rounds=2 if quick else 5,
                 )
             except RuntimeError as exc:
                 sys.stderr.write(log.read_text() if log.exists() else "")
                 sys.exit(str(exc))
 
+    del raw, model  # the Keras figures need the cores and the memory
     keras_rows: dict[str, Timing] = {}
     keras_note: str | None = None
     keras_path = args.keras or ROOT / "runs" / spec.name / "model.keras"

@@ -21,6 +21,11 @@ def ort_gradcam_map(model: OnnxModel, x: np.ndarray, size: tuple[int, int]) -> n
     return compute_cam("gradcam", out.activations, out.gradients, size=size)
 
 
+def raw_predict(model: OnnxModel, data: bytes) -> np.ndarray:
+    """What /predict does without HTTP: decode, preprocess, classifier session.run."""
+    return model.predict(preprocess(decode_image(data).pixels, model.spec.preprocessing)[None])
+
+
 def measure(model: OnnxModel, data: bytes, repeats: int, max_seconds: float) -> dict[str, Timing]:
     """Rows keyed `what@batch` (batch 1 and 16 of the same preprocessed image)."""
     decoded = decode_image(data)

@@ -37,7 +37,27 @@ def goals(
     top_clients: int,
 ) -> list[Goal]:
     out: list[Goal] = []
-    if serving is not None:
+    if serving is not None and serving.uploads:
+        # Each upload's three figures were measured interleaved (serving.measure_uploads).
+        for f in serving.uploads:
+            predict, explain, raw = f.predict.p50, f.explain.p50, f.raw.p50
+            out.append(
+                Goal(
+                    f"{f.upload.key}: /predict p50 vs decode + preprocess + session.run",
+                    f"{predict / raw:.2f}x ({predict:.2f} vs {raw:.2f} ms)",
+                    "<= 1.5x",
+                    predict <= 1.5 * raw,
+                )
+            )
+            out.append(
+                Goal(
+                    f"{f.upload.key}: /explain p50 vs /predict p50 (default response)",
+                    f"{explain / predict:.2f}x ({explain:.2f} vs {predict:.2f} ms)",
+                    "<= 1.3x",
+                    explain <= 1.3 * predict,
+                )
+            )
+    elif serving is not None:
         predict = serving.sequential["/predict"].p50
         explain = serving.sequential["/explain"].p50
         base = direct["ort_classifier@1"].p50 + direct["decode@1"].p50
@@ -100,6 +120,57 @@ def goals(
     return out
 
 
+def upload_section(serving: ServingResults) -> list[str]:
+    """Per upload: raw work, both endpoints (p50 ms) and where /explain's time goes."""
+    lines = [
+        "## Uploads of the sizes users send (1 client, keep-alive, interleaved rounds)",
+        "",
+        "raw = decode + preprocess + classifier `session.run` in the benchmark process; "
+        "/explain returns its default response (the overlay as PNG). Server-side "
+        "medians of `timing_ms` on the right.",
+        "",
+    ]
+    rows = []
+    for f in serving.uploads:
+        server = f.server_timing.get("/explain", {})
+        pred = f.server_timing.get("/predict", {})
+        rows.append(
+            [
+                f.upload.key,
+                f.upload.note,
+                f"{f.raw.p50:.2f}",
+                f"{f.predict.p50:.2f}",
+                f"{f.predict.p50 / f.raw.p50:.2f}x",
+                f"{f.explain.p50:.2f}",
+                f"{f.explain.p50 / f.predict.p50:.2f}x",
+                f"{pred.get('total', math.nan):.2f}",
+                ", ".join(
+                    f"{k} {server[k]:.2f}"
+                    for k in ("decode", "preprocess", "inference", "cam", "encode", "total")
+                    if k in server
+                ),
+                f"{f.explain_bytes / 1024:.0f}",
+                str(f.predict.n),
+            ]
+        )
+    return lines + _table(
+        [
+            "upload",
+            "what",
+            "raw p50",
+            "/predict p50",
+            "vs raw",
+            "/explain p50",
+            "vs /predict",
+            "/predict server total",
+            "/explain server timing_ms",
+            "/explain KiB",
+            "requests",
+        ],
+        rows,
+    )
+
+
 def render(
     title: str,
     machine: dict[str, str],
@@ -158,6 +229,9 @@ def render(
         lines += ["", "Where the server's time goes (medians of the responses' `timing_ms`):", ""]
         for path, medians in serving.server_timing.items():
             lines.append(f"- `{path}`: " + ", ".join(f"{k} {v:.2f}" for k, v in medians.items()))
+
+        if serving.uploads:
+            lines += ["", *upload_section(serving)]
 
         lines += ["", "## Concurrency: `POST /predict`, closed loop", ""]
         rows = []

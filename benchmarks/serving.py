@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import statistics
+import time
 import urllib.request
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from benchmarks.load import LoadResult, run_load
 from benchmarks.server import Server, serve
 from benchmarks.stats import Timing
+from benchmarks.uploads import Upload
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,18 @@ class Concurrency:
 
 
 @dataclass
+class UploadFigures:
+    """One upload, sequentially: the in-process work and both endpoints, interleaved."""
+
+    upload: Upload
+    raw: Timing  # decode + preprocess + classifier session.run, in this process
+    predict: Timing
+    explain: Timing
+    server_timing: dict[str, dict[str, float]]  # path -> medians of timing_ms
+    explain_bytes: int  # the default /explain response's size
+
+
+@dataclass
 class ServingResults:
     modes: list[Mode]
     sequential: dict[str, Timing]  # "/predict", "/explain" on the default server
@@ -85,6 +100,51 @@ class ServingResults:
     concurrency: dict[tuple[str, int], Concurrency]
     rss_ready_mb: dict[str, float]
     rss_peak_mb: dict[str, float]
+    uploads: list[UploadFigures] = field(default_factory=list)
+
+
+def measure_uploads(
+    server: Server,
+    uploads: list[Upload],
+    raw: Callable[[bytes], object],
+    rounds: int,
+    per_round: int,
+) -> list[UploadFigures]:
+    """Raw work, /predict and /explain on each upload, one client, interleaved in
+    rounds (raw, predict, explain for every upload, then again) so that background
+    load, on a shared machine, weighs on every figure of a ratio alike."""
+    times: dict[tuple[str, str], list[float]] = {}
+    bodies: dict[tuple[str, str], list[bytes]] = {}
+    for r in range(rounds):
+        for upload in uploads:
+            if r == 0:
+                raw(upload.data)  # first-call costs (codec set-up) are not steady state
+            samples = times.setdefault((upload.key, "raw"), [])
+            for _ in range(per_round):
+                t0 = time.perf_counter()
+                raw(upload.data)
+                samples.append((time.perf_counter() - t0) * 1000.0)
+            for path in ("/predict", "/explain"):
+                result = run_load(
+                    server.host, server.port, path, upload.data, clients=1,
+                    max_requests=per_round, max_seconds=60.0, warmup=2 if r == 0 else 0,
+                    keep_bodies=per_round,
+                )
+                if result.errors:
+                    raise RuntimeError(f"{path} on {upload.key}: {result.errors} failed requests")
+                times.setdefault((upload.key, path), []).extend(result.latencies_ms)
+                bodies.setdefault((upload.key, path), []).extend(result.bodies)
+    return [
+        UploadFigures(
+            u,
+            Timing.of(times[(u.key, "raw")]),
+            Timing.of(times[(u.key, "/predict")]),
+            Timing.of(times[(u.key, "/explain")]),
+            {path: _timing_medians(bodies[(u.key, path)]) for path in ("/predict", "/explain")},
+            len(bodies[(u.key, "/explain")][-1]),
+        )
+        for u in uploads
+    ]
 
 
 def _batch_counts(server: Server) -> tuple[float, float]:
@@ -117,6 +177,9 @@ def measure(
     rounds: int,
     sequential_requests: int,
     log: Path,
+    uploads: list[Upload] | None = None,
+    raw: Callable[[bytes], object] | None = None,
+    upload_rounds: int = 5,
 ) -> ServingResults:
     modes = serving_modes()
     with ExitStack() as stack:
@@ -142,6 +205,10 @@ def measure(
                 raise RuntimeError(f"{path}: {result.errors} failed requests; see {log}")
             sequential[path] = Timing.of(result.latencies_ms)
             server_timing[path] = _timing_medians(result.bodies)
+        figures = []
+        if uploads and raw is not None:
+            per_round = max(3, sequential_requests // upload_rounds)
+            figures = measure_uploads(default, uploads, raw, upload_rounds, per_round)
 
         concurrency = {(m.key, c): Concurrency() for m in modes for c in clients}
         for c in clients:
@@ -169,4 +236,6 @@ def measure(
                         entry.batch_rows += after[0] - before[0]
                         entry.batch_runs += after[1] - before[1]
         rss_peak = {key: s.peak_rss_mb for key, s in servers.items()}
-    return ServingResults(modes, sequential, server_timing, concurrency, rss_ready, rss_peak)
+    return ServingResults(
+        modes, sequential, server_timing, concurrency, rss_ready, rss_peak, figures
+    )

@@ -50,7 +50,12 @@ MIN_AGREEMENT = 0.99
 # More than the parity gate's 32: the activation ranges come from these images, and
 # 99 % agreement on 32 images would mean no disagreement at all.
 QUANT_CALIBRATION_IMAGES = 256
-CALIBRATION_BATCH = 16
+# ORT's calibrator keeps every tensor of the graph for every calibration image until
+# it computes the ranges: memory is images x activations (~0.2 GB per image for
+# Xception at 299x299), so `limit` bounds it. (Its CalibMaxIntermediateOutputs
+# option drops what it buffered without folding it into the ranges in ORT 1.32.)
+CALIBRATION_BATCH = 8
+GATE_BATCH = 16
 GRADCAM_NOTE = (
     "float32: Grad-CAM is built from the graph's gradients, held to Keras's within "
     "~1e-5 by the parity gate; INT8 forward activations would move them far more"
@@ -108,8 +113,8 @@ def _probabilities(path: Path, x: np.ndarray) -> np.ndarray:
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return np.concatenate(
         [
-            session.run([PROBABILITIES_OUTPUT], {IMAGE_INPUT: x[i : i + CALIBRATION_BATCH]})[0]
-            for i in range(0, len(x), CALIBRATION_BATCH)
+            session.run([PROBABILITIES_OUTPUT], {IMAGE_INPUT: x[i : i + GATE_BATCH]})[0]
+            for i in range(0, len(x), GATE_BATCH)
         ]
     )
 
