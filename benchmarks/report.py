@@ -120,6 +120,32 @@ def goals(
     return out
 
 
+def batching_bound(
+    direct: dict[str, Timing], serving: ServingResults, top_clients: int
+) -> list[str]:
+    """What batching could gain at most here: only the ORT run's per-image cost falls
+    with the batch; HTTP, multipart, decoding and JSON are paid per request."""
+    one, sixteen = direct.get("ort_classifier@1"), direct.get("ort_classifier@16")
+    unbatched = [
+        serving.concurrency[(m.key, top_clients)]
+        for m in serving.modes
+        if not m.key.startswith("batched")
+    ]
+    if one is None or sixteen is None or not unbatched:
+        return []
+    best = max(unbatched, key=lambda c: c.throughput)
+    cpu = best.cpu_ms_per_request
+    saved = one.p50 - sixteen.p50 / 16
+    bound = cpu / max(cpu - saved, 1e-9)
+    return [
+        f"Batching's ceiling on this machine: a batch of 16 saves {saved:.2f} ms of ORT "
+        f"time per image ({one.p50:.2f} ms at batch 1, {sixteen.p50 / 16:.2f} ms per image "
+        f"at 16), against {cpu:.2f} ms of server CPU per request in the best batch-1 mode "
+        f"at {top_clients} clients: at most {bound:.2f}x the throughput, however the "
+        "batches form. Hence `BRAINCAM_BATCHING=auto` leaves it off on the CPU provider."
+    ]
+
+
 def upload_section(serving: ServingResults) -> list[str]:
     """Per upload: raw work, both endpoints (p50 ms) and where /explain's time goes."""
     lines = [
@@ -267,6 +293,8 @@ def render(
             ],
             rows,
         )
+
+        lines += ["", *batching_bound(direct, serving, max(clients))]
 
         lines += ["", "## Memory: serving process RSS (MB)", ""]
         lines += _table(
