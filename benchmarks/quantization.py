@@ -3,13 +3,12 @@
     python -m benchmarks.quantization --model-dir models/demo [--calibration DIR]
     python -m benchmarks.quantization --backbone xception   # random weights, 299x299x3
 
-The model directory's classifier is quantised into a temporary copy with the
-exporter's own `quantize_model_dir` (both `reduce_range` settings, so the choice is
-a measurement), then each session is timed interleaved with the others: a change
-in background load hits every variant alike. With `--backbone`, a keras.applications
-network with random weights is exported first (the `train` extra is needed); its
-near-uniform random outputs make top-1 agreement meaningless, so its gate is off and
-the agreement is only reported.
+The classifier is quantised with the exporter's own `quantize_classifier` (both
+`reduce_range` settings, so the choice is a measurement), then each session is timed
+interleaved with the others: a change in background load hits every variant alike.
+With `--backbone`, a keras.applications network with random weights is converted
+first (the `train` extra is needed); its near-uniform random outputs make top-1
+agreement meaningless, so it is only reported.
 """
 
 from __future__ import annotations
@@ -25,8 +24,10 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.machine import machine_info
+from braincam.model_spec import load_spec
+from braincam.preprocessing import Preprocessing
 from exporter.calibration import calibration_inputs
-from exporter.quantize import quantize_model_dir
+from exporter.quantize import quantize_classifier
 
 ROOT = Path(__file__).resolve().parents[1]
 BATCHES = (1, 16)
@@ -47,11 +48,14 @@ def cpu_flags() -> str:
     return ", ".join(f for f in wanted if f in flags) or "none of " + ", ".join(wanted)
 
 
-def export_backbone(name: str, out: Path, calibration: Path) -> Path:
-    """A keras.applications backbone with random weights, exported by the exporter."""
+def export_backbone(name: str, out: Path) -> tuple[Path, int]:
+    """A keras.applications classifier with random weights as an ONNX graph (the
+    exporter's converter, classifier only: the Grad-CAM graph is not quantised)."""
     import keras
+    import onnx
+    import tensorflow as tf
 
-    from exporter.export import export_model
+    from exporter.convert import to_onnx
 
     builders = {
         "xception": (keras.applications.Xception, 299),
@@ -59,15 +63,11 @@ def export_backbone(name: str, out: Path, calibration: Path) -> Path:
     }
     build, size = builders[name]
     model = build(weights=None, input_shape=(size, size, 3), classes=4)
-    path = out / f"{name}.keras"
-    model.save(path)
-    export_model(
-        path, out / name, labels=["glioma", "meningioma", "notumor", "pituitary"],
-        scale="symmetric", channels=3, calibration=calibration,
-    )
-    return out / name
-
-
+    spec = [tf.TensorSpec([None, size, size, 3], tf.float32, name="image")]
+    fn = tf.function(lambda image: model(image, training=False), input_signature=spec)
+    path = out / f"{name}.onnx"
+    onnx.save(to_onnx(fn, 17), str(path))
+    return path, size
 def _time(session: object, x: np.ndarray, seconds: float) -> list[float]:
     run = session.run  # type: ignore[attr-defined]
     times: list[float] = []
@@ -77,6 +77,26 @@ def _time(session: object, x: np.ndarray, seconds: float) -> list[float]:
         run(None, {"image": x})
         times.append((time.perf_counter() - t0) * 1e3)
     return times
+
+
+def agreement(variants: dict[str, Path], x: np.ndarray) -> dict[str, str]:
+    """Top-1 agreement and max probability difference of each INT8 variant."""
+    import onnxruntime as ort
+
+    outputs = {
+        key: np.concatenate([
+            ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
+                None, {"image": x[i : i + 8]})[0]
+            for i in range(0, len(x), 8)
+        ])
+        for key, path in variants.items()
+    }
+    ref = outputs.pop("float32")
+    return {
+        key: f"top-1 agreement {np.mean(out.argmax(1) == ref.argmax(1)):.2%}, max "
+        f"probability difference {np.abs(out - ref).max():.4f} on {len(x)} images"
+        for key, out in outputs.items()
+    }
 
 
 def measure(variants: dict[str, Path], x1: np.ndarray, rounds: int, seconds: float
@@ -114,31 +134,30 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="braincam-qbench-") as tmp:
         work = Path(tmp)
-        model_dir = args.model_dir or export_backbone(args.backbone, work, args.calibration)
-        gate = 0.0 if args.backbone else 0.99
-        variants = {"float32": model_dir / "classifier.onnx"}
-        notes = {}
+        if args.backbone:
+            source, size = export_backbone(args.backbone, work)
+            prep = Preprocessing(height=size, width=size, channels=3, scale="symmetric")
+            title = f"{args.backbone} {prep.input_shape}, random weights"
+        else:
+            spec = load_spec(args.model_dir)
+            source, prep = args.model_dir / spec.graphs.classifier.file, spec.preprocessing
+            title = f"{spec.name} {prep.input_shape}"
+        x = calibration_inputs(args.calibration, prep, limit=args.limit)
+        variants = {"float32": source}
         for reduce_range in (False, True):
             key = f"int8 reduce_range={reduce_range}"
-            out = work / key.replace(" ", "_").replace("=", "")
-            result = quantize_model_dir(model_dir, args.calibration, out_dir=out,
-                                        limit=args.limit, min_agreement=gate,
-                                        reduce_range=reduce_range)
-            q = result.spec.quantization
-            assert q is not None
-            variants[key] = out / result.spec.graphs.classifier.file
-            notes[key] = (f"top-1 agreement {q.top1_agreement:.2%}, max probability "
-                          f"difference {q.max_probability_diff:.4f} on {q.calibration_images}")
-        from braincam.model_spec import load_spec
-
-        spec = load_spec(model_dir)
-        x1 = calibration_inputs(args.calibration, spec.preprocessing, limit=1)
-        results = measure(variants, x1, args.rounds, args.seconds)
+            variants[key] = work / f"int8_rr{int(reduce_range)}.onnx"
+            quantize_classifier(source, variants[key], x, reduce_range=reduce_range)
+        # Only the MAC-heavy operators: no Q/DQ pairs around activations, SE blocks, ...
+        key = "int8 Conv/MatMul/Gemm only"
+        variants[key] = work / "int8_mac.onnx"
+        quantize_classifier(source, variants[key], x, op_types=["Conv", "MatMul", "Gemm"])
+        notes = agreement(variants, x)
+        results = measure(variants, x[:1], args.rounds, args.seconds)
 
     machine = machine_info()
     lines = [
-        f"# INT8 vs float32: {spec.name} {spec.input_shape}"
-        + (f" ({args.backbone}, random weights)" if args.backbone else ""),
+        f"# INT8 vs float32: {title}",
         "",
         f"- CPU: {machine.get('CPU', '?')}, {os.cpu_count()} logical cores; "
         f"features: {cpu_flags()}",

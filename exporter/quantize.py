@@ -127,8 +127,12 @@ def quantize_classifier(
     per_channel: bool = True,
     reduce_range: bool = False,
     activations: str = "QInt8",
+    op_types: list[str] | None = None,
 ) -> None:
-    """float classifier.onnx (its external weights beside it) -> INT8 QDQ at `target`."""
+    """float classifier.onnx (its external weights beside it) -> INT8 QDQ at `target`.
+
+    `op_types`: only these operators get INT8 kernels (None: every one ORT can).
+    """
     from onnxruntime.quantization import (
         CalibrationMethod,
         QuantFormat,
@@ -152,6 +156,7 @@ def quantize_classifier(
             activation_type=getattr(QuantType, activations),
             weight_type=QuantType.QInt8,
             calibrate_method=CalibrationMethod.MinMax,
+            op_types_to_quantize=op_types,
         )
 
 
