@@ -88,7 +88,7 @@ def goals(
                 k >= 10 * o,
             )
         )
-    if serving is not None:
+    if serving is not None and serving.modes:
         # Best against best: a badly tuned batch-1 baseline would flatter batching.
         best = {
             kind: max(
