@@ -9,6 +9,7 @@ built once; each response's status and Content-Length are checked.
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -142,3 +143,40 @@ def fetch(host: str, port: int, path: str, data: bytes) -> tuple[int, bytes]:
             writer.close()
 
     return asyncio.run(one())
+
+
+class BlockingClient:
+    """One keep-alive connection, one request at a time, no event loop: for timing
+    single requests interleaved with other work in the same loop."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.sock = socket.create_connection((host, port), timeout=60)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as asyncio does
+        self._pending = b""
+
+    def exchange(self, request: bytes) -> tuple[int, bytes]:
+        self.sock.sendall(request)
+        data = bytearray(self._pending)
+        while (end := data.find(b"\r\n\r\n")) < 0:
+            data += self._recv()
+        lines = bytes(data[:end]).decode("latin-1").split("\r\n")
+        status = int(lines[0].split()[1])
+        length = 0
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            if name.strip().lower() == "content-length":
+                length = int(value)
+        start = end + 4
+        while len(data) < start + length:
+            data += self._recv()
+        self._pending = bytes(data[start + length :])
+        return status, bytes(data[start : start + length])
+
+    def _recv(self) -> bytes:
+        chunk = self.sock.recv(1 << 20)
+        if not chunk:
+            raise ConnectionError("the server closed the connection")
+        return chunk
+
+    def close(self) -> None:
+        self.sock.close()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from benchmarks.serving import ServingResults
+from benchmarks.serving import ServingResults, UploadFigures
 from benchmarks.stats import Timing
 
 RSS_GOAL_MB = 400.0
@@ -40,10 +40,10 @@ def goals(
     if serving is not None and serving.uploads:
         # Each upload's three figures were measured interleaved (serving.measure_uploads).
         for f in serving.uploads:
-            predict, explain, raw = f.predict.p50, f.explain.p50, f.raw.p50
+            predict, explain, raw = f.predict.p50, f.explain.p50, server_work(f)
             out.append(
                 Goal(
-                    f"{f.upload.key}: /predict p50 vs decode + preprocess + session.run",
+                    f"{f.upload.key}: /predict p50 vs its decode + preprocess + session.run",
                     f"{predict / raw:.2f}x ({predict:.2f} vs {raw:.2f} ms)",
                     "<= 1.5x",
                     predict <= 1.5 * raw,
@@ -120,6 +120,15 @@ def goals(
     return out
 
 
+def server_work(f: UploadFigures) -> float:
+    """/predict's raw work as the server timed it in the same requests (medians of
+    timing_ms): decode + preprocess + session.run, without HTTP, multipart and JSON.
+    On a loaded machine this is the fair baseline: the in-process `raw` column runs
+    in another process, whose ORT threads the scheduler treats differently."""
+    t = f.server_timing.get("/predict", {})
+    return sum(t.get(k, math.nan) for k in ("decode", "preprocess", "inference"))
+
+
 def batching_bound(
     direct: dict[str, Timing], serving: ServingResults, top_clients: int
 ) -> list[str]:
@@ -151,9 +160,10 @@ def upload_section(serving: ServingResults) -> list[str]:
     lines = [
         "## Uploads of the sizes users send (1 client, keep-alive, interleaved rounds)",
         "",
-        "raw = decode + preprocess + classifier `session.run` in the benchmark process; "
-        "/explain returns its default response (the overlay as PNG). Server-side "
-        "medians of `timing_ms` on the right.",
+        "work = decode + preprocess + classifier `session.run` as the server timed them "
+        "in the same /predict requests (medians of `timing_ms`); raw = the same work "
+        "called in the benchmark process. Calls alternate raw, /predict, /explain. "
+        "/explain returns its default response (the overlay as PNG).",
         "",
     ]
     rows = []
@@ -165,8 +175,9 @@ def upload_section(serving: ServingResults) -> list[str]:
                 f.upload.key,
                 f.upload.note,
                 f"{f.raw.p50:.2f}",
+                f"{server_work(f):.2f}",
                 f"{f.predict.p50:.2f}",
-                f"{f.predict.p50 / f.raw.p50:.2f}x",
+                f"{f.predict.p50 / server_work(f):.2f}x",
                 f"{f.explain.p50:.2f}",
                 f"{f.explain.p50 / f.predict.p50:.2f}x",
                 f"{pred.get('total', math.nan):.2f}",
@@ -184,8 +195,9 @@ def upload_section(serving: ServingResults) -> list[str]:
             "upload",
             "what",
             "raw p50",
+            "work",
             "/predict p50",
-            "vs raw",
+            "vs work",
             "/explain p50",
             "vs /predict",
             "/predict server total",

@@ -16,14 +16,18 @@ import urllib.request
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
+from typing import TypeVar
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from benchmarks.load import LoadResult, run_load
+from benchmarks.load import BlockingClient, LoadResult, multipart_request, run_load
 from benchmarks.server import Server, serve
 from benchmarks.stats import Timing
 from benchmarks.uploads import Upload
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -110,37 +114,50 @@ def measure_uploads(
     rounds: int,
     per_round: int,
 ) -> list[UploadFigures]:
-    """Raw work, /predict and /explain on each upload, one client, interleaved in
-    rounds (raw, predict, explain for every upload, then again) so that background
-    load, on a shared machine, weighs on every figure of a ratio alike."""
+    """Raw work, /predict and /explain on each upload, one client, alternating call
+    by call (raw, predict, explain, raw, ...) so that background load, on a shared
+    machine, weighs on every figure of a ratio alike; the uploads take turns by round."""
+    paths = ("/predict", "/explain")
+    requests = {
+        (u.key, path): multipart_request(server.host, server.port, path, u.data)
+        for u in uploads
+        for path in paths
+    }
+    clients = {path: BlockingClient(server.host, server.port) for path in paths}
     times: dict[tuple[str, str], list[float]] = {}
     bodies: dict[tuple[str, str], list[bytes]] = {}
-    for r in range(rounds):
-        for upload in uploads:
-            if r == 0:
-                raw(upload.data)  # first-call costs (codec set-up) are not steady state
-            samples = times.setdefault((upload.key, "raw"), [])
-            for _ in range(per_round):
-                t0 = time.perf_counter()
-                raw(upload.data)
-                samples.append((time.perf_counter() - t0) * 1000.0)
-            for path in ("/predict", "/explain"):
-                result = run_load(
-                    server.host, server.port, path, upload.data, clients=1,
-                    max_requests=per_round, max_seconds=60.0, warmup=2 if r == 0 else 0,
-                    keep_bodies=per_round,
-                )
-                if result.errors:
-                    raise RuntimeError(f"{path} on {upload.key}: {result.errors} failed requests")
-                times.setdefault((upload.key, path), []).extend(result.latencies_ms)
-                bodies.setdefault((upload.key, path), []).extend(result.bodies)
+
+    def timed(key: tuple[str, str], call: Callable[[], T]) -> T:
+        t0 = time.perf_counter()
+        out = call()
+        times.setdefault(key, []).append((time.perf_counter() - t0) * 1000.0)
+        return out
+
+    try:
+        for r in range(rounds):
+            for upload in uploads:
+                if r == 0:  # first-call costs (codec set-up, arena growth): not steady state
+                    raw(upload.data)
+                    for path in paths:
+                        clients[path].exchange(requests[(upload.key, path)])
+                for _ in range(per_round):
+                    timed((upload.key, "raw"), partial(raw, upload.data))
+                    for path in paths:
+                        exchange = partial(clients[path].exchange, requests[(upload.key, path)])
+                        status, body = timed((upload.key, path), exchange)
+                        if status != 200:
+                            raise RuntimeError(f"{path} on {upload.key}: HTTP {status}: {body!r}")
+                        bodies.setdefault((upload.key, path), []).append(body)
+    finally:
+        for client in clients.values():
+            client.close()
     return [
         UploadFigures(
             u,
             Timing.of(times[(u.key, "raw")]),
             Timing.of(times[(u.key, "/predict")]),
             Timing.of(times[(u.key, "/explain")]),
-            {path: _timing_medians(bodies[(u.key, path)]) for path in ("/predict", "/explain")},
+            {path: _timing_medians(bodies[(u.key, path)]) for path in paths},
             len(bodies[(u.key, "/explain")][-1]),
         )
         for u in uploads

@@ -34,8 +34,9 @@ def test_uploads_decode_at_their_sizes(demo_data: Path) -> None:
 def test_goals_are_stated_per_upload(demo_data: Path) -> None:
     demo = sorted((demo_data / "Testing").glob("*/*.png"))[0].read_bytes()
     (upload,) = benchmark_uploads(demo, sizes=())
+    work = {"/predict": {"decode": 1.0, "preprocess": 0.5, "inference": 2.5, "total": 4.5}}
     figures = UploadFigures(
-        upload, Timing(10, 4.0, 5.0), Timing(10, 5.0, 6.0), Timing(10, 7.0, 8.0), {}, 1000
+        upload, Timing(10, 3.0, 5.0), Timing(10, 5.0, 6.0), Timing(10, 7.0, 8.0), work, 1000
     )
     serving = ServingResults([], {}, {}, {}, {"x": 100.0}, {"x": 100.0}, [figures])
     found = {g.name: g for g in goals({}, {}, serving, 32) if g.name.startswith(upload.key)}
