@@ -47,6 +47,17 @@ class Settings(BaseSettings):
     batching: bool = False
     batch_max_size: int = Field(default=16, ge=1, le=1024)
     batch_max_wait_ms: float = Field(default=2.0, ge=0, le=1000)
+    # Series routes (/predict/series, /explain/series, /dicomweb/analyze): their own
+    # upload bound, and the bounds of one series (braincam.series.SeriesLimits).
+    max_series_upload_mb: float = Field(default=200.0, gt=0)
+    max_series_slices: int = Field(default=512, ge=1)
+    max_series_pixels: int = Field(default=256 * 1024 * 1024, ge=1)
+    max_zip_entries: int = Field(default=2048, ge=1)
+    max_zip_ratio: float = Field(default=200.0, gt=1)
+    # The PACS POST /dicomweb/analyze talks to (its DICOMweb root); the route is off
+    # unless this and an API key are set: it reads from and writes to that PACS.
+    dicomweb_url: str | None = None
+    dicomweb_timeout_s: float = Field(default=30.0, gt=0)
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
     workers: int = Field(default=1, ge=1)
@@ -76,3 +87,7 @@ class Settings(BaseSettings):
     @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 1024 * 1024)
+
+    @property
+    def max_series_upload_bytes(self) -> int:
+        return int(self.max_series_upload_mb * 1024 * 1024)
