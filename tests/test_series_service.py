@@ -173,4 +173,4 @@ def test_bounds(service: TestClient, demo_data: Path) -> None:
 
 def test_dicomweb_route_off_unless_configured(service: TestClient) -> None:
     r = service.post("/dicomweb/analyze", json={"study_instance_uid": "1.2.3"})
-    assert r.status_code == 503 and r.json()["code"] == "dicomweb_disabled"
+    assert r.status_code == 404 and r.json()["code"] == "dicomweb_disabled"

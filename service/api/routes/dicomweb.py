@@ -85,7 +85,7 @@ def _analyse(model: Any, settings: Settings, request: AnalyzeRequest) -> Analyze
     "/dicomweb/analyze",
     response_model=AnalyzeResponse,
     summary="Analyse a study on the configured PACS and store the results back (DICOMweb)",
-    responses=error_responses(401, 404, 413, 422, 500, 503),
+    responses=error_responses(400, 401, 404, 413, 422, 500, 502, 503, 504),
 )
 async def analyze(
     model: ModelDep, runtime: RuntimeDep, settings: SettingsDep, request: AnalyzeRequest
@@ -93,10 +93,12 @@ async def analyze(
     """Fetches each series by WADO-RS, runs /predict/series on it, and (with `store`)
     stores a Comprehensive SR and a Secondary Capture of the deciding slice's overlay
     by STOW-RS, as new series of the same study. Needs BRAINCAM_DICOMWEB_URL and
-    BRAINCAM_API_KEY; PACS failures answer 502 (504 on its timeout)."""
+    BRAINCAM_API_KEY (else 404 `dicomweb_disabled`); a study or series the PACS does
+    not have is a 404, PACS failures answer 502 (504 on its timeout)."""
     if settings.dicomweb_url is None or settings.api_key is None:
+        # 404: on this server the route is not there (a 5xx would blame the server).
         raise ServiceError(
-            503,
+            404,
             "dicomweb_disabled",
             "POST /dicomweb/analyze is off: it needs BRAINCAM_DICOMWEB_URL (the PACS) "
             "and BRAINCAM_API_KEY (it writes to that PACS)",
