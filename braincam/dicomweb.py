@@ -65,7 +65,12 @@ class AnalysedSeries:
 def connect(url: str, headers: dict[str, str] | None = None, timeout_s: float = 30.0) -> Any:
     from dicomweb_client.api import DICOMwebClient
 
-    return DICOMwebClient(url=url.rstrip("/"), headers=headers, timeout=timeout_s)
+    client = DICOMwebClient(url=url.rstrip("/"), headers=headers, timeout=timeout_s)
+    # dicomweb-client retries every failed request (connection errors included) up to
+    # 5 times with exponential back-off: 30 s of sleeping before an unreachable PACS is
+    # reported. One attempt; the caller decides whether to try again.
+    client.set_http_retry_params(retry=False)
+    return client
 
 
 def _value(item: dict[str, Any], tag: str) -> Any:

@@ -133,6 +133,11 @@ def test_unsafe_zip_paths_refused(name: str) -> None:
     assert err.value.status_code == 422
 
 
+def test_dotted_names_are_not_traversal(synthetic) -> None:  # type: ignore[no-untyped-def]
+    files = [(f"..series/.{name}..", data) for name, data in synthetic.files[:2]]
+    assert len(read_series([("upload.zip", zipped(files))]).slices) == 2
+
+
 def test_entry_larger_than_declared_refused() -> None:
     """A central directory that understates an entry's size cannot smuggle more bytes."""
     data = bytearray(zipped([("a.dcm", b"A" * 5000)], compression=zipfile.ZIP_STORED))

@@ -174,3 +174,34 @@ def test_bounds(service: TestClient, demo_data: Path) -> None:
 def test_dicomweb_route_off_unless_configured(service: TestClient) -> None:
     r = service.post("/dicomweb/analyze", json={"study_instance_uid": "1.2.3"})
     assert r.status_code == 404 and r.json()["code"] == "dicomweb_disabled"
+
+
+def test_dicomweb_route_pacs_unreachable(tiny_model_dir: Path) -> None:
+    """A PACS that does not answer is a 502 in the service's error shape, not a 500."""
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    settings = Settings(
+        model_dir=tiny_model_dir,
+        providers=CPU,
+        api_key="k",
+        dicomweb_url=f"http://127.0.0.1:{port}/dicom-web",
+        max_concurrency=1,
+    )
+    with ready_client(settings) as client:
+        r = client.post(
+            "/dicomweb/analyze", json={"study_instance_uid": "1.2.3"}, headers={"X-API-Key": "k"}
+        )
+    assert r.status_code == 502 and r.json()["code"] == "pacs_unreachable", r.text
+
+
+def test_dicomweb_cli_arguments(capsys: pytest.CaptureFixture[str]) -> None:
+    from braincam.dicomweb_cli import main
+
+    assert main(["--url", "http://x", "--study", "1.2", "--header", "no-colon"]) == 2
+    assert "--header must be" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        main(["--url", "http://x"])  # --study missing
+    assert exit_.value.code == 2
