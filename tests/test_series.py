@@ -164,3 +164,18 @@ def test_too_many_pixels_refused_before_decoding(synthetic) -> None:  # type: ig
         pytest.raises(ImageTooLarge, match="MP limit"),
     ):
         read_series(synthetic.files, SeriesLimits(max_total_pixels=64 * 64 * 3))
+
+
+def test_multi_frame_instance_without_geometry() -> None:
+    """A multi-frame DICOM with no patient geometry: its frames, in stored order."""
+    from braincam.decoding import decode_image
+    from tests.hostile_inputs import dicom
+
+    frames = np.stack([np.full((16, 16), 100 * (k + 1), np.uint16) for k in range(3)])
+    frames[:, 4:8, 4:8] = 4000
+    data = dicom(frames)
+    series = read_series([("mf.dcm", data)])
+    assert series.ordered_by == "upload" and len(series.slices) == 3
+    assert [s.frame for s in series.slices] == [0, 1, 2]
+    for k, s in enumerate(series.slices):
+        np.testing.assert_array_equal(s.pixels, decode_image(data, k).pixels)
