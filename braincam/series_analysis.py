@@ -7,7 +7,9 @@ tumour class, the series gets the tumour class of highest probability among thos
 slices, and the slice carrying it is the deciding slice. Only when no slice passes
 the decision for any tumour class is the series negative; its deciding slice is
 then the one with the least negative probability (the closest call), and the
-series confidence is that slice's negative probability.
+series confidence is that slice's negative probability. A model without a negative
+class (no binary negative label, no label like `notumor`) has every slice "positive":
+its most confident slice decides.
 """
 
 from __future__ import annotations
