@@ -167,3 +167,24 @@ def test_dciodvfy_reports_no_errors(analysed, tmp_path: Path) -> None:  # type: 
         errors = [line for line in report.splitlines() if line.startswith("Error")]
         assert not errors, f"{name}:\n{report}"
         print(f"dciodvfy {name}:\n{report}")  # shown with -s: the measured validator output
+
+
+def test_series_rule_binary_threshold(model: OnnxModel) -> None:
+    """A binary model's threshold decides each slice, so a slice whose tumour
+    probability passes a low threshold makes the series positive."""
+    from braincam.decision import decide
+    from braincam.model_spec import Decision as DecisionSpec
+
+    spec = model.spec.model_copy(
+        update={
+            "task": "binary",
+            "labels": ["notumor", "tumor"],
+            "decision": DecisionSpec(positive_label="tumor", threshold=0.3),
+        }
+    )
+    decisions = [decide(np.array(p), spec) for p in ([0.9, 0.1], [0.65, 0.35], [0.8, 0.2])]
+    decision, k = series_decision(decisions, spec)
+    assert (decision.label, k) == ("tumor", 1)
+    decisions = [decide(np.array(p), spec) for p in ([0.9, 0.1], [0.75, 0.25])]
+    decision, k = series_decision(decisions, spec)
+    assert (decision.label, k, decision.confidence) == ("notumor", 1, 0.75)
