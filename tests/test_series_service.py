@@ -167,6 +167,7 @@ def test_bounds(service: TestClient, demo_data: Path) -> None:
     big = [("files", (f"f{i}.dcm", bytes(600_000), "application/dicom")) for i in range(4)]
     r = service.post("/predict/series", files=big)
     assert r.status_code == 413 and r.json()["code"] == "payload_too_large"
+    assert "2 MiB limit" in r.json()["detail"]
     r = service.post("/predict/series", files=[("files", ("x.txt", b"hello", "text/plain"))])
     assert r.status_code == 422 and "no DICOM image" in r.json()["detail"]
 

@@ -45,10 +45,11 @@ async def _read_files(files: list[UploadFile], limit: int) -> list[tuple[str, by
     """Every file's bytes, the total bounded by `limit` as it is read."""
     out, total = [], 0
     for file in files:
-        data = await read_upload(file, limit - total)
+        try:
+            data = await read_upload(file, limit - total)
+        except PayloadTooLarge:  # its message names what was left, not the limit
+            raise PayloadTooLarge(upload_limit_message(limit)) from None
         total += len(data)
-        if total > limit:
-            raise PayloadTooLarge(upload_limit_message(limit))
         out.append(((file.filename or "file")[:256], data))
     return out
 
