@@ -43,10 +43,6 @@ class Settings(BaseSettings):
     ort_spinning: bool = False
     max_concurrency: int = Field(default=4, ge=1)
     png_compression: int = Field(default=1, ge=0, le=9)
-    # Micro-batching (service/batching.py): concurrent requests share one ORT run.
-    batching: bool = False
-    batch_max_size: int = Field(default=16, ge=1, le=1024)
-    batch_max_wait_ms: float = Field(default=2.0, ge=0, le=1000)
     # Series routes (/predict/series, /explain/series, /dicomweb/analyze): their own
     # upload bound, and the bounds of one series (braincam.series.SeriesLimits).
     max_series_upload_mb: float = Field(default=200.0, gt=0)
@@ -58,6 +54,10 @@ class Settings(BaseSettings):
     # unless this and an API key are set: it reads from and writes to that PACS.
     dicomweb_url: str | None = None
     dicomweb_timeout_s: float = Field(default=30.0, gt=0)
+    # Micro-batching (service/batching.py): concurrent requests share one ORT run.
+    batching: bool = False
+    batch_max_size: int = Field(default=16, ge=1, le=1024)
+    batch_max_wait_ms: float = Field(default=2.0, ge=0, le=1000)
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
     workers: int = Field(default=1, ge=1)
