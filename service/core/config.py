@@ -36,13 +36,6 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(default=40_000_000, ge=1)
     request_timeout_s: float = Field(default=30.0, gt=0)
     api_key: SecretStr | None = None
-    intra_op_threads: int = Field(default=0, ge=0)  # 0: ONNX Runtime's default (one per core)
-    # ORT's intra-op threads spin-wait between runs by default. With several requests
-    # in flight the spinning threads burn the cores the others need; off, they sleep
-    # and one request still gets every core (`python -m benchmarks` measures both).
-    ort_spinning: bool = False
-    max_concurrency: int = Field(default=4, ge=1)
-    png_compression: int = Field(default=1, ge=0, le=9)
     # Series routes (/predict/series, /explain/series, /dicomweb/analyze): their own
     # upload bound, and the bounds of one series (braincam.series.SeriesLimits).
     max_series_upload_mb: float = Field(default=200.0, gt=0)
@@ -54,6 +47,13 @@ class Settings(BaseSettings):
     # unless this and an API key are set: it reads from and writes to that PACS.
     dicomweb_url: str | None = None
     dicomweb_timeout_s: float = Field(default=30.0, gt=0)
+    intra_op_threads: int = Field(default=0, ge=0)  # 0: ONNX Runtime's default (one per core)
+    # ORT's intra-op threads spin-wait between runs by default. With several requests
+    # in flight the spinning threads burn the cores the others need; off, they sleep
+    # and one request still gets every core (`python -m benchmarks` measures both).
+    ort_spinning: bool = False
+    max_concurrency: int = Field(default=4, ge=1)
+    png_compression: int = Field(default=1, ge=0, le=9)
     # Micro-batching (service/batching.py): concurrent requests share one ORT run.
     batching: bool = False
     batch_max_size: int = Field(default=16, ge=1, le=1024)
