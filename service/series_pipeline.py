@@ -16,7 +16,7 @@ from braincam import DISCLAIMER
 from braincam.dicom_results import build_results
 from braincam.errors import InputError, InvalidParameter, UndecodableImage
 from braincam.inference import OnnxModel
-from braincam.overlay import to_base64_png
+from braincam.overlay import DEFAULT_PNG_COMPRESSION, to_base64_png
 from braincam.series import Series, SeriesLimits, read_series
 from braincam.series_analysis import SERIES_RULE, SeriesResult, analyse
 from service.core.config import Settings
@@ -44,6 +44,12 @@ class SeriesParams:
     colormap: str = "jet"
     alpha: float = 0.4
     png_compression: int = 1
+
+
+def png_level(settings: Settings) -> int:
+    """The zlib level of the series overlays; an unset setting means the default."""
+    level: int | None = settings.png_compression
+    return DEFAULT_PNG_COMPRESSION if level is None else level
 
 
 def limits_from(settings: Settings) -> SeriesLimits:

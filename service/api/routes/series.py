@@ -17,7 +17,7 @@ from service.api.routes.predict import json_bytes
 from service.errors import error_responses
 from service.middleware import upload_limit_message
 from service.schemas import SeriesResponse
-from service.series_pipeline import SeriesParams, limits_from, run_series
+from service.series_pipeline import SeriesParams, limits_from, png_level, run_series
 from service.uploads import read_upload
 
 router = APIRouter(tags=["inference"])
@@ -77,7 +77,7 @@ async def predict_series(
     in batches through the model's one ONNX Runtime session.
     """
     started = time.perf_counter()
-    params = SeriesParams(output=output, png_compression=settings.png_compression)
+    params = SeriesParams(output=output, png_compression=png_level(settings))
     return await _run(model, runtime, settings, metrics, files, params, started)
 
 
@@ -121,7 +121,7 @@ async def explain_series(
         method=get_method(method.strip().lower()[:64]).name,
         colormap=_colormap(colormap),
         alpha=alpha,
-        png_compression=settings.png_compression,
+        png_compression=png_level(settings),
     )
     return await _run(model, runtime, settings, metrics, files, params, started)
 
