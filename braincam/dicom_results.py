@@ -195,14 +195,15 @@ def structured_report(
 
     contains = hd.sr.RelationshipTypeValues.CONTAINS
     decision = result.decision
+    graphs = spec.graphs
+    parameters = [f"classifier sha256 {graphs.classifier.sha256}"]
+    gradcam = graphs.gradcam
+    if gradcam is not None:  # a model directory may come without the Grad-CAM graph
+        parameters.append(f"gradcam sha256 {gradcam.sha256}")
     algorithm = hd.sr.AlgorithmIdentification(
         name=spec.name,
         version=spec.version,
-        parameters=[
-            f"classifier sha256 {spec.graphs.classifier.sha256}",
-            f"gradcam sha256 {spec.graphs.gradcam.sha256}",
-            f"series rule: {SERIES_RULE}",
-        ],
+        parameters=[*parameters, f"series rule: {SERIES_RULE}"],
         manufacturer=MANUFACTURER,
     )
     finding = hd.sr.CodeContentItem(
