@@ -121,7 +121,6 @@ RUN groupadd --system --gid 10001 braincam \
  && useradd --system --uid 10001 --gid braincam --no-log-init --create-home braincam \
  && mkdir -p /models \
  && chown braincam:braincam /models
-ARG MODEL_NAME
 COPY --from=cpu-venv /opt/venv /opt/venv
 COPY docker/healthcheck.py docker/check_env.py docker/verify_model.py /opt/braincam/
 ENV PATH=/opt/venv/bin:$PATH \
@@ -129,16 +128,17 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     BRAINCAM_HOST=0.0.0.0 \
     BRAINCAM_PORT=8000 \
-    BRAINCAM_MODEL_DIR=/models/${MODEL_NAME} \
     BRAINCAM_PROVIDERS=CPUExecutionProvider
 USER 10001:10001
 WORKDIR /home/braincam
 # Fails the build if TensorFlow, onnxruntime-gpu or a compiler got in, or if
 # braincam/service do not import.
 RUN python /opt/braincam/check_env.py cpu
-# The model last: changing it reuses every layer above. verify_model.py fails the
-# build unless model.json is valid, every file matches its recorded sha256 and both
-# graphs load and agree in this image's ONNX Runtime.
+# The model last: changing it (or MODEL_NAME) reuses every layer above.
+# verify_model.py fails the build unless model.json is valid, every file matches its
+# recorded sha256 and both graphs load and agree in this image's ONNX Runtime.
+ARG MODEL_NAME
+ENV BRAINCAM_MODEL_DIR=/models/${MODEL_NAME}
 COPY --from=model --chown=braincam:braincam / /models/${MODEL_NAME}
 RUN python /opt/braincam/verify_model.py "${BRAINCAM_MODEL_DIR}"
 EXPOSE 8000
@@ -189,7 +189,6 @@ RUN apt-get update \
  && useradd --system --uid 10001 --gid braincam --no-log-init --create-home braincam \
  && mkdir -p /models \
  && chown braincam:braincam /models
-ARG MODEL_NAME
 COPY --from=gpu-venv /opt/venv /opt/venv
 COPY docker/healthcheck.py docker/check_env.py docker/verify_model.py /opt/braincam/
 # NVIDIA_* tell the NVIDIA Container Toolkit what to mount (the base image sets
@@ -201,7 +200,6 @@ ENV PATH=/opt/venv/bin:$PATH \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility \
     BRAINCAM_HOST=0.0.0.0 \
     BRAINCAM_PORT=8000 \
-    BRAINCAM_MODEL_DIR=/models/${MODEL_NAME} \
     BRAINCAM_PROVIDERS=CUDAExecutionProvider,CPUExecutionProvider
 USER 10001:10001
 WORKDIR /home/braincam
@@ -209,6 +207,8 @@ WORKDIR /home/braincam
 # in, if this onnxruntime build lacks the CUDA EP, or if the service does not import.
 RUN python /opt/braincam/check_env.py gpu
 # The model, checked as in the cpu stage (on ORT's CPU EP: no GPU at build time).
+ARG MODEL_NAME
+ENV BRAINCAM_MODEL_DIR=/models/${MODEL_NAME}
 COPY --from=model --chown=braincam:braincam / /models/${MODEL_NAME}
 RUN python /opt/braincam/verify_model.py "${BRAINCAM_MODEL_DIR}"
 EXPOSE 8000
