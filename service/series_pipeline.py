@@ -16,7 +16,7 @@ from braincam import DISCLAIMER
 from braincam.dicom_results import build_results
 from braincam.errors import InputError, InvalidParameter, UndecodableImage
 from braincam.inference import OnnxModel
-from braincam.overlay import DEFAULT_PNG_COMPRESSION, to_base64_png
+from braincam.overlay import to_base64
 from braincam.series import Series, SeriesLimits, read_series
 from braincam.series_analysis import SERIES_RULE, SeriesResult, analyse
 from service.core.config import Settings
@@ -43,13 +43,12 @@ class SeriesParams:
     method: str = "gradcam"
     colormap: str = "jet"
     alpha: float = 0.4
-    png_compression: int = 1
+    png_compression: int | None = None  # None: fpng; 0..9: libpng at that zlib level
 
 
-def png_level(settings: Settings) -> int:
-    """The zlib level of the series overlays; an unset setting means the default."""
-    level: int | None = settings.png_compression
-    return DEFAULT_PNG_COMPRESSION if level is None else level
+def png_level(settings: Settings) -> int | None:
+    """How the series overlays are written: as /explain's (unset: fpng)."""
+    return settings.png_compression
 
 
 def limits_from(settings: Settings) -> SeriesLimits:
@@ -181,7 +180,7 @@ def _response(
             position_mm=s.position,
             sop_instance_uid=s.sop_instance_uid,
             frame=s.frame,
-            overlay_png=to_base64_png(result.overlays[i], level) if i in shown else None,
+            overlay_png=to_base64(result.overlays[i], "png", level) if i in shown else None,
         )
         for i, (d, s) in enumerate(zip(result.decisions, series.slices, strict=True))
     ]
