@@ -1,5 +1,5 @@
 """Real images for the exporter's gates (parity, INT8 calibration): no TensorFlow here,
-so `python -m exporter quantize` runs on an ONNX Runtime-only install."""
+so `python -m exporter quantize` runs without it."""
 
 from __future__ import annotations
 

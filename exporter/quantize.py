@@ -13,7 +13,8 @@ Only the classifier (/predict, OIP `NAME`) is quantised. gradcam.onnx stays floa
 forward pass's rounding reaches every gradient through the backward pass). The
 shared weights file then serves gradcam.onnx alone; the INT8 classifier holds its own.
 
-TensorFlow is never imported: this runs on a serving install (`cpu` extra).
+TensorFlow is never imported: ONNX Runtime's quantisation tools need only the `onnx`
+package beside it (`pip install onnx` on a serving install; the `train` extra has it).
 """
 
 from __future__ import annotations
