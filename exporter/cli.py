@@ -19,7 +19,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", required=True, type=Path, help="a .keras (or .h5) model file")
     p.add_argument("--out", required=True, type=Path, help="model directory to write")
     p.add_argument("--labels", help="comma-separated class names (default: from run.json)")
-    p.add_argument("--layer", help="layer to explain (default: run.json, else the last 4-D layer)")
+    p.add_argument(
+        "--layer",
+        help="layer to explain (default: run.json, else the last 4-D layer, also inside a "
+        "nested backbone); a nested model's name means its output",
+    )
     p.add_argument("--input-size", nargs=2, type=int, metavar=("H", "W"))
     p.add_argument("--channels", type=int, choices=(1, 3))
     p.add_argument(
@@ -57,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     from exporter.export import export_model  # TensorFlow loads here, after argparse
-    from exporter.model_split import ExportError
+    from exporter.model_split import ExportError, LayerError
 
     height, width = args.input_size or (None, None)
     try:
@@ -80,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     except (ExportError, ValueError) as exc:
         print(f"export failed: {exc}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(exc, LayerError) else 1  # 2: a usage error, as argparse's
     spec = result.spec
     parity = spec.parity
     print(f"exported {spec.name} v{spec.version} to {result.out_dir} in {result.seconds:.1f} s")
