@@ -291,10 +291,9 @@ def write_repository(
         raise TritonExportError("Triton model versions are positive integers")
     weights = spec.graphs.weights.file if spec.graphs.weights else None
 
-    plan = [
-        (base, spec.graphs.classifier.file),
-        (_check_name(base + GRADCAM_SUFFIX), spec.graphs.gradcam.file),
-    ]
+    plan = [(base, spec.graphs.classifier.file)]
+    if spec.graphs.gradcam is not None:  # a model without a Grad-CAM graph: the classifier
+        plan.append((_check_name(base + GRADCAM_SUFFIX), spec.graphs.gradcam.file))
     for model_name, _ in plan:
         existing = repo / model_name
         if existing.exists():

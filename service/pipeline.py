@@ -13,12 +13,13 @@ from typing import Any
 
 import numpy as np
 
-from braincam.cam import compute_cam, flip_smoothed
+from braincam.cam import METHODS, available_methods, compute_cam, flip_smoothed
 from braincam.decision import Decision, decide
 from braincam.decoding import DecodedImage, decode_image
-from braincam.errors import InputError, InvalidParameter, UndecodableImage
+from braincam.errors import InputError, InvalidParameter, MethodUnavailable, UndecodableImage
 from braincam.inference import OnnxModel
-from braincam.model_spec import ModelSpec
+from braincam.model_spec import IMAGE_INPUT, ModelSpec
+from braincam.occlusion import OCCLUSION, OcclusionSensitivity
 from braincam.overlay import blend, colorize, encode_png, panels, to_base64_png
 from braincam.preprocessing import preprocess
 from service.metrics import Metrics
@@ -66,6 +67,26 @@ def resolve_images(value: str | None) -> frozenset[str]:
             f"choose from {', '.join(IMAGES)} or all"
         )
     return frozenset(names or {"overlay"})
+
+
+def resolve_method(value: str, model: OnnxModel, occlusion: bool) -> str:
+    """A method name -> the name, if this model offers it (see `available_methods`)."""
+    name = value.strip().lower()[:64]  # [:64]: a bounded echo in errors
+    offered = available_methods(model.has_gradcam, occlusion)
+    if name in offered:
+        return name
+    if name in METHODS:
+        raise MethodUnavailable(
+            f"method {name!r} needs a Grad-CAM graph (gradcam.onnx), which this model does "
+            f"not have; available: {', '.join(offered)}"
+        )
+    if name == OCCLUSION:
+        raise MethodUnavailable(
+            "method 'occlusion' is off for models with a Grad-CAM graph (it costs one "
+            "classifier run per 32 occluding windows); the server offers it with "
+            f"BRAINCAM_OCCLUSION=true; available: {', '.join(offered)}"
+        )
+    raise InvalidParameter(f"unknown CAM method {name!r}; valid methods: {', '.join(offered)}")
 
 
 def resolve_target(value: str | None, spec: ModelSpec) -> int | None:
@@ -178,22 +199,24 @@ def predict_response(
     )
 
 
-def explain(
-    model: OnnxModel,
-    metrics: Metrics,
-    data: bytes,
-    slice_index: int | None,
-    params: ExplainParams,
-    started: float,
-) -> ExplainResponse:
-    spec = model.spec
-    prepared = prepare(data, slice_index, spec)
-    decoded = prepared.decoded
-    x = prepared.batch
-    # smooth: the image and its left-right mirror (W is axis 2 of NHWC) as ONE batch.
-    batch = np.ascontiguousarray(np.concatenate([x, x[:, :, ::-1, :]])) if params.smooth else x
-    n = batch.shape[0]
+@dataclass
+class _Maps:
+    """The explanation's model-side part, whichever method made it."""
 
+    decision: Decision
+    explained: int  # the class the maps explain
+    cams: np.ndarray  # [n, H, W] in [0, 1], at the upload's size
+    layer: str  # the explained layer, or the input for occlusion
+    gradcam_runs: int
+    inference_s: float
+    cam_s: float
+
+
+def _gradcam_maps(
+    model: OnnxModel, batch: np.ndarray, params: ExplainParams, size: tuple[int, int]
+) -> _Maps:
+    spec = model.spec
+    n = batch.shape[0]
     t0 = time.perf_counter()
     requested = -1 if params.target is None else params.target
     out = model.gradcam(batch, np.full((n,), requested, dtype=np.int64))
@@ -213,11 +236,54 @@ def explain(
         acts, grads = acts.copy(), grads.copy()
         acts[redo], grads[redo] = again.activations, again.gradients
         runs += 1
-    inference_s = time.perf_counter() - t0
-    metrics.inference.labels(graph="gradcam").observe(inference_s)
+    t1 = time.perf_counter()
+    cams = compute_cam(params.method, acts, grads, size=size)
+    return _Maps(
+        decision, explained, cams, spec.explanation.layer, runs, t1 - t0, time.perf_counter() - t1
+    )
+
+
+def _occlusion_maps(
+    model: OnnxModel, batch: np.ndarray, target: int | None, size: tuple[int, int]
+) -> _Maps:
+    """Occlusion sensitivity from the classifier alone: one run for the decision, then
+    one per 32 occluded copies (of the image, and of its mirror with `smooth`)."""
+    t0 = time.perf_counter()
+    probs = model.predict(batch)
+    decision = decide(probs[0], model.spec)
+    explained = decision.class_index if target is None else target
+    method = OcclusionSensitivity()
+    targets = np.full((batch.shape[0],), explained, dtype=np.int64)
+    drops = method.drops(model.predict, batch, targets, base=probs[:, explained])
+    t1 = time.perf_counter()
+    cams = method.maps(drops, size)
+    return _Maps(decision, explained, cams, IMAGE_INPUT, 0, t1 - t0, time.perf_counter() - t1)
+
+
+def explain(
+    model: OnnxModel,
+    metrics: Metrics,
+    data: bytes,
+    slice_index: int | None,
+    params: ExplainParams,
+    started: float,
+) -> ExplainResponse:
+    spec = model.spec
+    prepared = prepare(data, slice_index, spec)
+    decoded = prepared.decoded
+    x = prepared.batch
+    # smooth: the image and its left-right mirror (W is axis 2 of NHWC) as ONE batch.
+    batch = np.ascontiguousarray(np.concatenate([x, x[:, :, ::-1, :]])) if params.smooth else x
+
+    if params.method == OCCLUSION:
+        maps = _occlusion_maps(model, batch, params.target, decoded.size)
+        metrics.inference.labels(graph="classifier").observe(maps.inference_s)
+    else:
+        maps = _gradcam_maps(model, batch, params, decoded.size)
+        metrics.inference.labels(graph="gradcam").observe(maps.inference_s)
+    decision, explained, cams = maps.decision, maps.explained, maps.cams
 
     t1 = time.perf_counter()
-    cams = compute_cam(params.method, acts, grads, size=decoded.size)
     cam = flip_smoothed(cams[0], cams[1]) if params.smooth else cams[0]
     t2 = time.perf_counter()
     heat = colorize(cam, params.colormap)
@@ -239,19 +305,19 @@ def explain(
         input=_input_info(decoded),
         target=Target(class_index=explained, label=spec.labels[explained]),
         method=params.method,
-        layer=spec.explanation.layer,
+        layer=maps.layer,
         colormap=params.colormap,
         alpha=params.alpha,
         smooth=params.smooth,
-        gradcam_runs=runs,
+        gradcam_runs=maps.gradcam_runs,
         overlay_png=overlay_png,
         heatmap_png=heatmap_png,
         panels_png=panels_png,
         timing_ms=ExplainTiming(
             decode=_ms(prepared.decode_s),
             preprocess=_ms(prepared.preprocess_s),
-            inference=_ms(inference_s),
-            cam=_ms(t2 - t1),
+            inference=_ms(maps.inference_s),
+            cam=_ms(maps.cam_s + t2 - t1),
             encode=_ms(t3 - t2),
             total=_ms(time.perf_counter() - started),
         ),
@@ -268,8 +334,9 @@ def warmup(model: OnnxModel) -> None:
     ramp = np.linspace(0, 255, h * w, dtype=np.float32).reshape(h, w).astype(np.uint8)
     data = encode_png(ramp)
     scratch = Metrics()  # not the app's: warm-up runs are not traffic
+    method = "gradcam" if model.has_gradcam else OCCLUSION
     params = ExplainParams(
-        None, "gradcam", "jet", 0.4, smooth=False, png_compression=1, images=frozenset(IMAGES)
+        None, method, "jet", 0.4, smooth=False, png_compression=1, images=frozenset(IMAGES)
     )
     predict(model, scratch, data, None, time.perf_counter())
     explain(model, scratch, data, None, params, time.perf_counter())

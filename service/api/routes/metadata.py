@@ -7,7 +7,7 @@ from fastapi.responses import JSONResponse
 
 import braincam
 from braincam import DISCLAIMER
-from braincam.cam import METHODS
+from braincam.cam import available_methods
 from braincam.decoding import SUPPORTED_FORMATS
 from braincam.overlay import COLORMAPS
 from service.api.deps import MetricsDep, ModelDep, RuntimeDep, SettingsDep
@@ -37,15 +37,20 @@ router = APIRouter()
 )
 async def metadata(model: ModelDep, settings: SettingsDep) -> MetadataResponse:
     report = model.providers
+    methods = available_methods(model.has_gradcam, settings.occlusion)
     return MetadataResponse(
         model=model.spec.model_dump(mode="json"),
         providers=ProviderInfo(
             requested=report.requested, available=report.available, active=report.active
         ),
         gpu=report.gpu,
-        cam_methods=list(METHODS),
+        cam_methods=methods,
         colormaps=list(COLORMAPS),
-        defaults={"method": DEFAULT_METHOD, "alpha": DEFAULT_ALPHA, "colormap": DEFAULT_COLORMAP},
+        defaults={
+            "method": DEFAULT_METHOD if DEFAULT_METHOD in methods else methods[0],
+            "alpha": DEFAULT_ALPHA,
+            "colormap": DEFAULT_COLORMAP,
+        },
         limits=Limits(
             max_upload_bytes=settings.max_upload_bytes,
             max_concurrency=settings.max_concurrency,
