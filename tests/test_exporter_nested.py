@@ -2,7 +2,8 @@
 outer model (GAP, Dense, Dropout, Dense logits), saved to `.keras` and reloaded, the
 way a user hands one to the exporter. Auto-detection must find the backbone's last
 feature map, `--layer <backbone>` means the backbone's output, and an unusable
-`--layer` is a clear error (exit code 2), never a traceback."""
+`--layer` is a clear error (exit code 2), never a traceback. The whole export of
+nested backbones through the parity gate: tests/test_exporter.py, and ResNet50 here."""
 
 from __future__ import annotations
 
@@ -88,9 +89,9 @@ def test_nested_backbone_is_found_after_reload(tmp_path: Path, family: str) -> N
     _check_split(model, backbone, last_4d)  # the backbone's name means its output
 
 
-@pytest.mark.parametrize("family", ["MobileNetV2", "ResNet50"])
-def test_backbone_output_given_back_as_a_list(tmp_path: Path, family: str) -> None:
-    model, _, backbone, last_4d = _saved_and_reloaded(tmp_path, family, list_output=True)
+def test_backbone_output_given_back_as_a_list(tmp_path: Path) -> None:
+    model, _, backbone, last_4d = _saved_and_reloaded(tmp_path, "MobileNetV2", list_output=True)
+    assert isinstance(model.get_layer(backbone).output, list)  # the case Keras 3 produces
     _check_split(model, None, last_4d)
     _check_split(model, backbone, last_4d)
 
@@ -99,66 +100,52 @@ def test_pooled_backbone(tmp_path: Path) -> None:
     # pooling="avg": the backbone's own output is [N,C]; its global pooling joins the head.
     model, _, backbone, last_4d = _saved_and_reloaded(tmp_path, "MobileNetV2", pooling="avg")
     _check_split(model, None, last_4d)
-    with pytest.raises(LayerError, match=rf"'{backbone}' is a nested model.*'{last_4d}'"):
+    with pytest.raises(
+        LayerError,
+        match=rf"'{backbone}' is a nested model with output shape \(None, 1280\), not "
+        rf"\[N,h,w,C\] \(a pooled backbone\?\); its last 4-D layer is '{last_4d}'",
+    ):
         split_model(model, backbone)
+    dense = model.layers[-3].name  # Dense(16)
+    with pytest.raises(LayerError, match=rf"'{dense}' has output shape \(None, 16\), not"):
+        split_model(model, dense)
+    with pytest.raises(LayerError, match=r"no layer named 'nope'.*4-D output: \.\.\., "):
+        split_model(model, "nope")  # the long list of names is cut to its last ones
 
 
-@pytest.mark.parametrize("family", ["ResNet50", "DenseNet121"])
-def test_nested_backbone_exports(tmp_path: Path, demo_data: Path, family: str) -> None:
-    # The end-to-end export with auto-detection (test_exporter.py exports these two
-    # families un-nested; the others nested).
-    _, path, _, last_4d = _saved_and_reloaded(tmp_path, family, logits=False)
+def test_export_with_layer_naming_the_backbone(tmp_path: Path, demo_data: Path) -> None:
+    # End to end through the parity gate: ResNet50 (residual Adds, BatchNorm) nested,
+    # reloaded, --layer = the backbone. tests/test_exporter.py exports the other
+    # families nested with auto-detection.
+    _, path, backbone, last_4d = _saved_and_reloaded(tmp_path, "ResNet50", logits=False)
     out = tmp_path / "out"
     export_model(
         path, out, labels=LABELS4, calibration=demo_data / "Testing", channels=3,
-        scale="symmetric",
+        scale="symmetric", layer=backbone,
     )
     spec = load_spec(out)
     assert spec.explanation.layer == last_4d
     assert spec.parity["passed"] and spec.parity["gradcam_predicted_gradients_rel"] <= 1e-4
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "exporter", *args], capture_output=True, text=True, timeout=600
-    )
-
-
-def test_cli_layer_names_the_backbone(tmp_path: Path, demo_data: Path) -> None:
-    _, path, backbone, last_4d = _saved_and_reloaded(tmp_path, "MobileNetV2")
+def test_cli_unusable_layer_is_a_usage_error(tmp_path: Path, demo_data: Path) -> None:
+    # A small pooled "backbone" keeps the subprocess cheap.
+    inner_in = keras.Input((32, 32, 1))
+    feat = keras.layers.Conv2D(4, 3, activation="relu", name="conv")(inner_in)
+    backbone = keras.Model(inner_in, keras.layers.GlobalAveragePooling2D()(feat), name="bb")
+    inputs = keras.Input((32, 32, 1))
+    outputs = keras.layers.Dense(4, activation="softmax")(backbone(inputs))
+    path = tmp_path / "pooled.keras"
+    keras.Model(inputs, outputs).save(path)
     out = tmp_path / "out"
-    res = _cli(
-        "--model", str(path), "--out", str(out), "--labels", ",".join(LABELS4),
-        "--calibration", str(demo_data / "Testing"), "--scale", "symmetric",
-        "--layer", backbone,
-    )
-    assert res.returncode == 0, res.stderr
-    spec = load_spec(out)
-    assert spec.explanation.layer == last_4d
-    assert spec.source["output_kind"] == "logits"
-
-
-@pytest.mark.parametrize(
-    ("layer", "message"),
-    [
-        ("backbone", "with output shape (None, 1280), not [N,h,w,C] (a pooled backbone?); "
-                     "its last 4-D layer is 'out_relu'"),
-        ("dense", "has output shape (None, 16), not [N,h,w,C]"),
-        ("nope", "no layer named 'nope' in the model; layers with a 4-D output: ..."),
-    ],
-)
-def test_cli_unusable_layer_is_a_usage_error(
-    tmp_path: Path, demo_data: Path, layer: str, message: str
-) -> None:
-    model, path, backbone, _ = _saved_and_reloaded(tmp_path, "MobileNetV2", pooling="avg")
-    name = {"backbone": backbone, "dense": model.layers[-3].name}.get(layer, layer)
-    out = tmp_path / "out"
-    res = _cli(
-        "--model", str(path), "--out", str(out), "--labels", ",".join(LABELS4),
-        "--calibration", str(demo_data / "Testing"), "--layer", name,
+    res = subprocess.run(
+        [sys.executable, "-m", "exporter", "--model", str(path), "--out", str(out),
+         "--labels", ",".join(LABELS4), "--calibration", str(demo_data / "Testing"),
+         "--layer", "bb"],
+        capture_output=True, text=True, timeout=600,
     )
     assert res.returncode == 2, res.stderr
-    assert message in res.stderr
+    assert "'bb' is a nested model with output shape (None, 4)" in res.stderr
+    assert "its last 4-D layer is 'conv'" in res.stderr
     assert "Traceback" not in res.stderr
     assert not out.exists()
-
