@@ -277,7 +277,8 @@ def explain(
 
     if params.method == OCCLUSION:
         maps = _occlusion_maps(model, batch, params.target, decoded.size)
-        metrics.inference.labels(graph="classifier").observe(maps.inference_s)
+        # Its own series: tens of classifier runs would skew the classifier's.
+        metrics.inference.labels(graph="occlusion").observe(maps.inference_s)
     else:
         maps = _gradcam_maps(model, batch, params, decoded.size)
         metrics.inference.labels(graph="gradcam").observe(maps.inference_s)

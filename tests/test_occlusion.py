@@ -240,6 +240,8 @@ def test_no_gradcam_model_serves_predict_and_occlusion(no_gradcam_client: TestCl
     assert int(np.argmax([q.mean() for q in quads])) == 0
     smooth = client.post("/explain", files=files, data={"method": "occlusion", "smooth": "true"})
     assert smooth.status_code == 200, smooth.text
+    metrics = client.get("/metrics").text
+    assert 'braincam_inference_duration_seconds_count{graph="occlusion"} 2.0' in metrics
 
 
 @pytest.mark.parametrize("method", ["gradcam", "eigencam"])
