@@ -144,6 +144,26 @@ def _descend_to_output(path: list[keras.layers.Layer]) -> list[keras.layers.Laye
     return path
 
 
+def _check_chain(
+    start: keras.layers.Layer, after: list[keras.layers.Layer], target: keras.layers.Layer
+) -> None:
+    """The head is replayed layer by layer, so after the cut each layer must take its
+    input from the one before: a residual merge or a branch there cannot be replayed."""
+    previous = start
+    for layer in after:
+        nodes = getattr(layer, "_inbound_nodes", None)
+        sources = (
+            {t._keras_history[0] for t in nodes[0].input_tensors} if nodes else set()
+        )
+        if sources != {previous}:
+            raise LayerError(
+                f"cannot explain layer '{target.name}': after it, layer '{layer.name}' does "
+                f"not simply take the output of '{previous.name}' (a residual merge or a "
+                "branch); explain a layer after the last merge, such as the default"
+            )
+        previous = layer
+
+
 def _names_hint(model: keras.Model, limit: int = 8) -> str:
     names = list(explainable_layers(model))
     if len(names) > limit:
@@ -227,6 +247,7 @@ def split_model(model: keras.Model, layer: str | None = None, outputs: str = "au
             features_stack.append(cut)
         else:
             features_stack.extend(layers[:idx])
+        _check_chain(node, layers[idx + 1 :], target)
         head = layers[idx + 1 :] + head
         container = node
 

@@ -111,6 +111,9 @@ def test_pooled_backbone(tmp_path: Path) -> None:
         split_model(model, dense)
     with pytest.raises(LayerError, match=r"no layer named 'nope'.*4-D output: \.\.\., "):
         split_model(model, "nope")  # the long list of names is cut to its last ones
+    # The head is replayed layer by layer: a residual merge after the cut cannot be.
+    with pytest.raises(LayerError, match=r"after it, layer 'block_15_add' does not simply"):
+        split_model(model, "block_14_add")
 
 
 def test_export_with_layer_naming_the_backbone(tmp_path: Path, demo_data: Path) -> None:
