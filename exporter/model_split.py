@@ -159,7 +159,7 @@ def _check_chain(
             raise LayerError(
                 f"cannot explain layer '{target.name}': after it, layer '{layer.name}' does "
                 f"not simply take the output of '{previous.name}' (a residual merge or a "
-                "branch); explain a layer after the last merge, such as the default"
+                "branch); explain a layer after the last merge (--layer)"
             )
         previous = layer
 
