@@ -218,6 +218,11 @@ def available_methods(gradient_graph: bool, classifier_methods: bool = False) ->
     return offered
 
 
+def default_method(gradient_graph: bool) -> str:
+    """What /explain uses when no method is named."""
+    return "gradcam" if gradient_graph else CLASSIFIER_METHODS[0]
+
+
 def get_method(method: str) -> CAMMethod:
     """Look a method up by name; unknown names raise InvalidParameter listing valid ones."""
     try:

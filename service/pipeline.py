@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from braincam.cam import METHODS, available_methods, compute_cam, flip_smoothed
+from braincam.cam import METHODS, available_methods, compute_cam, default_method, flip_smoothed
 from braincam.decision import Decision, decide
 from braincam.decoding import DecodedImage, decode_image
 from braincam.errors import InputError, InvalidParameter, MethodUnavailable, UndecodableImage
@@ -69,8 +69,11 @@ def resolve_images(value: str | None) -> frozenset[str]:
     return frozenset(names or {"overlay"})
 
 
-def resolve_method(value: str, model: OnnxModel, occlusion: bool) -> str:
-    """A method name -> the name, if this model offers it (see `available_methods`)."""
+def resolve_method(value: str | None, model: OnnxModel, occlusion: bool) -> str:
+    """A method name -> the name, if this model offers it (see `available_methods`);
+    none -> the model's default (gradcam, or occlusion without a Grad-CAM graph)."""
+    if value is None or not value.strip():
+        return default_method(model.has_gradcam)
     name = value.strip().lower()[:64]  # [:64]: a bounded echo in errors
     offered = available_methods(model.has_gradcam, occlusion)
     if name in offered:

@@ -244,6 +244,36 @@ def test_no_gradcam_model_serves_predict_and_occlusion(no_gradcam_client: TestCl
     assert 'braincam_inference_duration_seconds_count{graph="occlusion"} 2.0' in metrics
 
 
+def test_no_gradcam_model_defaults_to_occlusion(no_gradcam_client: TestClient) -> None:
+    files = {"file": ("x.png", _lesion_png(), "image/png")}
+    res = no_gradcam_client.post("/explain", files=files)  # no method named
+    assert res.status_code == 200, res.text
+    assert res.json()["method"] == "occlusion"
+
+
+def test_no_gradcam_model_series(no_gradcam_client: TestClient) -> None:
+    from tests.dicom_series import mr_series
+
+    rng = np.random.default_rng(3)
+    slices = []
+    for bright in (0, 120, 60):  # the middle slice's top-left is brightest: it decides
+        img = rng.integers(0, 100, (96, 96), dtype=np.uint8)
+        img[:48, :48] += np.uint8(bright)
+        slices.append(img)
+    files = [("files", (n, d, "application/dicom")) for n, d in mr_series(slices).files]
+    res = no_gradcam_client.post("/explain/series", files=files)
+    assert res.status_code == 200, res.text
+    body = res.json()
+    assert body["method"] == "occlusion" and body["deciding_slice"] == 1
+    overlay = cv2.imdecode(np.frombuffer(base64.b64decode(body["overlay_png"]), np.uint8), 1)
+    assert overlay.shape == (96, 96, 3)
+    gradcam = no_gradcam_client.post("/explain/series", files=files, data={"method": "gradcam"})
+    assert gradcam.status_code == 422 and gradcam.json()["code"] == "method_unavailable"
+    dicom = no_gradcam_client.post("/predict/series", files=files, data={"output": "dicom"})
+    assert dicom.status_code == 200, dicom.text
+    assert {o["kind"] for o in dicom.json()["dicom"]} >= {"sr"}
+
+
 @pytest.mark.parametrize("method", ["gradcam", "eigencam"])
 def test_no_gradcam_model_refuses_gradient_methods(
     no_gradcam_client: TestClient, method: str

@@ -20,7 +20,7 @@ from service.uploads import read_upload
 
 router = APIRouter(tags=["inference"])
 
-DEFAULT_METHOD = "gradcam"
+DEFAULT_METHOD = "gradcam"  # for a model with a Grad-CAM graph (braincam.cam.default_method)
 DEFAULT_COLORMAP = "jet"
 DEFAULT_ALPHA = 0.4
 
@@ -46,15 +46,16 @@ async def explain(
         ),
     ] = None,
     method: Annotated[
-        str,
+        str | None,
         Form(
-            description="CAM method: the Grad-CAM family needs the model's Grad-CAM graph; "
+            description="CAM method (default: gradcam, or occlusion for a model without a "
+            "Grad-CAM graph): the Grad-CAM family needs the model's Grad-CAM graph; "
             "occlusion needs only the classifier (always offered for a model without a "
             "Grad-CAM graph, for the others when BRAINCAM_OCCLUSION=true). /metadata's "
             "cam_methods lists what the served model offers.",
             json_schema_extra={"enum": [*METHODS, *CLASSIFIER_METHODS]},
         ),
-    ] = DEFAULT_METHOD,
+    ] = None,
     alpha: Annotated[
         float, Form(ge=0.0, le=1.0, description="Heatmap opacity in the overlay.")
     ] = DEFAULT_ALPHA,

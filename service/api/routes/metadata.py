@@ -7,11 +7,11 @@ from fastapi.responses import JSONResponse
 
 import braincam
 from braincam import DISCLAIMER
-from braincam.cam import available_methods
+from braincam.cam import available_methods, default_method
 from braincam.decoding import SUPPORTED_FORMATS
 from braincam.overlay import COLORMAPS
 from service.api.deps import MetricsDep, ModelDep, RuntimeDep, SettingsDep
-from service.api.routes.explain import DEFAULT_ALPHA, DEFAULT_COLORMAP, DEFAULT_METHOD
+from service.api.routes.explain import DEFAULT_ALPHA, DEFAULT_COLORMAP
 from service.errors import error_responses
 from service.inference_protocol import TensorSpec, find_model
 from service.metrics import CONTENT_TYPE_LATEST
@@ -47,7 +47,7 @@ async def metadata(model: ModelDep, settings: SettingsDep) -> MetadataResponse:
         cam_methods=methods,
         colormaps=list(COLORMAPS),
         defaults={
-            "method": DEFAULT_METHOD if DEFAULT_METHOD in methods else methods[0],
+            "method": default_method(model.has_gradcam),
             "alpha": DEFAULT_ALPHA,
             "colormap": DEFAULT_COLORMAP,
         },
