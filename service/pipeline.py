@@ -338,7 +338,7 @@ def warmup(model: OnnxModel) -> None:
     ramp = np.linspace(0, 255, h * w, dtype=np.float32).reshape(h, w).astype(np.uint8)
     data = encode_png(ramp)
     scratch = Metrics()  # not the app's: warm-up runs are not traffic
-    method = "gradcam" if model.has_gradcam else OCCLUSION
+    method = default_method(model.has_gradcam)
     params = ExplainParams(
         None, method, "jet", 0.4, smooth=False, png_compression=1, images=frozenset(IMAGES)
     )

@@ -20,7 +20,6 @@ from service.uploads import read_upload
 
 router = APIRouter(tags=["inference"])
 
-DEFAULT_METHOD = "gradcam"  # for a model with a Grad-CAM graph (braincam.cam.default_method)
 DEFAULT_COLORMAP = "jet"
 DEFAULT_ALPHA = 0.4
 
