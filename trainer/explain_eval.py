@@ -635,6 +635,8 @@ def run(
 
     available = set(ort.get_available_providers())
     model = OnnxModel(model_dir, providers=[p for p in DEFAULT_PROVIDERS if p in available])
+    if not model.has_gradcam:
+        raise ValueError(f"{model_dir} has no Grad-CAM graph (gradcam.onnx) to evaluate")
     spec = model.spec
     samples = collect_samples(data, split, spec.task, spec.labels, limit)
     rows, grid, facts = evaluate(
