@@ -23,7 +23,7 @@ class BasicBlock(nn.Module):
         self.bn1 = nn.BatchNorm2d(cout)
         self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(cout)
-        self.relu = nn.ReLU(inplace=True)
+        self.relu = nn.ReLU()
         self.down = None
         if stride != 1 or cin != cout:
             self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
@@ -39,7 +39,7 @@ class TinyResNet(nn.Module):
     def __init__(self, classes: int = 4, width: int = 8) -> None:
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(3, width, 5, 2, 2, bias=False), nn.BatchNorm2d(width),
-                                  nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1))
+                                  nn.ReLU(), nn.MaxPool2d(3, 2, 1))
         self.layer1 = BasicBlock(width, width, 1)
         self.layer2 = BasicBlock(width, 2 * width, 2)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
@@ -106,13 +106,13 @@ class TinyVGG(nn.Module):
     def __init__(self, classes: int = 4, size: int = 32) -> None:
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
-            nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(inplace=True),
-            nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+            nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
         )
         side = size // 4
         self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(16 * side * side, 32),
-                                        nn.ReLU(True), nn.Dropout(), nn.Linear(32, classes))
+                                        nn.ReLU(), nn.Dropout(), nn.Linear(32, classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))
