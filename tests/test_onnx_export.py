@@ -1,0 +1,199 @@
+"""The ONNX path: PyTorch and Keras (tf2onnx) models, gradients equal the frameworks'
+autograd, the exported directory serves like a Keras export."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from braincam.preprocessing import Preprocessing
+from exporter.errors import ExportError
+from exporter.onnx_grad import build_graphs
+
+torch = pytest.importorskip("torch")
+from tests.torch_models import (  # noqa: E402
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    TinyMobileNetV3,
+    TinyResNet,
+    TinyVGG,
+    export,
+)
+
+SIZE = 32
+LABELS = ["glioma", "meningioma", "notumor", "pituitary"]
+
+
+def _prep(size: int = SIZE) -> Preprocessing:
+    return Preprocessing(height=size, width=size, channels=3, layout="nchw",
+                         mean=IMAGENET_MEAN, std=IMAGENET_STD)
+
+
+def _randomise_batchnorm(model: Any) -> None:
+    gen = torch.Generator().manual_seed(1)
+    for mod in model.modules():
+        if isinstance(mod, torch.nn.BatchNorm2d):
+            mod.running_mean.copy_(torch.rand(mod.num_features, generator=gen) - 0.5)
+            mod.running_var.copy_(torch.rand(mod.num_features, generator=gen) + 0.5)
+            mod.weight.data.copy_(torch.rand(mod.num_features, generator=gen) + 0.5)
+            mod.bias.data.copy_(torch.rand(mod.num_features, generator=gen) - 0.5)
+
+
+def _train_briefly(model: Any) -> None:
+    """A few SGD steps on random data, so the weights are not an initialiser's."""
+    gen = torch.Generator().manual_seed(2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    model.train()
+    for _ in range(5):
+        x = torch.randn(8, 3, SIZE, SIZE, generator=gen)
+        y = torch.randint(0, 4, (8,), generator=gen)
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    model.eval()
+
+
+# model factory, module whose output is the explained feature map, its ONNX name prefix
+MODELS = {
+    "resnet": (lambda: TinyResNet(), lambda m: m.layer2, "/layer2/"),
+    "mobilenetv3": (lambda: TinyMobileNetV3(), lambda m: m.features, "/features/features.7/"),
+    "vgg": (lambda: TinyVGG(size=SIZE), lambda m: m.features[6], "/features/features.6/"),
+}
+
+
+def _torch_reference(model: Any, module: Any, x: np.ndarray, classes: np.ndarray
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Probabilities, and the explained map and its gradient (NHWC) by torch autograd."""
+    captured: list[Any] = []
+    handle = module.register_forward_hook(lambda mod, inp, out: captured.append(out))
+    try:
+        logits = model(torch.from_numpy(x))
+    finally:
+        handle.remove()
+    feature = captured[-1]
+    score = logits.gather(1, torch.from_numpy(classes)[:, None]).sum()
+    (grad,) = torch.autograd.grad(score, feature)
+    probs = torch.softmax(logits, 1).detach().numpy()
+    return probs, feature.detach().numpy().transpose(0, 2, 3, 1), grad.numpy().transpose(0, 2, 3, 1)
+
+
+@pytest.mark.parametrize("weights", ["random", "trained"])
+@pytest.mark.parametrize("arch", list(MODELS))
+def test_gradients_equal_torch_autograd(arch: str, weights: str) -> None:
+    factory, module_of, prefix = MODELS[arch]
+    torch.manual_seed(0)
+    model = factory()
+    _randomise_batchnorm(model)
+    if weights == "trained":
+        _train_briefly(model)
+    model.eval()
+    built = build_graphs(export(model, SIZE), _prep())
+    assert built.found.explained.startswith(prefix), built.found.explained
+    session = ort.InferenceSession(built.gradcam.SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    for batch in (1, 8):
+        x = rng.standard_normal((batch, 3, SIZE, SIZE)).astype(np.float32)
+        target = np.full(batch, -1, np.int64)
+        target[::2] = 3  # explicit targets and the predicted class in one batch
+        probs, classes, acts, grads = session.run(None, {"image": x, "target": target})
+        assert np.array_equal(classes[::2], target[::2])
+        ref_probs, ref_acts, ref_grads = _torch_reference(model, module_of(model), x, classes)
+        np.testing.assert_allclose(probs, ref_probs, atol=1e-5)
+        assert np.array_equal(classes[1::2], ref_probs[1::2].argmax(1))
+        np.testing.assert_allclose(acts, ref_acts, atol=1e-4 * np.abs(ref_acts).max())
+        assert np.abs(grads - ref_grads).max() <= 1e-4 * np.abs(ref_grads).max()
+
+
+def test_a_head_op_without_a_rule_fails_the_export_with_its_name() -> None:
+    class SoftplusHead(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3)
+            self.fc = torch.nn.Linear(4, 4)
+
+        def forward(self, x: Any) -> Any:
+            pooled = torch.relu(self.conv(x)).mean(dim=(2, 3))
+            return self.fc(torch.nn.functional.softplus(pooled))
+
+    with pytest.raises(ExportError, match=r"no backward rule for op 'Softplus' \(node '/"):
+        build_graphs(export(SoftplusHead(), SIZE), _prep())
+
+
+def test_keras_through_tf2onnx_equals_gradient_tape() -> None:
+    tf = pytest.importorskip("tensorflow")
+    tf2onnx = pytest.importorskip("tf2onnx")
+    keras = tf.keras
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((SIZE, SIZE, 1), name="image_in")
+    h = keras.layers.Conv2D(6, 3, padding="same", activation="relu")(inp)
+    h = keras.layers.MaxPooling2D()(h)
+    h = keras.layers.BatchNormalization()(h)
+    feat = keras.layers.Conv2D(8, 3, strides=2, activation="relu", name="last_conv")(h)
+    g = keras.layers.GlobalAveragePooling2D()(feat)
+    g = keras.layers.Dense(16, activation="relu")(g)
+    out = keras.layers.Dense(4, activation="softmax")(keras.layers.Dropout(0.3)(g))
+    model = keras.Model(inp, out)
+    features = keras.Model(inp, feat)
+    head = keras.Model(feat, model.layers[-1].input)  # up to the logits' Dense input
+    spec = (tf.TensorSpec((None, SIZE, SIZE, 1), tf.float32, name="image_in"),)
+    proto, _ = tf2onnx.convert.from_keras(model, input_signature=spec, opset=17)
+    built = build_graphs(proto, Preprocessing(height=SIZE, width=SIZE, channels=1))
+    assert built.found.kind == "softmax"
+    session = ort.InferenceSession(built.gradcam.SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).random((8, SIZE, SIZE, 1), dtype=np.float32)
+    probs, classes, acts, grads = session.run(None, {"image": x,
+                                                     "target": np.full(8, -1, np.int64)})
+    np.testing.assert_allclose(probs, model(x).numpy(), atol=1e-5)
+    dense = model.layers[-1]
+    a = tf.constant(features(x).numpy())
+    with tf.GradientTape() as tape:
+        tape.watch(a)
+        logits = tf.matmul(head(a), dense.kernel) + dense.bias
+        score = tf.reduce_sum(tf.gather(logits, classes, axis=1, batch_dims=1))
+    ref = tape.gradient(score, a).numpy()
+    np.testing.assert_allclose(acts, a.numpy(), atol=1e-5)
+    assert np.abs(grads - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+def test_cli_exports_a_torch_model_that_serves_like_torch(demo_data: Path,
+                                                          tmp_path: Path) -> None:
+    from braincam.decoding import load_image
+    from braincam.preprocessing import preprocess
+    from exporter.cli import main
+    from service.core.config import Settings
+    from tests.clients import ready_client
+
+    torch.manual_seed(0)
+    model = TinyResNet()
+    _randomise_batchnorm(model)
+    model.eval()
+    onnx_path = tmp_path / "resnet.onnx"
+    export(model, 64, onnx_path)
+    out = tmp_path / "models" / "resnet"
+    argv = ["--model", str(onnx_path), "--out", str(out), "--labels", ",".join(LABELS),
+            "--mean", *map(str, IMAGENET_MEAN), "--std", *map(str, IMAGENET_STD),
+            "--calibration", str(demo_data / "Testing")]
+    assert main(argv) == 0
+    assert main([*argv[:-2], "--calibration", str(demo_data / "Testing" / "glioma")]) == 1  # < 16
+    settings = Settings(model_dir=out, providers="CPUExecutionProvider")  # type: ignore[call-arg]
+    paths = sorted((demo_data / "Testing").rglob("*.png"))[:3]
+    with ready_client(settings) as client:
+        meta = client.get("/metadata").json()
+        assert meta["model"]["labels"] == LABELS
+        for path in paths:
+            res = client.post("/predict", files={"file": (path.name, path.read_bytes())})
+            assert res.status_code == 200, res.text
+            probs = res.json()["probabilities"]
+            x = preprocess(load_image(path), _prep(64))[None]
+            with torch.no_grad():
+                expected = torch.softmax(model(torch.from_numpy(x)), 1)[0].numpy()
+            np.testing.assert_allclose([probs[k] for k in LABELS], expected, atol=1e-5)
+            res = client.post("/explain", files={"file": (path.name, path.read_bytes())},
+                              data={"method": "gradcam", "smooth": "true"})
+            assert res.status_code == 200, res.text
