@@ -106,7 +106,9 @@ def preprocess(pixels: np.ndarray, spec: Preprocessing) -> np.ndarray:
     elif spec.scale == "symmetric":
         out = out * np.float32(1.0 / 127.5) - np.float32(1.0)
     if spec.mean is not None and spec.std is not None:
-        out = (out - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
+        mean = np.asarray(spec.mean, dtype=np.float32)
+        std = np.asarray(spec.std, dtype=np.float32)
+        out = ((out - mean) / std).astype(np.float32, copy=False)
     if spec.layout == "nchw":
         out = np.ascontiguousarray(out.transpose(2, 0, 1))
     return out

@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import onnx
 
@@ -157,7 +157,9 @@ def export_onnx_model(
             raise ExportError("gradient gate failed, nothing written:\n  "
                               + "\n  ".join(report.failures)
                               + "\nfigures: " + json.dumps(report.figures, indent=1))
-        score = "log_probability" if built.found.kind == "probabilities" else "logit"
+        score: Literal["logit", "log_probability"] = (
+            "log_probability" if built.found.kind == "probabilities" else "logit"
+        )
         spec = ModelSpec(
             name=name or out_dir.name,
             version=version or "1",

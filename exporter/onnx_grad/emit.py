@@ -49,14 +49,24 @@ class Emitter:
         n_out: int = 1,
         **attrs: object,
     ) -> list[str]:
+        return self.make(op, inputs, attrs, hint, n_out)
+
+    def make(
+        self,
+        op: str,
+        inputs: Sequence[str],
+        attrs: dict[str, object],
+        hint: str | None = None,
+        n_out: int = 1,
+    ) -> list[str]:
         outs = [self.fresh(hint or op) for _ in range(n_out)]
-        self.graph.node.append(
-            helper.make_node(op, list(inputs), outs, name=self.fresh(f"{op}_node"), **attrs)
-        )
+        node = helper.make_node(op, list(inputs), outs, name=self.fresh(f"{op}_node"))
+        node.attribute.extend(helper.make_attribute(k, v) for k, v in attrs.items())
+        self.graph.node.append(node)
         return outs
 
     def const(self, value: np.ndarray | Sequence[float] | float, dtype: type = np.float32) -> str:
-        array = np.asarray(value, dtype=dtype)
+        array: np.ndarray = np.asarray(value, dtype=dtype)
         key = (array.tobytes(), str(array.dtype), array.shape)
         if key not in self._consts:
             name = self.fresh("const")

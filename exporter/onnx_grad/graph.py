@@ -126,7 +126,7 @@ def attr_ints(node: onnx.NodeProto, name: str, default: list[int] | None = None)
     value = attr(node, name)
     if value is None:
         return list(default or [])
-    return [int(v) for v in value]  # type: ignore[union-attr]
+    return [int(v) for v in value]  # type: ignore[attr-defined]
 
 
 def attr_int(node: onnx.NodeProto, name: str, default: int) -> int:

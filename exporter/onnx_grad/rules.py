@@ -212,6 +212,8 @@ def _hard_swish(em: Emitter, node: onnx.NodeProto, g: Grads) -> Grads:
 def _clip(em: Emitter, node: onnx.NodeProto, g: Grads) -> Grads:
     assert g[0] is not None
     info = em.info
+    low: float | None
+    high: float | None
     if info.opset < 11:
         low, high = attr_float(node, "min", -np.inf), attr_float(node, "max", np.inf)
     else:
@@ -333,7 +335,7 @@ class Window:
     size_in: list[int]
     size_out: list[int]
 
-    def transpose_attrs(self) -> dict[str, list[int]]:
+    def transpose_attrs(self) -> dict[str, object]:
         """ConvTranspose pads/output_padding that give back exactly `size_in`."""
         pads_end, output_padding = [], []
         for k, s, d, b, e, n, o in zip(
@@ -387,7 +389,7 @@ def _conv(em: Emitter, node: onnx.NodeProto, g: Grads) -> Grads:
     )
     win = _window(em, node, kernel)
     group = attr_int(node, "group", 1)
-    return [em.node("ConvTranspose", [g[0], w], group=group, **win.transpose_attrs())]
+    return [em.make("ConvTranspose", [g[0], w], {"group": group, **win.transpose_attrs()})[0]]
 
 
 @rule("AveragePool")
@@ -404,7 +406,8 @@ def _average_pool(em: Emitter, node: onnx.NodeProto, g: Grads) -> Grads:
     inverse_divisor = _ones_response(node, win) / np.maximum(_valid_counts(win), 1)
     scaled = em.node("Mul", [g[0], em.const(inverse_divisor[None, None])])
     ones = em.const(np.ones([channels, 1, *kernel], np.float32))
-    return [em.node("ConvTranspose", [scaled, ones], group=channels, **win.transpose_attrs())]
+    attrs = {"group": channels, **win.transpose_attrs()}
+    return [em.make("ConvTranspose", [scaled, ones], attrs)[0]]
 
 
 def _valid_counts(win: Window) -> np.ndarray:
