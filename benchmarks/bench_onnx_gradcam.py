@@ -39,24 +39,30 @@ def _session(model: onnx.ModelProto | Path, threads: int) -> Any:
     return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
 
-def _median_ms(fn: Callable[[], object], repeats: int) -> float:
-    for _ in range(10):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
+def _elapsed(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 
 def time_pair(classifier: Any, gradcam: Any, shape: tuple[int, ...], repeats: int
               ) -> tuple[float, float]:
+    """Median ms of each graph, runs interleaved so that load drifts hit both alike."""
     x = np.random.default_rng(0).random((1, *shape), dtype=np.float32)
     target = np.full(1, -1, np.int64)
-    c = _median_ms(lambda: classifier.run(None, {"image": x}), repeats)
-    g = _median_ms(lambda: gradcam.run(None, {"image": x, "target": target}), repeats)
-    return c, g
+
+    def run_classifier() -> object:
+        return classifier.run(None, {"image": x})
+
+    def run_gradcam() -> object:
+        return gradcam.run(None, {"image": x, "target": target})
+
+    for _ in range(10):
+        run_classifier()
+        run_gradcam()
+    pairs = [(_elapsed(run_classifier), _elapsed(run_gradcam)) for _ in range(repeats)]
+    return (1e3 * statistics.median(p[0] for p in pairs),
+            1e3 * statistics.median(p[1] for p in pairs))
 
 
 def torch_rows(threads: int, repeats: int) -> list[tuple[str, float, float]]:

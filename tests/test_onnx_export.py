@@ -61,7 +61,7 @@ def _train_briefly(model: Any) -> None:
 MODELS = {
     "resnet": (lambda: TinyResNet(), lambda m: m.layer2, "/layer2/"),
     "mobilenetv3": (lambda: TinyMobileNetV3(), lambda m: m.features, "/features/features.7/"),
-    "vgg": (lambda: TinyVGG(size=SIZE), lambda m: m.features[6], "/features/features.6/"),
+    "vgg": (lambda: TinyVGG(size=SIZE), lambda m: m.features[7], "/features/features.7/"),
 }
 
 

@@ -80,6 +80,10 @@ CASES = [
          [n("MaxPool", ["x"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1],
             ceil_mode=1)]),
     Case("MaxPool_overlapping", X4, [n("MaxPool", ["x"], kernel_shape=[3, 2], strides=[1, 1])]),
+    Case("MaxPool_2x2_tiles_floor_tail", X4, [n("MaxPool", ["x"], kernel_shape=[2, 2],
+                                                strides=[2, 2])]),
+    Case("MaxPool_3x3_tiles", [2, 3, 9, 6], [n("MaxPool", ["x"], kernel_shape=[3, 3],
+                                                strides=[3, 3])]),
     Case("MaxPool_dilated", X4, [n("MaxPool", ["x"], kernel_shape=[2, 2], dilations=[2, 2])]),
     Case("AveragePool_exclude_pad", X4,
          [n("AveragePool", ["x"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1],
@@ -195,8 +199,9 @@ def test_tie_conventions_match_pytorch() -> None:
     xt = torch.tensor(x, requires_grad=True)
     torch.nn.functional.max_pool2d(xt, 2).sum().backward()
     assert xt.grad is not None
-    mp = _tie_gradient([n("MaxPool", ["x"], kernel_shape=[2, 2])], x)
-    np.testing.assert_array_equal(mp, xt.grad.numpy())  # the first maximum
+    for strides in ([1, 1], [2, 2]):  # the scatter rule and the tiling windows' rule
+        mp = _tie_gradient([n("MaxPool", ["x"], kernel_shape=[2, 2], strides=strides)], x)
+        np.testing.assert_array_equal(mp, xt.grad.numpy())  # the first maximum
     xt.grad = None
     torch.nn.functional.adaptive_max_pool2d(xt, 1).sum().backward()
     gmp = _tie_gradient([n("GlobalMaxPool", ["x"])], x)

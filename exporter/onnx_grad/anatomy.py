@@ -1,10 +1,12 @@
 """Where things are in a classifier's ONNX graph: image, explained feature map, logits.
 
-The explained tensor defaults to the last 4-D feature map that *every* path from the
-image to the logits passes through (a graph cut: inside a residual block no single
-tensor is), after its activation, skipping pooling outputs: Grad-CAM's usual choice,
-the last convolutional block. Paths count only differentiable edges, so a Shape of the
-image that feeds a Reshape does not make every later tensor a non-cut.
+The explained tensor defaults to the last 4-D feature map with more than one position
+that *every* path from the image to the logits passes through (a graph cut: inside a
+residual block no single tensor is): the last convolutional block's output after its
+activation, or after its max pooling where one follows (VGG's `features[-1]`, the layer
+pytorch-grad-cam's examples and the Keras exporter's default pick). Paths count only
+differentiable edges, so a Shape of the image that feeds a Reshape does not make every
+later tensor a non-cut.
 """
 
 from __future__ import annotations
@@ -21,8 +23,8 @@ from exporter.onnx_grad.rules import NON_DIFFERENTIABLE, RULES
 Layout = Literal["nchw", "nhwc"]
 OutputKind = Literal["logits", "softmax", "log_softmax", "sigmoid", "probabilities"]
 
-_POOLS = frozenset({"MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool"})
-_NCHW_OPS = _POOLS | {"Conv", "ConvTranspose", "BatchNormalization", "InstanceNormalization"}
+_NCHW_OPS = frozenset({"MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool",
+                       "Conv", "ConvTranspose", "BatchNormalization", "InstanceNormalization"})
 _PASS_LAYOUT = frozenset(
     {"Relu", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Clip", "Identity", "Dropout",
      "Cast", "Tanh", "Elu", "Selu", "Softplus", "Erf", "Neg", "Exp", "Add", "Sub", "Mul", "Div",
@@ -230,7 +232,7 @@ def _default_explained(
     for name in _cut_tensors(info, image, score):
         layout = layouts.get(name)
         node = info.producer.get(name)
-        if name == image or layout is None or node is None or node.op_type in _POOLS:
+        if name == image or layout is None or node is None:
             continue
         h, w = _spatial(info, name, layout)
         if h is not None and w is not None and h * w > 1:

@@ -105,5 +105,5 @@ class Emitter:
         return self.reshape_like(summed, x) if lead else summed
 
     def where_mask(self, condition: str, g: str) -> str:
-        """g where condition holds, else 0."""
-        return self.node("Where", [condition, g, self.const(0.0)])
+        """g where condition holds, else 0 (a multiply: ORT's Where is several times slower)."""
+        return self.node("Mul", [g, self.node("Cast", [condition], to=onnx.TensorProto.FLOAT)])

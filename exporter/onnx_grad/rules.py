@@ -444,6 +444,44 @@ def _ones_response(node: onnx.NodeProto, win: Window) -> np.ndarray:
 
 @rule("MaxPool")
 def _max_pool(em: Emitter, node: onnx.NodeProto, g: Grads) -> Grads:
+    assert g[0] is not None
+    kernel = attr_ints(node, "kernel_shape")
+    blocks = _max_pool_blocks(em, node, g[0], _window(em, node, kernel))
+    return [blocks] if blocks is not None else _max_pool_scatter(em, node, g)
+
+
+def _max_pool_blocks(em: Emitter, node: onnx.NodeProto, g: str, win: Window) -> str | None:
+    """Square windows that tile the input (kernel == stride, VGG's 2x2/2): SpaceToDepth
+    lays each window along a new axis in row-major order, ArgMax picks its first
+    maximum, and DepthToSpace puts the one-hot gradient back. The forward MaxPool keeps
+    ONNX Runtime's fast kernel (no indices output) and no scatter runs: ~3x cheaper than
+    the general rule. None: not such a pool."""
+    k = win.kernel[0]
+    square = len(win.kernel) == 2 and win.kernel == [k, k] and win.strides == [k, k]
+    if not square or win.dilations != [1, 1] or any(win.begin) or any(win.end):
+        return None
+    (oh, ow), (h, w) = win.size_out, win.size_in
+    if oh * k > h or ow * k > w:  # ceil_mode windows overhanging the input
+        return None
+    x = node.input[0]
+    channels = em.info.static_dims(x, [1], node)[0]
+    if oh * k < h or ow * k < w:  # rows/columns no window reaches (floor mode)
+        x = em.node("Slice", [x, em.ints([0, 0]), em.ints([oh * k, ow * k]), em.ints([2, 3])])
+    # SpaceToDepth: channel (i*k + j)*C + c holds x[c, h*k + i, w*k + j]
+    windows = em.node("Reshape", [em.node("SpaceToDepth", [x], blocksize=k),
+                                  em.ints([0, k * k, channels, oh, ow])])
+    first = em.node("ArgMax", [windows], axis=1, keepdims=1, select_last_index=0)
+    positions = em.const(np.arange(k * k).reshape(1, k * k, 1, 1, 1), np.int64)
+    one_hot = em.node("Cast", [em.node("Equal", [first, positions])], to=onnx.TensorProto.FLOAT)
+    spread = em.node("Mul", [one_hot, em.node("Unsqueeze", [g, em.ints([1])])])
+    merged = em.node("Reshape", [spread, em.ints([0, k * k * channels, oh, ow])])
+    grad = em.node("DepthToSpace", [merged], blocksize=k, mode="DCR")
+    if oh * k < h or ow * k < w:
+        grad = em.node("Pad", [grad, em.ints([0, 0, 0, 0, 0, 0, h - oh * k, w - ow * k])])
+    return grad
+
+
+def _max_pool_scatter(em: Emitter, node: onnx.NodeProto, g: Grads) -> Grads:
     # The forward node also returns its argmax indices (flat over the whole tensor, the
     # first maximum of each window), and the gradient is scatter-added there:
     # overlapping windows that share a maximum add up.
