@@ -3,6 +3,7 @@ autograd, the exported directory serves like a Keras export."""
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
@@ -122,6 +123,30 @@ def test_a_head_op_without_a_rule_fails_the_export_with_its_name() -> None:
 
     with pytest.raises(ExportError, match=r"no backward rule for op 'Softplus' \(node '/"):
         build_graphs(export(SoftplusHead(), SIZE), _prep())
+
+
+def test_a_graph_with_a_fixed_batch_fails_with_a_hint(demo_data: Path, tmp_path: Path) -> None:
+    from exporter.onnx_export import export_onnx_model
+
+    class FixedBatch(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3)
+            self.fc = torch.nn.Linear(4 * 30 * 30, 4)
+
+        def forward(self, x: Any) -> Any:
+            h = torch.relu(self.conv(x))
+            return self.fc(h.view(h.size(0), -1))  # traced with batch 1: a constant
+
+    path = tmp_path / "fixed.onnx"
+    buffer = io.BytesIO()
+    torch.onnx.export(FixedBatch().eval(), (torch.zeros(1, 3, SIZE, SIZE),), buffer,
+                      opset_version=17, dynamo=False)
+    path.write_bytes(buffer.getvalue())
+    with pytest.raises(ExportError, match="dynamic batch axis"):
+        export_onnx_model(path, tmp_path / "out", labels=LABELS,
+                          calibration=demo_data / "Testing")
+    assert not (tmp_path / "out").exists()
 
 
 def test_keras_through_tf2onnx_equals_gradient_tape() -> None:

@@ -140,6 +140,9 @@ def run_gate(
             f"ONNX Runtime failed on a batch of {n} ({type(exc).__name__}: {exc}); if the model "
             "was exported with a fixed batch size, export it with a dynamic batch axis"
         ) from exc
+    if len(scores) != n or len(probs) != n or len(probs_cls) != n:
+        raise ExportError(f"a batch of {n} images gave {len(scores)} rows: the model's graph "
+                          "fixes the batch size; export it with a dynamic batch axis")
     expected = source_probabilities(np.asarray(scores), found.kind)
     report.figures["n_inputs"] = n
     report.figures["probabilities_max_abs_diff"] = float(np.abs(probs - expected).max())
