@@ -3,7 +3,7 @@ exporter builds its Grad-CAM graph: see the README, "Bringing your own ONNX mode
 
     python examples/train_torch_demo.py --data data/demo --out runs/torch_demo.onnx
     python -m exporter --model runs/torch_demo.onnx --out models/torch_demo \\
-        --labels glioma,meningioma,notumor,pituitary \\
+        --labels glioma,meningioma,pituitary,notumor \\
         --mean 0.485 0.456 0.406 --std 0.229 0.224 0.225 --calibration data/demo/Testing
 
 Images go through braincam's own `preprocess` (3 channels, x/255, ImageNet mean/std,
@@ -60,14 +60,14 @@ def preprocessing(size: int) -> Preprocessing:
 
 
 def train(data: Path, size: int = 64, epochs: int = 8, seed: int = 0,
-          log: bool = True) -> tuple[DemoNet, float]:
+          log: bool = True, width: int = 16) -> tuple[DemoNet, float]:
     """The model and its test accuracy."""
     torch.manual_seed(seed)
     prep = preprocessing(size)
     training = load_dataset_split(data, "Training", prep)
     testing = load_dataset_split(data, "Testing", prep)
     x, y = torch.from_numpy(training.x), torch.from_numpy(np.asarray(training.y, np.int64))
-    model = DemoNet(len(MULTICLASS_LABELS))
+    model = DemoNet(len(training.labels), width)  # outputs in training.labels' order
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
     for epoch in range(epochs):
         model.train()
@@ -112,7 +112,8 @@ def main() -> None:
     model, accuracy = train(args.data, args.size, args.epochs, args.seed)
     export_onnx(model, args.size, args.out)
     seconds = time.perf_counter() - started
-    print(f"test accuracy {accuracy:.3f}; wrote {args.out} in {seconds:.0f} s")
+    print(f"test accuracy {accuracy:.3f}; wrote {args.out} in {seconds:.0f} s; "
+          f"labels in output order: {','.join(MULTICLASS_LABELS)}")
 
 
 if __name__ == "__main__":

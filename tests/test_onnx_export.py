@@ -186,39 +186,51 @@ def test_keras_through_tf2onnx_equals_gradient_tape() -> None:
     assert np.abs(grads - ref).max() <= 1e-4 * np.abs(ref).max()
 
 
-def test_cli_exports_a_torch_model_that_serves_like_torch(demo_data: Path,
-                                                          tmp_path: Path) -> None:
+def _train_demo_module() -> Any:
+    """examples/train_torch_demo.py, imported from its path (examples/ is no package)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "train_torch_demo.py"
+    spec = importlib.util.spec_from_file_location("train_torch_demo", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_torch_model_trained_on_the_demo_data_serves_like_torch(demo_data: Path,
+                                                                  tmp_path: Path) -> None:
+    from braincam.datasets import MULTICLASS_LABELS
     from braincam.decoding import load_image
     from braincam.preprocessing import preprocess
     from exporter.cli import main
     from service.core.config import Settings
     from tests.clients import ready_client
 
-    torch.manual_seed(0)
-    model = TinyResNet()
-    _randomise_batchnorm(model)
-    model.eval()
-    onnx_path = tmp_path / "resnet.onnx"
-    export(model, 64, onnx_path)
-    out = tmp_path / "models" / "resnet"
-    argv = ["--model", str(onnx_path), "--out", str(out), "--labels", ",".join(LABELS),
+    demo = _train_demo_module()
+    model, _ = demo.train(demo_data, size=32, epochs=2, log=False, width=4)
+    onnx_path = tmp_path / "torch_demo.onnx"
+    demo.export_onnx(model, 32, onnx_path)
+    out = tmp_path / "models" / "torch_demo"
+    argv = ["--model", str(onnx_path), "--out", str(out), "--labels", ",".join(MULTICLASS_LABELS),
             "--mean", *map(str, IMAGENET_MEAN), "--std", *map(str, IMAGENET_STD),
             "--calibration", str(demo_data / "Testing")]
     assert main(argv) == 0
     assert main([*argv[:-2], "--calibration", str(demo_data / "Testing" / "glioma")]) == 1  # < 16
     settings = Settings(model_dir=out, providers="CPUExecutionProvider")  # type: ignore[call-arg]
-    paths = sorted((demo_data / "Testing").rglob("*.png"))[:3]
+    paths = sorted((demo_data / "Testing").rglob("*.png"))[::7][:4]
     with ready_client(settings) as client:
         meta = client.get("/metadata").json()
-        assert meta["model"]["labels"] == LABELS
+        assert meta["model"]["labels"] == list(MULTICLASS_LABELS)
+        assert meta["model"]["preprocessing"]["layout"] == "nchw"
         for path in paths:
             res = client.post("/predict", files={"file": (path.name, path.read_bytes())})
             assert res.status_code == 200, res.text
             probs = res.json()["probabilities"]
-            x = preprocess(load_image(path), _prep(64))[None]
+            x = preprocess(load_image(path), demo.preprocessing(32))[None]
             with torch.no_grad():
                 expected = torch.softmax(model(torch.from_numpy(x)), 1)[0].numpy()
-            np.testing.assert_allclose([probs[k] for k in LABELS], expected, atol=1e-5)
+            np.testing.assert_allclose([probs[k] for k in MULTICLASS_LABELS], expected, atol=1e-5)
             res = client.post("/explain", files={"file": (path.name, path.read_bytes())},
                               data={"method": "gradcam", "smooth": "true"})
             assert res.status_code == 200, res.text
