@@ -68,7 +68,14 @@ def time_pair(classifier: Any, gradcam: Any, shape: tuple[int, ...], repeats: in
 def torch_rows(threads: int, repeats: int) -> list[tuple[str, float, float]]:
     try:
         sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-        from torch_models import IMAGENET_MEAN, IMAGENET_STD, TinyMobileNetV3, TinyResNet, TinyVGG
+        from torch_models import (
+            IMAGENET_MEAN,
+            IMAGENET_STD,
+            ResNet18Shaped,
+            TinyMobileNetV3,
+            TinyResNet,
+            TinyVGG,
+        )
         from torch_models import export as torch_export
     except ImportError:
         print("torch is not installed: PyTorch rows skipped", file=sys.stderr)
@@ -76,7 +83,8 @@ def torch_rows(threads: int, repeats: int) -> list[tuple[str, float, float]]:
     rows = []
     for name, factory, size in [("resnet-style", TinyResNet, 128),
                                 ("mobilenetv3-style", TinyMobileNetV3, 128),
-                                ("vgg-style", lambda: TinyVGG(size=128), 128)]:
+                                ("vgg-style", lambda: TinyVGG(size=128), 128),
+                                ("resnet18-shaped", ResNet18Shaped, 224)]:
         prep = Preprocessing(height=size, width=size, channels=3, layout="nchw",
                              mean=IMAGENET_MEAN, std=IMAGENET_STD)
         built = build_graphs(torch_export(factory(), size), prep)

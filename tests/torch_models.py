@@ -131,3 +131,23 @@ def export(model: nn.Module, size: int, path: Path | None = None, channels: int 
     if path is not None:
         onnx.save(proto, str(path))
     return proto
+
+
+class ResNet18Shaped(nn.Module):
+    """torchvision's resnet18 layout (7x7 stem, max pool, BasicBlocks [2,2,2,2], widths
+    64-512, average pool, fc): the benchmark's full-size model."""
+
+    def __init__(self, classes: int = 4) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64),
+                                  nn.ReLU(), nn.MaxPool2d(3, 2, 1))
+        stages, cin = [], 64
+        for cout, stride in [(64, 1), (128, 2), (256, 2), (512, 2)]:
+            stages.append(nn.Sequential(BasicBlock(cin, cout, stride), BasicBlock(cout, cout, 1)))
+            cin = cout
+        self.layers = nn.Sequential(*stages)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(512, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.avgpool(self.layers(self.stem(x))), 1))
