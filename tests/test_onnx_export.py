@@ -234,3 +234,8 @@ def test_a_torch_model_trained_on_the_demo_data_serves_like_torch(demo_data: Pat
             res = client.post("/explain", files={"file": (path.name, path.read_bytes())},
                               data={"method": "gradcam", "smooth": "true"})
             assert res.status_code == 200, res.text
+    # Triton takes the NCHW model as it is: image dims [3, H, W], verified in ORT.
+    from exporter import triton
+
+    assert triton.main(["--model-dir", str(out), "--repo", str(tmp_path / "triton")]) == 0
+    assert "dims: [ 3, 32, 32 ]" in (tmp_path / "triton" / out.name / "config.pbtxt").read_text()
