@@ -239,3 +239,22 @@ def test_a_torch_model_trained_on_the_demo_data_serves_like_torch(demo_data: Pat
 
     assert triton.main(["--model-dir", str(out), "--repo", str(tmp_path / "triton")]) == 0
     assert "dims: [ 3, 32, 32 ]" in (tmp_path / "triton" / out.name / "config.pbtxt").read_text()
+
+
+def test_anatomy_names_tensors_of_both_graphs_and_old_opsets_convert() -> None:
+    torch.manual_seed(0)
+    model = TinyResNet().eval()
+    built = build_graphs(export(model, SIZE), _prep())
+    anatomy = built.anatomy
+    for graph in (built.classifier.graph, built.gradcam.graph):
+        produced = {o for node in graph.node for o in node.output}
+        assert {anatomy.logits, anatomy.probabilities, anatomy.pooled_features} <= produced
+    assert anatomy.explained in {o for node in built.gradcam.graph.node for o in node.output}
+    assert anatomy.pooled_features == "/Flatten_output_0"  # the fc layer's input [N, 16]
+    # An opset-13 export is converted to opset 17 and gives the same gradients.
+    old = build_graphs(export(model, SIZE, opset=13), _prep())
+    x = np.random.default_rng(3).standard_normal((2, 3, SIZE, SIZE)).astype(np.float32)
+    feeds = {"image": x, "target": np.array([-1, 2], np.int64)}
+    runs = [ort.InferenceSession(b.gradcam.SerializeToString(), providers=["CPUExecutionProvider"])
+            .run(["gradients"], feeds)[0] for b in (built, old)]
+    np.testing.assert_allclose(runs[0], runs[1], rtol=1e-5, atol=1e-7)

@@ -177,23 +177,15 @@ def find_output(info: GraphInfo, outputs: str) -> tuple[str, OutputKind, str]:
 
 
 def find_pooled_features(info: GraphInfo, score: str) -> str | None:
-    """The data input of the last Gemm/MatMul before the score (bias Adds skipped)."""
-    name = score
-    while name in info.producer:
-        node = info.producer[name]
-        if node.op_type in ("Gemm", "MatMul"):
-            data = [i for i in node.input[:2] if i not in info.constants]
-            return data[0] if len(data) == 1 else None
-        if node.op_type in ("Add", "Identity", "Flatten", "Reshape"):
-            data = [i for i in node.input[:1] if i not in info.constants]
-            if node.op_type == "Add":
-                data = [i for i in node.input if i not in info.constants]
-            if len(data) != 1:
-                return None
-            name = data[0]
-            continue
+    """The data input of the last Gemm/MatMul before the score (a bias Add skipped)."""
+    node = info.producer.get(score)
+    while node is not None and node.op_type in ("Add", "Identity"):
+        data = [i for i in node.input if i not in info.constants]
+        node = info.producer.get(data[0]) if len(data) == 1 else None
+    if node is None or node.op_type not in ("Gemm", "MatMul"):
         return None
-    return None
+    data = [i for i in node.input[:2] if i not in info.constants]
+    return data[0] if len(data) == 1 else None
 
 
 def analyse(
