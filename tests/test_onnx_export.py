@@ -258,3 +258,54 @@ def test_anatomy_names_tensors_of_both_graphs_and_old_opsets_convert() -> None:
     runs = [ort.InferenceSession(b.gradcam.SerializeToString(), providers=["CPUExecutionProvider"])
             .run(["gradients"], feeds)[0] for b in (built, old)]
     np.testing.assert_allclose(runs[0], runs[1], rtol=1e-5, atol=1e-7)
+
+
+class _Head(torch.nn.Module):
+    """conv -> relu -> global average pool -> linear, then an output transform."""
+
+    def __init__(self, outputs: int, transform: str) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 6, 3, padding=1)
+        self.fc = torch.nn.Linear(6, outputs)
+        self.transform = transform
+
+    def features(self, x: Any) -> Any:
+        return torch.relu(self.conv(x))
+
+    def forward(self, x: Any) -> Any:
+        z = self.fc(self.features(x).mean(dim=(2, 3)))
+        if self.transform == "sigmoid":
+            return torch.sigmoid(z)
+        e = torch.exp(z)  # a softmax written out: no Softmax node to walk back through
+        return e / e.sum(dim=1, keepdim=True)
+
+
+@pytest.mark.parametrize("transform,outputs,score", [("sigmoid", 1, "logit"),
+                                                     ("manual_softmax", 4, "log_probability")])
+def test_sigmoid_and_probability_only_outputs(transform: str, outputs: int, score: str) -> None:
+    torch.manual_seed(0)
+    model = _Head(outputs, transform).eval()
+    built = build_graphs(export(model, SIZE), _prep(),
+                         outputs="probabilities" if score == "log_probability" else "auto")
+    assert (built.found.kind == "probabilities") == (score == "log_probability")
+    x = np.random.default_rng(0).standard_normal((4, 3, SIZE, SIZE)).astype(np.float32)
+    target = np.array([0, 1, -1, 1], np.int64)
+    session = ort.InferenceSession(built.gradcam.SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
+    probs, classes, _, grads = session.run(None, {"image": x, "target": target})
+    xt = torch.from_numpy(x)
+    feats = model.features(xt)
+    z = model.fc(feats.mean(dim=(2, 3)))
+    rows = torch.arange(4)
+    if transform == "sigmoid":  # 2-way contract: logits [-z/2, z/2], p = [1-σ, σ]
+        p = torch.sigmoid(z[:, 0])
+        expected = torch.stack([1 - p, p], 1)
+        chosen = (torch.from_numpy(classes).float() - 0.5) * z[:, 0]
+    else:
+        expected = torch.softmax(z, 1)
+        chosen = torch.log_softmax(z, 1)[rows, torch.from_numpy(classes)]
+    np.testing.assert_allclose(probs, expected.detach().numpy(), atol=1e-6)
+    assert list(classes[[0, 1, 3]]) == [0, 1, 1]
+    (ref,) = torch.autograd.grad(chosen.sum(), feats)
+    ref_nhwc = ref.numpy().transpose(0, 2, 3, 1)
+    assert np.abs(grads - ref_nhwc).max() <= 1e-4 * np.abs(ref_nhwc).max()

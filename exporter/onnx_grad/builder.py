@@ -131,6 +131,9 @@ def build_graphs(
     one_hot = em.node("OneHot", [CLASS_OUTPUT, em.ints([k]), em.const([0.0, 1.0])], axis=-1)
     if found.kind == "probabilities":  # score = log p[class]: d/dp = onehot / p
         seed_at, seed = probabilities, em.node("Div", [one_hot, probabilities])
+    elif found.kind == "sigmoid":  # logits [-z/2, z/2] were appended: seed z directly
+        seed_at = found.score_tensor
+        seed = em.node("MatMul", [one_hot, em.const([[-0.5], [0.5]])])
     else:
         seed_at, seed = logits, one_hot
     grad = backward(em, info, found.explained, seed_at, seed)
