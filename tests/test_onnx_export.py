@@ -309,3 +309,32 @@ def test_sigmoid_and_probability_only_outputs(transform: str, outputs: int, scor
     (ref,) = torch.autograd.grad(chosen.sum(), feats)
     ref_nhwc = ref.numpy().transpose(0, 2, 3, 1)
     assert np.abs(grads - ref_nhwc).max() <= 1e-4 * np.abs(ref_nhwc).max()
+
+
+def test_layer_inside_a_residual_block(demo_data: Path, tmp_path: Path) -> None:
+    """--layer on a tensor that is not a cut (a skip path bypasses it): the gradient is
+    the partial derivative with the skip path held fixed, as torch autograd gives."""
+    from exporter.onnx_export import export_onnx_model
+
+    torch.manual_seed(0)
+    model = TinyResNet().eval()
+    _randomise_batchnorm(model)
+    path = tmp_path / "resnet.onnx"
+    export(model, SIZE, path)
+    inner = "/layer2/relu/Relu_output_0"  # after conv1-bn1-relu of layer2's block
+    result = export_onnx_model(path, tmp_path / "out", labels=LABELS, layer=inner,
+                               height=SIZE, width=SIZE, calibration=demo_data / "Testing")
+    assert result.spec.parity["passed"] and result.spec.explanation.layer == inner
+    built = build_graphs(export(model, SIZE), _prep(), layer=inner)
+    x = np.random.default_rng(5).standard_normal((3, 3, SIZE, SIZE)).astype(np.float32)
+    session = ort.InferenceSession(built.gradcam.SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
+    _, classes, _, grads = session.run(None, {"image": x, "target": np.full(3, -1, np.int64)})
+    captured: list[Any] = []
+    handle = model.layer2.relu.register_forward_hook(lambda m, i, o: captured.append(o))
+    logits = model(torch.from_numpy(x))
+    handle.remove()
+    score = logits.gather(1, torch.from_numpy(classes)[:, None]).sum()
+    (ref,) = torch.autograd.grad(score, captured[0])  # the block's first ReLU call
+    ref_nhwc = ref.numpy().transpose(0, 2, 3, 1)
+    assert np.abs(grads - ref_nhwc).max() <= 1e-4 * np.abs(ref_nhwc).max()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 
+import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
@@ -133,7 +134,7 @@ def build_graphs(
         seed_at, seed = probabilities, em.node("Div", [one_hot, probabilities])
     elif found.kind == "sigmoid":  # logits [-z/2, z/2] were appended: seed z directly
         seed_at = found.score_tensor
-        seed = em.node("MatMul", [one_hot, em.const([[-0.5], [0.5]])])
+        seed = em.node("MatMul", [one_hot, em.const(np.array([[-0.5], [0.5]]))])
     else:
         seed_at, seed = logits, one_hot
     grad = backward(em, info, found.explained, seed_at, seed)

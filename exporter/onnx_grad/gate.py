@@ -96,13 +96,12 @@ def _head(source: onnx.ModelProto, found: Found) -> tuple[Any, list[str]]:
     from onnx.utils import Extractor
 
     inferred = onnx.shape_inference.infer_shapes(source, data_prop=True)
-    try:
-        head = Extractor(inferred).extract_model([found.explained], [found.score_tensor])
-    except Exception:  # not a cut: the head also needs the image
-        head = Extractor(inferred).extract_model(
-            [found.image, found.explained], [found.score_tensor]
-        )
-    return ReferenceEvaluator(to_float64(head)), [i.name for i in head.graph.input]
+    # With the image as a second input, paths that bypass the explained tensor (a --layer
+    # inside a residual block) are computed from the image and held fixed, as the
+    # backward pass does; for a cut of the graph the image is simply unused.
+    head = Extractor(inferred).extract_model([found.image, found.explained], [found.score_tensor])
+    used = {i for node in head.graph.node for i in node.input}
+    return ReferenceEvaluator(to_float64(head)), [i for i in (found.image,) if i in used]
 
 
 def _score(out: np.ndarray, classes: np.ndarray, kind: str) -> np.ndarray:
@@ -155,15 +154,15 @@ def run_gate(
     to_native = (0, 3, 1, 2) if found.explained_layout == "nchw" else (0, 1, 2, 3)
     a = acts.transpose(to_native).astype(np.float64)
     g = grads.transpose(to_native).astype(np.float64)
-    evaluator, head_inputs = _head(source, found)
+    evaluator, image_needed = _head(source, found)
     rng = np.random.default_rng(seed)
     v = rng.standard_normal((DIRECTIONS, *a.shape)) * (a != 0)[None]
     rms = np.sqrt(np.mean(a**2, axis=(1, 2, 3), keepdims=True)) + 1e-12
     step = 1e-6 * rms  # per input: small against the activations' own scale
     stacked_a = np.concatenate([a + step * vi for vi in v] + [a - step * vi for vi in v])
     feeds = {found.explained: stacked_a}
-    if found.image in head_inputs:
-        feeds[found.image] = np.concatenate([x.astype(np.float64)] * (2 * DIRECTIONS))
+    images = x.astype(np.float64) if image_needed else np.zeros((n, *x.shape[1:]))
+    feeds[found.image] = np.concatenate([images] * (2 * DIRECTIONS))
     (out,) = evaluator.run(None, feeds)
     cls = np.tile(classes, 2 * DIRECTIONS)
     f = _score(np.asarray(out, np.float64), cls, found.kind).reshape(2, DIRECTIONS, n)
