@@ -26,6 +26,7 @@ from tests.torch_models import (  # noqa: E402
 )
 
 SIZE = 32
+torch.set_num_threads(1)  # tiny models: threads only contend on the shared 2-core runners
 LABELS = ["glioma", "meningioma", "notumor", "pituitary"]
 
 
