@@ -339,3 +339,22 @@ def test_layer_inside_a_residual_block(demo_data: Path, tmp_path: Path) -> None:
     (ref,) = torch.autograd.grad(score, captured[0])  # the block's first ReLU call
     ref_nhwc = ref.numpy().transpose(0, 2, 3, 1)
     assert np.abs(grads - ref_nhwc).max() <= 1e-4 * np.abs(ref_nhwc).max()
+
+
+def test_a_wrong_rule_fails_the_gate_and_nothing_is_written(
+    demo_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from exporter.onnx_export import export_onnx_model
+    from exporter.onnx_grad import rules
+
+    torch.manual_seed(0)
+    path = tmp_path / "vgg.onnx"
+    export(TinyVGG(size=SIZE), SIZE, path)  # its head: Linear -> ReLU -> Linear
+    relu = rules.RULES["Relu"]
+    monkeypatch.setitem(rules.RULES, "Relu", rules.Rule(lambda em, node, g: [g[0]],
+                                                        relu.diff_inputs))
+    with pytest.raises(ExportError, match="finite differences"):
+        export_onnx_model(path, tmp_path / "out", labels=LABELS,
+                          calibration=demo_data / "Testing")
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]  # no staging left
