@@ -235,6 +235,13 @@ def test_a_torch_model_trained_on_the_demo_data_serves_like_torch(demo_data: Pat
             res = client.post("/explain", files={"file": (path.name, path.read_bytes())},
                               data={"method": "gradcam", "smooth": "true"})
             assert res.status_code == 200, res.text
+            # Open Inference Protocol: the NCHW tensor as the graph declares it.
+            res = client.post(f"/v2/models/{out.name}/infer", json={"inputs": [
+                {"name": "image", "shape": list(x.shape), "datatype": "FP32",
+                 "data": x.ravel().tolist()}]})
+            assert res.status_code == 200, res.text
+            (oip,) = res.json()["outputs"]
+            np.testing.assert_allclose(oip["data"], expected, atol=1e-5)
     # Triton takes the NCHW model as it is: image dims [3, H, W], verified in ORT.
     from exporter import triton
 
