@@ -39,11 +39,7 @@ def block(cin: int, cout: int) -> nn.Sequential:
 
 
 class DemoNet(nn.Module):
-    """Four conv blocks with max pooling, global max pooling, a linear head.
-
-    Global *max* pooling as in the Keras demo model: a scan holds a tumour if any
-    region holds a lesion, and the class score's gradient goes where each feature
-    peaks (global average pooling spreads the maps: see the README)."""
+    """Four conv blocks with max pooling, global average pooling, a linear head."""
 
     def __init__(self, classes: int = 4, width: int = 16) -> None:
         super().__init__()
@@ -51,7 +47,7 @@ class DemoNet(nn.Module):
             block(3, width), nn.MaxPool2d(2), block(width, 2 * width), nn.MaxPool2d(2),
             block(2 * width, 4 * width), nn.MaxPool2d(2), block(4 * width, 4 * width),
         )
-        self.head = nn.Sequential(nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Dropout(0.2),
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.2),
                                   nn.Linear(4 * width, classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
