@@ -114,8 +114,7 @@ def keras_rows(model_dir: Path, threads: int, repeats: int) -> list[tuple[str, f
         print(f"{model_dir.name}: same explained map {ka.shape[1:]} "
               f"(max |acts diff| {np.abs(ka - oa).max():.2g}); Keras exporter vs ONNX builder: "
               f"gradients max relative difference {diff:.2g}, Grad-CAM channel weights "
-              f"{weights:.2g} (tied maxima, e.g. all-zero channels, are routed by "
-              "different conventions; the weights do not depend on it)")
+              f"{weights:.2g} (random inputs, with all-zero channels: ties)")
     else:
         print(f"{model_dir.name}: the builders explain different maps {ka.shape} vs {oa.shape}")
     rows = []

@@ -159,11 +159,15 @@ def test_keras_through_tf2onnx_equals_gradient_tape() -> None:
     h = keras.layers.Conv2D(6, 3, padding="same", activation="relu")(inp)
     h = keras.layers.MaxPooling2D()(h)
     h = keras.layers.BatchNormalization()(h)
-    feat = keras.layers.Conv2D(8, 3, strides=2, activation="relu", name="last_conv")(h)
-    g = keras.layers.GlobalAveragePooling2D()(feat)
+    last_conv = keras.layers.Conv2D(8, 3, strides=2, activation="relu", name="last_conv")
+    feat = last_conv(h)
+    g = keras.layers.GlobalMaxPooling2D()(feat)  # tf2onnx writes GlobalMaxPool
     g = keras.layers.Dense(16, activation="relu")(g)
     out = keras.layers.Dense(4, activation="softmax")(keras.layers.Dropout(0.3)(g))
     model = keras.Model(inp, out)
+    kernel, bias = last_conv.get_weights()
+    kernel[..., 0], bias[0] = 0.0, -1.0  # a dead channel: all zeros, every position tied
+    last_conv.set_weights([kernel, bias])
     features = keras.Model(inp, feat)
     head = keras.Model(feat, model.layers[-1].input)  # up to the logits' Dense input
     spec = (tf.TensorSpec((None, SIZE, SIZE, 1), tf.float32, name="image_in"),)
@@ -183,6 +187,7 @@ def test_keras_through_tf2onnx_equals_gradient_tape() -> None:
         logits = tf.matmul(head(a), dense.kernel) + dense.bias
         score = tf.reduce_sum(tf.gather(logits, classes, axis=1, batch_dims=1))
     ref = tape.gradient(score, a).numpy()
+    assert np.all(acts[..., 0] == 0) and np.all(ref[..., 0] != 0)  # TF shares the tie
     np.testing.assert_allclose(acts, a.numpy(), atol=1e-5)
     assert np.abs(grads - ref).max() <= 1e-4 * np.abs(ref).max()
 

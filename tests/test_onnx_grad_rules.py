@@ -185,9 +185,13 @@ def test_every_required_op_has_a_rule() -> None:
     assert set(RULES) <= tested, set(RULES) - tested
 
 
-def _tie_gradient(nodes: list[onnx.NodeProto], x: np.ndarray) -> np.ndarray:
+def _tie_gradient(nodes: list[onnx.NodeProto], x: np.ndarray, producer: str = "") -> np.ndarray:
+    """d(sum of the outputs)/dx."""
     case = Case("tie", list(x.shape), nodes)
-    built = _with_backward(_model(case), np.ones((1, 1, 1, 1), np.float32))
+    model = _model(case)
+    model.producer_name = producer
+    (y,) = ReferenceEvaluator(model).run(None, {"x": x})
+    built = _with_backward(model, np.ones(np.shape(y), np.float32))
     session = ort.InferenceSession(built.SerializeToString(), providers=["CPUExecutionProvider"])
     return np.asarray(session.run(None, {"x": x})[1])
 
@@ -213,6 +217,17 @@ def test_tie_conventions_match_pytorch() -> None:
     xt.grad = None
     torch.relu(xt - 1.0).sum().backward()  # ReLU at exactly 0: gradient 0 in torch too
     assert float(xt.grad.abs().sum()) == 0.0
+
+
+def test_global_max_pool_ties_follow_the_producing_framework() -> None:
+    x = np.zeros((1, 2, 2, 2), np.float32)
+    x[0, 1, 0, 1] = 1.0  # channel 0: four tied zeros; channel 1: one maximum
+    gmp = [n("GlobalMaxPool", ["x"])]
+    torch_like = _tie_gradient(gmp, x, producer="pytorch")
+    tf_like = _tie_gradient(gmp, x, producer="tf2onnx")
+    np.testing.assert_array_equal(torch_like[0, 0], [[1.0, 0.0], [0.0, 0.0]])  # first max
+    np.testing.assert_array_equal(tf_like[0, 0], np.full((2, 2), 0.25))  # tf.reduce_max
+    np.testing.assert_array_equal(torch_like[0, 1], tf_like[0, 1])  # no tie: the same
 
 
 def test_relu_at_zero_has_gradient_zero() -> None:

@@ -8,6 +8,7 @@ rules need is static and only the batch is left open.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import onnx
@@ -16,6 +17,15 @@ from onnx import numpy_helper
 from exporter.errors import ExportError
 
 Dim = int | None  # None: unknown or symbolic (the batch)
+Ties = Literal["pytorch", "tensorflow"]
+
+
+def tie_convention(model: onnx.ModelProto) -> Ties:
+    """Whose gradient convention at ties the model's ops follow: the framework that
+    wrote the graph (tf2onnx, which names its graphs "tf2onnx", also inside a braincam
+    Keras export: TensorFlow; anything else: PyTorch's)."""
+    tf = model.producer_name.startswith("tf2onnx") or model.graph.name == "tf2onnx"
+    return "tensorflow" if tf else "pytorch"
 
 
 def opset_of(model: onnx.ModelProto) -> int:
@@ -46,6 +56,7 @@ class GraphInfo:
     shapes: dict[str, list[Dim]] = field(default_factory=dict)
     dtypes: dict[str, int] = field(default_factory=dict)
     constants: dict[str, np.ndarray] = field(default_factory=dict)
+    ties: Ties = "pytorch"
 
     @classmethod
     def of(cls, model: onnx.ModelProto) -> GraphInfo:
@@ -53,7 +64,7 @@ class GraphInfo:
             inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
         except Exception as exc:  # InferenceError and friends: the model is inconsistent
             raise ExportError(f"ONNX shape inference failed on the model: {exc}") from exc
-        info = cls(model=inferred, opset=opset_of(inferred))
+        info = cls(model=inferred, opset=opset_of(inferred), ties=tie_convention(model))
         graph = inferred.graph
         for init in graph.initializer:
             info.constants[init.name] = numpy_helper.to_array(init)

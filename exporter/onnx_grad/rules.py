@@ -9,10 +9,12 @@ Conventions at kinks and ties, chosen to match PyTorch and TensorFlow:
 - Relu: gradient 0 at x = 0 (both frameworks). LeakyRelu: slope alpha at x = 0.
 - Clip (ReLU6, hardtanh): 0 at the bounds, as torch's hardtanh/ReLU6 and TF's Relu6Grad.
 - HardSigmoid: 0 at the bounds; HardSwish: torch's hardswish_backward.
-- MaxPool, GlobalMaxPool: all of a window's gradient goes to its first maximum in
-  row-major order (PyTorch's max_pool2d / adaptive_max_pool2d indices, ONNX Runtime's
-  MaxPool indices and TF's MaxPoolGrad).
+- MaxPool: all of a window's gradient goes to its first maximum in row-major order
+  (PyTorch's max_pool2d indices, ONNX Runtime's MaxPool indices, TF's MaxPoolGrad).
 - ReduceMax: shared equally among tied maxima (torch.amax, tf.reduce_max).
+- GlobalMaxPool, where the frameworks differ: PyTorch's AdaptiveMaxPool2d(1) sends the
+  gradient to the first maximum, Keras' GlobalMaxPooling2D (tf.reduce_max, which tf2onnx
+  writes as GlobalMaxPool) shares it; the graph's producer decides (GraphInfo.ties).
 """
 
 from __future__ import annotations
@@ -518,9 +520,15 @@ def _global_average_pool(em: Emitter, node: onnx.NodeProto, g: Grads) -> Grads:
 
 @rule("GlobalMaxPool")
 def _global_max_pool(em: Emitter, node: onnx.NodeProto, g: Grads) -> Grads:
-    # First maximum (PyTorch's AdaptiveMaxPool2d(1), exported as GlobalMaxPool).
     assert g[0] is not None
     x = node.input[0]
+    if em.info.ties == "tensorflow":  # shared among ties, as tf.reduce_max
+        mask = em.node("Cast", [em.node("Equal", [x, node.output[0]])],
+                       to=onnx.TensorProto.FLOAT)
+        spatial = list(range(2, em.info.rank(x)))
+        share = em.node("Div", [g[0], em.reduce_sum(mask, spatial, keepdims=True)])
+        return [em.node("Mul", [mask, share])]
+    # First maximum (PyTorch's AdaptiveMaxPool2d(1), exported as GlobalMaxPool).
     rows = em.node("Reshape", [x, em.ints([0, 0, -1])])
     first = em.node("ArgMax", [rows], axis=2, keepdims=1, select_last_index=0)
     zeros = em.node("ConstantOfShape", [em.shape_of(rows)],
