@@ -370,3 +370,36 @@ def test_a_wrong_rule_fails_the_gate_and_nothing_is_written(
                           calibration=demo_data / "Testing")
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]  # no staging left
+
+
+def test_the_onnx_path_needs_no_training_framework(demo_data: Path, tmp_path: Path) -> None:
+    """python -m exporter --model x.onnx runs with TensorFlow, Keras, tf2onnx and torch
+    unimportable (a fresh interpreter with an import blocker)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    torch.manual_seed(0)
+    path = tmp_path / "mobilenet.onnx"
+    export(TinyMobileNetV3(), SIZE, path)
+    script = textwrap.dedent("""
+        import importlib.abc, sys
+
+        class Block(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in {"tensorflow", "keras", "tf_keras", "tf2onnx", "torch"}:
+                    raise ImportError(f"{name} is blocked")
+                return None
+
+        sys.meta_path.insert(0, Block())
+        from exporter.cli import main
+        sys.exit(main(sys.argv[1:]))
+    """)
+    out = tmp_path / "models" / "mobilenet"
+    proc = subprocess.run(
+        [sys.executable, "-c", script, "--model", str(path), "--out", str(out),
+         "--labels", ",".join(LABELS), "--calibration", str(demo_data / "Testing")],
+        capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (out / "gradcam.onnx").is_file() and "gate on" in proc.stdout
