@@ -62,8 +62,11 @@ class Graphs(BaseModel):
 class Explanation(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    layer: str = Field(description="Keras layer whose activations Grad-CAM explains")
+    layer: str = Field(description="layer (Keras) or tensor (ONNX) whose activations are explained")
     activation_shape: list[int] = Field(description="[h, w, channels] of that layer")
+    # What the gradients differentiate: the pre-softmax logit of the class, or, for a
+    # model whose graph yields only probabilities, the log-probability (same ranking).
+    score: Literal["logit", "log_probability"] = "logit"
 
 
 class Decision(BaseModel):

@@ -13,10 +13,12 @@ from pathlib import Path
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m exporter",
-        description="Export a Keras CNN to classifier.onnx + gradcam.onnx + model.json, "
-        "gated on numerical parity with Keras.",
+        description="Export a Keras or ONNX CNN classifier to classifier.onnx + gradcam.onnx + "
+        "model.json, gated on numerical parity.",
     )
-    p.add_argument("--model", required=True, type=Path, help="a .keras (or .h5) model file")
+    p.add_argument(
+        "--model", required=True, type=Path, help="a .keras (or .h5) or .onnx model file"
+    )
     p.add_argument("--out", required=True, type=Path, help="model directory to write")
     p.add_argument("--labels", help="comma-separated class names (default: from run.json)")
     p.add_argument(
@@ -37,6 +39,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="auto",
         help="what the model's last layer returns (auto: from its activation)",
     )
+    onnx_only = p.add_argument_group("ONNX models only")
+    onnx_only.add_argument("--mean", nargs="+", type=float, help="per-channel mean, after --scale")
+    onnx_only.add_argument("--std", nargs="+", type=float, help="per-channel std, after --scale")
+    onnx_only.add_argument("--layout", choices=("nchw", "nhwc"), help="default: from the input")
+    onnx_only.add_argument("--interpolation", choices=("area", "linear", "cubic", "nearest"))
     p.add_argument("--opset", type=int, default=17)
     p.add_argument(
         "--calibration", type=Path, help="images for the parity gate (default: data/demo/Testing)"
@@ -58,8 +65,17 @@ def main(argv: list[str] | None = None) -> int:
 
         return triton.main(argv[1:])
     args = parse_args(argv)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    if args.model.suffix.lower() == ".onnx":
+        from exporter.onnx_cli import export_onnx  # no TensorFlow on this path
+
+        return export_onnx(args)
+    onnx_flags = [f for f in ("mean", "std", "layout", "interpolation") if getattr(args, f)]
+    if onnx_flags:
+        print(f"export failed: --{', --'.join(onnx_flags)} apply to .onnx models only",
+              file=sys.stderr)
+        return 1
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from exporter.export import export_model  # TensorFlow loads here, after argparse
     from exporter.model_split import ExportError, LayerError
 

@@ -18,11 +18,9 @@ from typing import Any, Literal
 import keras
 import numpy as np
 
+from exporter.errors import ExportError
+
 OutputKind = Literal["softmax", "sigmoid", "logits"]
-
-
-class ExportError(Exception):
-    """The model cannot be exported as asked; the message says why."""
 
 
 class LayerError(ExportError):

@@ -351,11 +351,11 @@ def _write_model(
 
 def _check_contract(model: TritonModel, spec: ModelSpec) -> None:
     """The graph must take the image the contract describes (model.json)."""
-    h, w, c = spec.input_shape
+    dims = list(spec.input_shape)  # [H, W, C] or [C, H, W] (preprocessing.layout)
     image = next((t for t in model.io.inputs if t.name == IMAGE_INPUT), None)
-    if image is None or image.dims != [h, w, c] or image.data_type != "TYPE_FP32":
+    if image is None or image.dims != dims or image.data_type != "TYPE_FP32":
         raise TritonExportError(
-            f"{model.graph}: expected input {IMAGE_INPUT!r} FP32 [N, {h}, {w}, {c}], "
+            f"{model.graph}: expected input {IMAGE_INPUT!r} FP32 [N, {', '.join(map(str, dims))}], "
             f"found {[(t.name, t.data_type, t.dims) for t in model.io.inputs]}"
         )
 

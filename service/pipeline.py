@@ -115,7 +115,7 @@ class Prepared:
     """One upload, decoded and preprocessed: what a batch needs from each request."""
 
     decoded: DecodedImage
-    batch: np.ndarray  # [1, H, W, C] float32
+    batch: np.ndarray  # [1, *spec.input_shape] float32 ([1,H,W,C] or [1,C,H,W])
     decode_s: float
     preprocess_s: float
 
@@ -275,8 +275,9 @@ def explain(
     prepared = prepare(data, slice_index, spec)
     decoded = prepared.decoded
     x = prepared.batch
-    # smooth: the image and its left-right mirror (W is axis 2 of NHWC) as ONE batch.
-    batch = np.ascontiguousarray(np.concatenate([x, x[:, :, ::-1, :]])) if params.smooth else x
+    # smooth: the image and its left-right mirror as ONE batch.
+    mirrored = np.flip(x, axis=spec.preprocessing.width_axis)
+    batch = np.ascontiguousarray(np.concatenate([x, mirrored])) if params.smooth else x
 
     if params.method == OCCLUSION:
         maps = _occlusion_maps(model, batch, params.target, decoded.size)
@@ -334,7 +335,7 @@ def warmup(model: OnnxModel) -> None:
     `OnnxModel.warmup` covers ONNX Runtime; this also pays OpenCV's one-off costs
     (codec and font initialisation: tens to hundreds of ms) before the first request.
     """
-    h, w, _ = model.spec.input_shape
+    h, w = model.spec.preprocessing.height, model.spec.preprocessing.width
     ramp = np.linspace(0, 255, h * w, dtype=np.float32).reshape(h, w).astype(np.uint8)
     data = encode_png(ramp)
     scratch = Metrics()  # not the app's: warm-up runs are not traffic
