@@ -26,7 +26,7 @@ import numpy as np
 from benchmarks.machine import machine_info
 from braincam.model_spec import load_spec
 from braincam.preprocessing import Preprocessing
-from exporter.calibration import calibration_inputs
+from exporter.model_dir import calibration_inputs
 from exporter.quantize import quantize_classifier
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import shutil
 import sys
 import tempfile
@@ -36,14 +35,13 @@ from braincam.decision import decide
 from braincam.model_spec import (
     IMAGE_INPUT,
     PROBABILITIES_OUTPUT,
-    GraphFile,
     ModelSpec,
     Quantization,
     load_spec,
     save_spec,
-    sha256_file,
 )
-from exporter.calibration import CalibrationError, calibration_inputs
+from exporter.errors import ExportError
+from exporter.model_dir import calibration_inputs, graph_file, replace_dir
 
 log = logging.getLogger(__name__)
 
@@ -85,27 +83,6 @@ class _Reader:
     def get_next(self) -> dict[str, np.ndarray] | None:
         batch = next(self._batches, None)
         return None if batch is None else {IMAGE_INPUT: batch}
-
-
-def _graph_file(path: Path) -> GraphFile:
-    import onnx
-
-    graph = onnx.load(str(path), load_external_data=False).graph
-
-    def dims(values: object) -> dict[str, list[int | None]]:
-        return {
-            v.name: [d.dim_value if d.HasField("dim_value") else None
-                     for d in v.type.tensor_type.shape.dim]
-            for v in values  # type: ignore[attr-defined]
-        }
-
-    return GraphFile(
-        file=path.name,
-        sha256=sha256_file(path),
-        size_bytes=path.stat().st_size,
-        inputs=dims(graph.input),
-        outputs=dims(graph.output),
-    )
 
 
 def _probabilities(path: Path, x: np.ndarray) -> np.ndarray:
@@ -231,29 +208,19 @@ def quantize_model_dir(
             gradcam=GRADCAM_NOTE,
             float_classifier_sha256=spec.graphs.classifier.sha256,
         )
-        graphs = spec.graphs.model_copy(update={"classifier": _graph_file(int8_path)})
+        import onnx
+
+        proto = onnx.load(str(int8_path), load_external_data=False)
+        graphs = spec.graphs.model_copy(update={"classifier": graph_file(int8_path, proto)})
         new_spec = spec.model_copy(update={"graphs": graphs, "quantization": quantization})
         ModelSpec.model_validate(new_spec.model_dump())  # still a valid model.json
         save_spec(new_spec, staging)
         load_spec(staging)  # every file where model.json says, with its sha256
-        _swap_in(staging, out)
+        replace_dir(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return QuantizeResult(new_spec, out, time.perf_counter() - started)
-
-
-def _swap_in(staging: Path, out: Path) -> None:
-    """The finished directory replaces `out`; an old one is removed only after."""
-    os.chmod(staging, 0o755)
-    if out.exists():
-        old = out.with_name(f".{out.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        out.rename(old)
-        staging.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        staging.rename(out)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -308,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
             reduce_range=args.reduce_range,
             activations=args.activations,
         )
-    except (QuantizationError, CalibrationError, FileNotFoundError, ValueError) as exc:
+    except (QuantizationError, ExportError, FileNotFoundError, ValueError) as exc:
         print(f"quantisation failed: {exc}", file=sys.stderr)
         return 1
     print(report(result))

@@ -10,8 +10,8 @@ import pytest
 
 from braincam.inference import OnnxModel
 from braincam.model_spec import load_spec
-from exporter.calibration import calibration_inputs
 from exporter.cli import main as exporter_main
+from exporter.model_dir import calibration_inputs
 from exporter.quantize import QuantizationError, quantize_model_dir
 
 CPU = "CPUExecutionProvider"
