@@ -171,3 +171,22 @@ def test_bad_format_parameters_are_422(service: TestClient, upload: bytes, form:
     res = service.post("/explain", files={"file": ("x.png", upload)}, data=form)
     assert res.status_code == 422, res.text
     assert res.json()["code"]
+
+
+def test_raw_occlusion_map_is_its_grid(tiny_model_dir: Path, upload: bytes) -> None:
+    from braincam.occlusion import OcclusionSensitivity
+
+    settings = Settings(model_dir=tiny_model_dir, providers=CPU, occlusion=True)
+    with ready_client(settings) as client:
+        body = _explain(client, upload, method="occlusion", heatmap="raw", images="overlay")
+    model = OnnxModel(tiny_model_dir, providers=[CPU])
+    x = preprocess(decode_image(upload).pixels, model.spec.preprocessing)[None]
+    probs = model.predict(x)
+    target = np.array([body["class_index"]])
+    method = OcclusionSensitivity()
+    expected = method.maps(method.drops(model.predict, x, target, base=probs[:, target[0]]))[0]
+    cam = body["cam"]
+    assert body["layer"] == "image" and cam["shape"] == list(expected.shape)
+    values = np.frombuffer(base64.b64decode(cam["data"]), dtype="<f4").reshape(expected.shape)
+    np.testing.assert_allclose(values, expected, atol=1e-5)
+    assert body["overlay_png"] is not None
