@@ -6,8 +6,8 @@ the event loop; a waiting caller holds no thread. A batch is dispatched when it 
 full (`BRAINCAM_BATCH_MAX_SIZE` rows) or when its oldest row has waited
 `BRAINCAM_BATCH_MAX_WAIT_MS`, and one batch per graph runs at a time: while it
 runs, the next one fills up, so under load batches form without any waiting and at
-low load a request waits at most the configured delay. The ORT run itself goes
-through the worker pool like unbatched work. If it fails, only the callers of that
+low load a request waits at most the configured delay. The ORT run itself runs
+in a thread of its own (see ModelBatchers). If it fails, only the callers of that
 batch get the error.
 """
 
@@ -17,6 +17,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -209,24 +210,49 @@ class MicroBatcher:
 
 
 class ModelBatchers:
-    """The micro-batchers of a loaded model: /predict's classifier runs.
+    """The micro-batchers of a loaded model: the classifier runs of /predict, of OIP
+    calls on the classifier and of the series routes.
+
+    Their ORT runs have a thread of their own (one batch at a time per graph anyway),
+    not the request pool: a series waits for its batches inside a pool thread, and
+    batches that needed a pool thread could then wait for ever behind such callers.
 
     /explain is not batched: on CPU the Grad-CAM graph's cost per image does not fall
     with the batch size (`python -m benchmarks` measures it), and most of its time
-    is the per-request PNG encoding.
+    is the per-request image encoding.
     """
 
     def __init__(
         self,
         model: OnnxModel,
-        run_in_pool: PoolRunner,
         metrics: Metrics,
         max_size: int,
         max_wait_s: float,
     ) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="braincam-batch")
+
+        async def run_batch(fn: Callable[[], Arrays]) -> Arrays:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+
         def classifier(image: np.ndarray) -> Arrays:
             return (model.predict(image),)
 
         self.classifier = MicroBatcher(
-            "classifier", classifier, run_in_pool, BatchMetrics(metrics), max_size, max_wait_s
+            "classifier", classifier, run_batch, BatchMetrics(metrics), max_size, max_wait_s
         )
+
+    def blocking_predict(
+        self, loop: asyncio.AbstractEventLoop
+    ) -> Callable[[np.ndarray], np.ndarray]:
+        """The classifier for work running in a worker thread: each call queues its
+        rows with the event loop's batcher and waits for them."""
+
+        def predict(batch: np.ndarray) -> np.ndarray:
+            future = asyncio.run_coroutine_threadsafe(self.classifier.submit(batch), loop)
+            (probabilities,) = future.result()
+            return probabilities
+
+        return predict
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)

@@ -106,7 +106,6 @@ class ModelRuntime:
             if active:
                 self.batchers = ModelBatchers(
                     model,
-                    self.run,
                     self.metrics,
                     settings.batch_max_size,
                     settings.batch_max_wait_ms / 1000.0,
@@ -141,6 +140,8 @@ class ModelRuntime:
             future.result()
 
     def close(self) -> None:
+        if self.batchers is not None:
+            self.batchers.close()
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
 

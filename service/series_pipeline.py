@@ -8,9 +8,11 @@ import base64
 import io
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
+
+import numpy as np
 
 from braincam import DISCLAIMER
 from braincam.cam import default_method
@@ -107,6 +109,7 @@ def run_series(
     limits: SeriesLimits,
     params: SeriesParams,
     started: float,
+    predict: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> SeriesResponse:
     t0 = time.perf_counter()
     series = read(files, limits)
@@ -125,6 +128,7 @@ def run_series(
         method=method,
         colormap=params.colormap,
         alpha=params.alpha,
+        predict=predict,
     )
     metrics.inference.labels(graph="classifier").observe(result.inference_s)
     if result.overlays:

@@ -411,3 +411,28 @@ def test_oip_classifier_calls_join_the_predict_batches(
     assert _batch_histogram(batched)[0] == runs
     bad = batched.post(f"/v2/models/{name}/infer", json={"inputs": []})
     assert bad.status_code == 400 and bad.json()["code"]
+
+
+def test_series_slices_join_the_batches(
+    batched: TestClient, unbatched: TestClient, demo_data: Path
+) -> None:
+    from dicom_series import demo_slices, mr_series
+
+    series = mr_series(demo_slices(demo_data, ["glioma", "notumor", "pituitary"] * 3))
+    files = [("files", (name, data, "application/dicom")) for name, data in series.files]
+    runs0, rows0, _ = _batch_histogram(batched)
+    got = batched.post("/predict/series", files=files)
+    runs, rows, _ = _batch_histogram(batched)
+    assert got.status_code == 200, got.text
+    assert rows - rows0 == 9  # every slice went through the batcher
+    # The batcher's thread, not the request pool, runs the batch: a series that waits
+    # in a pool thread cannot starve it (this service has as many threads as slots).
+    assert runs - runs0 >= 1
+    want = unbatched.post("/predict/series", files=files).json()
+    body = got.json()
+    assert body["label"] == want["label"]
+    for a, b in zip(body["slices"], want["slices"], strict=True):
+        assert a["class_index"] == b["class_index"]
+        np.testing.assert_allclose(
+            list(a["probabilities"].values()), list(b["probabilities"].values()), atol=1e-5
+        )

@@ -4,6 +4,7 @@ and on request the results as DICOM objects (output=dicom)."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Annotated, Literal
 
@@ -144,5 +145,10 @@ async def _run(
     data = await _read_files(files, settings.max_series_upload_bytes)
     metrics.upload_bytes.observe(sum(len(d) for _, d in data))
     limits = limits_from(settings)
-    result = await runtime.run(run_series, model, metrics, data, limits, params, started)
+    # With micro-batching on, the slices' classifier runs queue with /predict's.
+    batchers = runtime.batchers
+    predict = batchers.blocking_predict(asyncio.get_running_loop()) if batchers else None
+    result = await runtime.run(
+        run_series, model, metrics, data, limits, params, started, predict
+    )
     return json_bytes(result)
