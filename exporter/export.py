@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from braincam.calibration import calibrated_threshold
 from braincam.datasets import IMAGE_SUFFIXES, canonical_class
 from braincam.decoding import load_image
 from braincam.errors import InputError
@@ -31,8 +32,12 @@ from braincam.model_spec import (
     save_spec,
     sha256_file,
 )
+from braincam.ood import MAHALANOBIS
 from braincam.preprocessing import Preprocessing, preprocess
+from exporter import fit_data, ood_graph, trust
+from exporter.graphs import FEATURES_TENSOR, LOGITS_TENSOR
 from exporter.model_split import ExportError, split_model
+from exporter.ood_fit import TrustFit
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +45,9 @@ RUN_JSON = "run.json"
 DEFAULT_OPSET = 17
 DEFAULT_CALIBRATION = Path("data/demo/Testing")
 CALIBRATION_IMAGES = 32
+# Chosen by measurement on the demo model (trainer.ood_eval; README, "Out of distribution").
+DEFAULT_DETECTOR = MAHALANOBIS
+NO_DETECTOR = "none"
 
 
 @dataclass
@@ -193,8 +201,14 @@ def export_model(
     version: str | None = None,
     task: str | None = None,
     threshold: float | None = None,
+    ood_detector: str = DEFAULT_DETECTOR,
+    calibrate: bool = True,
 ) -> ExportResult:
-    """Export, gate on parity, and only then move the model directory into place."""
+    """Export, gate on parity, and only then move the model directory into place.
+
+    `ood_detector` (mahalanobis, energy or none) and `calibrate` (temperature scaling
+    when the fit images carry labels): see exporter/trust.py.
+    """
     started = time.perf_counter()
     model_path, out_dir = Path(model_path), Path(out_dir)
     model = load_keras(model_path)
@@ -212,7 +226,8 @@ def export_model(
         decision = decision.model_copy(
             update={"threshold": threshold, "threshold_method": "manual"}
         )
-    x = calibration_inputs(Path(calibration) if calibration else DEFAULT_CALIBRATION, prep)
+    calibration_dir = Path(calibration) if calibration else DEFAULT_CALIBRATION
+    x = calibration_inputs(calibration_dir, prep)
 
     from exporter.convert import check, to_onnx, write_with_shared_weights
     from exporter.graphs import build_functions
@@ -226,10 +241,15 @@ def export_model(
             CLASSIFIER_ONNX: to_onnx(classifier_fn, opset),
             GRADCAM_ONNX: to_onnx(gradcam_fn, opset),
         }
+        fit = _add_trust(protos, run, calibration_dir, prep, label_list, ood_detector, calibrate)
+        if fit is not None and fit.calibration_size and task == "binary":
+            decision = _calibrated_decision(decision, run, fit.temperature)
         weights = write_with_shared_weights(protos, staging)
         for filename, proto in protos.items():
             check(proto, staging / filename)
-        report = check_parity(model, split, staging / CLASSIFIER_ONNX, staging / GRADCAM_ONNX, x)
+        report = check_parity(
+            model, split, staging / CLASSIFIER_ONNX, staging / GRADCAM_ONNX, x, trust=fit
+        )
         if not report.passed:
             raise ExportError(
                 "parity gate failed, nothing written:\n  "
@@ -237,6 +257,11 @@ def export_model(
                 + "\nfigures: "
                 + json.dumps(report.figures, indent=1)
             )
+        ood, calibration_spec = (
+            trust.spec_sections(fit, features=FEATURES_TENSOR, logits=LOGITS_TENSOR)
+            if fit is not None
+            else (None, None)
+        )
         spec = ModelSpec(
             name=name or run.get("name") or out_dir.name,
             version=version or str(run.get("version", "1")),
@@ -262,6 +287,8 @@ def export_model(
                 "trainer_run": bool(run),
                 "arch": run.get("arch"),
             },
+            ood=ood,
+            calibration=calibration_spec,
         )
         save_spec(spec, staging)
         for extra in ("MODEL_CARD.md",):  # the card travels with the model
@@ -272,6 +299,52 @@ def export_model(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return ExportResult(spec=spec, out_dir=out_dir, seconds=time.perf_counter() - started)
+
+
+def _add_trust(
+    protos: dict[str, Any],
+    run: dict[str, Any],
+    calibration_dir: Path,
+    prep: Preprocessing,
+    labels: list[str],
+    detector: str,
+    calibrate: bool,
+) -> TrustFit | None:
+    """Fit the detector and the temperature and edit both graphs; None: no detector."""
+    helpers = [FEATURES_TENSOR, LOGITS_TENSOR]
+    images = None
+    if detector != NO_DETECTOR:
+        images = fit_data.collect(run, calibration_dir, prep, labels)
+    if images is None:
+        for proto in protos.values():
+            ood_graph.remove_outputs(proto, helpers)
+        return None
+    run_t = (run.get("calibration") or {}).get("temperature")
+    fit = trust.fit_on_graph(
+        protos[CLASSIFIER_ONNX], images, features=FEATURES_TENSOR, logits=LOGITS_TENSOR,
+        detector=detector, calibrate=calibrate, temperature=run_t,
+    )
+    trust.apply_to_graphs(
+        protos.values(), fit, features=FEATURES_TENSOR, logits=LOGITS_TENSOR, remove=helpers
+    )
+    log.info(
+        "out-of-distribution detector %s: threshold %.4g (%d fit / %d held-out images); "
+        "temperature %.4g", fit.detector, fit.threshold, fit.fit_size, fit.held_out_size,
+        fit.temperature,
+    )
+    return fit
+
+
+def _calibrated_decision(decision: Decision, run: dict[str, Any], temperature: float) -> Decision:
+    """A binary threshold tuned on uncalibrated probabilities, moved to the calibrated
+    scale (the same images pass). A trainer run that calibrated tuned it there already."""
+    if decision.threshold is None or (run.get("calibration") or {}).get("temperature"):
+        return decision
+    method = f"{decision.threshold_method or 'given'}, moved to calibrated probabilities"
+    return decision.model_copy(update={
+        "threshold": calibrated_threshold(decision.threshold, temperature),
+        "threshold_method": method,
+    })
 
 
 def _replace_dir(staging: Path, out_dir: Path) -> None:

@@ -19,6 +19,12 @@ from braincam.model_spec import (
 from exporter.backward import Backward, rule_for
 from exporter.model_split import ModelSplit
 
+# Internal tensors both graphs expose to the trust edits (exporter/ood_graph.py): the
+# penultimate features (the head's first vector, after global pooling) and the
+# pre-softmax scores. They are graph outputs only until those edits consume them.
+FEATURES_TENSOR = "features"
+LOGITS_TENSOR = "logits"
+
 
 def _logits(split: ModelSplit, y: tf.Tensor) -> tf.Tensor:
     """The pre-softmax scores [N,K] of the head's output (the last layer linearised)."""
@@ -48,11 +54,19 @@ def _spatial_prefix(split: ModelSplit) -> list[tuple[keras.layers.Layer, Backwar
     return prefix
 
 
-def forward_logits(split: ModelSplit, x: tf.Tensor) -> tf.Tensor:
+def forward(split: ModelSplit, x: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """(penultimate features [N,D], logits [N,K]): features = the head's first vector."""
     y = split.features(x)
+    features = None
     for layer in split.head:
         y = layer(y, training=False)
-    return _logits(split, y)
+        if features is None and len(y.shape) == 2:
+            features = y
+    return (y if features is None else features), _logits(split, y)
+
+
+def forward_logits(split: ModelSplit, x: tf.Tensor) -> tf.Tensor:
+    return forward(split, x)[1]
 
 
 def gradcam_outputs(
@@ -77,11 +91,14 @@ def head_gradients(
         inputs.append(z)
         z = layer(z, training=False)
     rest = split.head[len(prefix) :]
+    features = z if len(z.shape) == 2 else None
     with tf.GradientTape() as tape:
         tape.watch(z)
         y = z
         for layer in rest:
             y = layer(y, training=False)
+            if features is None and len(y.shape) == 2:
+                features = y
         logits = _logits(split, y)
     k = split.num_classes
     cls = tf.where(target < 0, tf.argmax(logits, axis=1, output_type=tf.int64), target)
@@ -95,6 +112,8 @@ def head_gradients(
         CLASS_OUTPUT: cls,
         ACTIVATIONS_OUTPUT: acts,
         GRADIENTS_OUTPUT: grad,
+        FEATURES_TENSOR: y if features is None else features,
+        LOGITS_TENSOR: logits,
     }
 
 
@@ -112,7 +131,12 @@ def build_functions(
 
     @tf.function(input_signature=_signature(input_shape, False), autograph=False)
     def classifier(image: tf.Tensor) -> dict[str, tf.Tensor]:
-        return {PROBABILITIES_OUTPUT: tf.nn.softmax(forward_logits(split, image), axis=-1)}
+        features, logits = forward(split, image)
+        return {
+            PROBABILITIES_OUTPUT: tf.nn.softmax(logits, axis=-1),
+            FEATURES_TENSOR: features,
+            LOGITS_TENSOR: logits,
+        }
 
     @tf.function(input_signature=_signature(input_shape, True), autograph=False)
     def gradcam(image: tf.Tensor, target: tf.Tensor) -> dict[str, tf.Tensor]:
