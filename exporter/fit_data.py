@@ -17,6 +17,7 @@ import numpy as np
 from braincam.datasets import (
     IMAGE_SUFFIXES,
     DatasetError,
+    Task,
     canonical_class,
     find_split_dir,
     labels_for,
@@ -42,7 +43,7 @@ def from_trainer_run(run: dict[str, Any], prep: Preprocessing, labels: list[str]
     from trainer.pipeline import stratified_split  # the trainer's own split, same seed
 
     config = run.get("config") or {}
-    task = run.get("task") or "multiclass"
+    task: Task = "binary" if run.get("task") == "binary" else "multiclass"
     data = Path(run["data"])
     loaded = load_split(scan_split(find_split_dir(data, "Training"), task), prep)
     y = loaded.y if list(loaded.labels) == labels else None
@@ -70,7 +71,7 @@ def _image_folder(root: Path) -> Path:
 def from_folder(root: Path, prep: Preprocessing, labels: list[str]) -> FitImages:
     """Images under root (a Kaggle layout, class folders or flat), split 75/25."""
     folder = _image_folder(root)
-    task = "binary" if list(labels) == list(labels_for("binary")) else "multiclass"
+    task: Task = "binary" if list(labels) == list(labels_for("binary")) else "multiclass"
     items: list[tuple[Path, int | None]] = []
     for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
         cls = canonical_class(sub.name)

@@ -225,7 +225,10 @@ class ModelBatchers:
         max_wait_s: float,
     ) -> None:
         def classifier(image: np.ndarray) -> Arrays:
-            return (model.predict(image),)
+            out = model.classify(image)
+            if out.ood_score is None:
+                return (out.probabilities,)
+            return (out.probabilities, out.ood_score)
 
         self.classifier = MicroBatcher(
             "classifier", classifier, run_in_pool, BatchMetrics(metrics), max_size, max_wait_s

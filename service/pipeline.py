@@ -19,6 +19,7 @@ from braincam.decoding import DecodedImage, decode_image
 from braincam.errors import InputError, InvalidParameter, UndecodableImage
 from braincam.inference import OnnxModel
 from braincam.model_spec import ModelSpec
+from braincam.ood import ood_verdict
 from braincam.overlay import blend, colorize, encode_png, panels, to_base64_png
 from braincam.preprocessing import preprocess
 from service.metrics import Metrics
@@ -130,13 +131,17 @@ def _input_info(decoded: DecodedImage) -> InputInfo:
     )
 
 
-def _decision_fields(decision: Decision, spec: ModelSpec) -> dict[str, Any]:
+def _decision_fields(
+    decision: Decision, spec: ModelSpec, ood_score: np.ndarray | float | None = None
+) -> dict[str, Any]:
+    verdict = ood_verdict(ood_score, spec)
     return {
         "label": decision.label,
         "class_index": decision.class_index,
         "confidence": decision.confidence,
         "probabilities": decision.probabilities,
         "model": ModelRef(name=spec.name, version=spec.version),
+        **(verdict.as_dict() if verdict is not None else {}),
     }
 
 
@@ -151,10 +156,11 @@ def predict(
     spec = model.spec
     prepared = prepare(data, slice_index, spec)
     t0 = time.perf_counter()
-    probs = model.predict(prepared.batch)[0]
+    out = model.classify(prepared.batch)
     inference_s = time.perf_counter() - t0
     metrics.inference.labels(graph="classifier").observe(inference_s)
-    return predict_response(spec, prepared, probs, inference_s, started)
+    score = None if out.ood_score is None else out.ood_score[0]
+    return predict_response(spec, prepared, out.probabilities[0], inference_s, started, score)
 
 
 def predict_response(
@@ -163,11 +169,12 @@ def predict_response(
     probabilities: np.ndarray,
     inference_s: float,
     started: float,
+    ood_score: np.ndarray | float | None = None,
 ) -> PredictResponse:
     """The response for one image's probabilities [K] (cheap: fine on the event loop)."""
     decision = decide(probabilities, spec)
     return PredictResponse(
-        **_decision_fields(decision, spec),
+        **_decision_fields(decision, spec, ood_score),
         input=_input_info(prepared.decoded),
         timing_ms=PredictTiming(
             decode=_ms(prepared.decode_s),
@@ -235,7 +242,8 @@ def explain(
     t3 = time.perf_counter()
 
     return ExplainResponse(
-        **_decision_fields(decision, spec),
+        # The score of the uploaded image itself (row 0), not of its mirror.
+        **_decision_fields(decision, spec, None if out.ood_score is None else out.ood_score[0]),
         input=_input_info(decoded),
         target=Target(class_index=explained, label=spec.labels[explained]),
         method=params.method,

@@ -47,6 +47,9 @@ class Settings(BaseSettings):
     batching: bool = False
     batch_max_size: int = Field(default=16, ge=1, le=1024)
     batch_max_wait_ms: float = Field(default=2.0, ge=0, le=1000)
+    # What happens to an input the out-of-distribution gate flags: answered with
+    # `in_distribution: false` (warn), or refused with a 422 `out_of_distribution`.
+    ood_policy: Literal["warn", "reject"] = "warn"
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
     workers: int = Field(default=1, ge=1)
@@ -60,7 +63,7 @@ class Settings(BaseSettings):
             return ",".join(str(v) for v in value)
         return value
 
-    @field_validator("log_level", mode="before")
+    @field_validator("log_level", "ood_policy", mode="before")
     @classmethod
     def _lower(cls, value: Any) -> Any:
         return value.strip().lower() if isinstance(value, str) else value
