@@ -47,8 +47,16 @@ def fit_gaussians(features: np.ndarray, labels: np.ndarray | None) -> GaussianFi
 
 
 def pass_threshold(scores: np.ndarray, pass_rate: float = TARGET_PASS_RATE) -> float:
-    """The score under which `pass_rate` of the held-out in-distribution images fall."""
-    return float(np.quantile(np.asarray(scores, np.float64), pass_rate, method="higher"))
+    """The held-out score at rank ⌈(n + 1)·pass_rate⌉ (the largest when n is small).
+
+    The conformal rank, not the plain quantile: a new in-distribution image is
+    exchangeable with the n held-out ones, so it passes with probability at least
+    `pass_rate` (Vovk et al. 2005). The plain 95 % quantile of 24 images lets 8 %
+    of new ones fail on average.
+    """
+    ordered = np.sort(np.asarray(scores, np.float64))
+    rank = min(int(np.ceil((len(ordered) + 1) * pass_rate)), len(ordered))
+    return float(ordered[rank - 1])
 
 
 @dataclass
