@@ -294,3 +294,19 @@ def test_graph_edits_on_a_plain_onnx_classifier(opset: int) -> None:
     np.testing.assert_allclose(e, energy_score(feats @ w), rtol=1e-5)
     # The old softmax is gone; nothing dangles.
     assert [n.op_type for n in model.graph.node].count("Softmax") == 1
+
+
+def test_ood_eval_report(tiny_model_dir: Path, demo_data: Path, tmp_path: Path) -> None:
+    from trainer.ood_eval import main
+
+    out = tmp_path / "ood.md"
+    assert main(["--model-dir", str(tiny_model_dir), "--data", str(demo_data),
+                 "--out", str(out), "--latency-runs", "0"]) == 0
+    report = json.loads(out.with_suffix(".json").read_text())
+    sets = {r["set"]: r for r in report["sets"]}
+    assert report["in_distribution"]["n"] == 24
+    assert {r["group"] for r in sets.values()} == {"far", "near"}
+    assert all(r["n"] > 0 for r in sets.values())
+    noise = next(r for name, r in sets.items() if name.startswith("noise"))
+    assert noise["flagged"] >= 0.9 and noise["auroc"]["mahalanobis"] >= 0.95
+    assert "| set | kind | n | flagged | AUROC mahalanobis |" in out.read_text()
