@@ -231,7 +231,7 @@ def train(config: TrainConfig) -> TrainResult:
         pos = labels.index(POSITIVE_LABEL)
         threshold = evaluate.youden_threshold(loaded.y[val_idx] == pos, val_probs[:, pos])
         decision = {"positive_label": POSITIVE_LABEL, "threshold": threshold,
-                    "threshold_method": f"{evaluate.YOUDEN} on calibrated probabilities"}
+                    "threshold_method": evaluate.YOUDEN}  # on calibrated probabilities
     val_acc = float(np.mean(evaluate.predict_labels(val_probs, labels, threshold)
                             == loaded.y[val_idx]))
     metrics = evaluate.compute_metrics(test.y, probs, labels, config.task, threshold)
