@@ -48,6 +48,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="out-of-distribution score written into the graphs (default: mahalanobis)",
     )
     p.add_argument(
+        "--ood-features",
+        choices=("grid", "pooled"),
+        default="grid",
+        help="what the Mahalanobis detector reads: the explained layer's activations "
+        "averaged on a 2x2 grid (default), or the globally pooled penultimate vector",
+    )
+    p.add_argument(
         "--no-calibrate",
         action="store_true",
         help="skip temperature scaling (probabilities as the model gives them)",
@@ -93,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
             task=args.task,
             threshold=args.threshold,
             ood_detector=args.ood_detector,
+            ood_features=args.ood_features,
             calibrate=not args.no_calibrate,
         )
     except (ExportError, ValueError) as exc:

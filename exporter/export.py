@@ -35,7 +35,7 @@ from braincam.model_spec import (
 from braincam.ood import MAHALANOBIS
 from braincam.preprocessing import Preprocessing, preprocess
 from exporter import fit_data, ood_graph, trust
-from exporter.graphs import FEATURES_TENSOR, LOGITS_TENSOR
+from exporter.graphs import FEATURES_TENSOR, GRID_FEATURES_TENSOR, LOGITS_TENSOR
 from exporter.model_split import ExportError, split_model
 from exporter.ood_fit import TrustFit
 
@@ -203,11 +203,14 @@ def export_model(
     threshold: float | None = None,
     ood_detector: str = DEFAULT_DETECTOR,
     calibrate: bool = True,
+    ood_features: str = "grid",
 ) -> ExportResult:
     """Export, gate on parity, and only then move the model directory into place.
 
-    `ood_detector` (mahalanobis, energy or none) and `calibrate` (temperature scaling
-    when the fit images carry labels): see exporter/trust.py.
+    `ood_detector` (mahalanobis, energy or none), `ood_features` (grid: the explained
+    layer's activations on a 2x2 grid, or pooled: the head's first vector) and
+    `calibrate` (temperature scaling when the fit images carry labels): see
+    exporter/trust.py.
     """
     started = time.perf_counter()
     model_path, out_dir = Path(model_path), Path(out_dir)
@@ -241,7 +244,9 @@ def export_model(
             CLASSIFIER_ONNX: to_onnx(classifier_fn, opset),
             GRADCAM_ONNX: to_onnx(gradcam_fn, opset),
         }
-        fit = _add_trust(protos, run, calibration_dir, prep, label_list, ood_detector, calibrate)
+        fit = _add_trust(
+            protos, run, calibration_dir, prep, label_list, ood_detector, calibrate, ood_features
+        )
         if fit is not None and fit.calibration_size and task == "binary":
             decision = _calibrated_decision(decision, run, fit.temperature)
         weights = write_with_shared_weights(protos, staging)
@@ -258,7 +263,7 @@ def export_model(
                 + json.dumps(report.figures, indent=1)
             )
         ood, calibration_spec = (
-            trust.spec_sections(fit, features=FEATURES_TENSOR, logits=LOGITS_TENSOR)
+            trust.spec_sections(fit, logits=LOGITS_TENSOR)
             if fit is not None
             else (None, None)
         )
@@ -309,9 +314,10 @@ def _add_trust(
     labels: list[str],
     detector: str,
     calibrate: bool,
+    ood_features: str = "grid",
 ) -> TrustFit | None:
     """Fit the detector and the temperature and edit both graphs; None: no detector."""
-    helpers = [FEATURES_TENSOR, LOGITS_TENSOR]
+    helpers = [GRID_FEATURES_TENSOR, FEATURES_TENSOR, LOGITS_TENSOR]
     images = None
     if detector != NO_DETECTOR:
         images = fit_data.collect(run, calibration_dir, prep, labels)
@@ -320,13 +326,16 @@ def _add_trust(
             ood_graph.remove_outputs(proto, helpers)
         return None
     run_t = (run.get("calibration") or {}).get("temperature")
+    # The grid of the explained layer first (measured: it catches rotated, cropped and
+    # blurred scans that the globally pooled vector lets through), else the pooled vector.
+    candidates = [GRID_FEATURES_TENSOR, FEATURES_TENSOR]
+    if ood_features == "pooled":
+        candidates.reverse()
     fit = trust.fit_on_graph(
-        protos[CLASSIFIER_ONNX], images, features=FEATURES_TENSOR, logits=LOGITS_TENSOR,
+        protos[CLASSIFIER_ONNX], images, features=candidates, logits=LOGITS_TENSOR,
         detector=detector, calibrate=calibrate, temperature=run_t,
     )
-    trust.apply_to_graphs(
-        protos.values(), fit, features=FEATURES_TENSOR, logits=LOGITS_TENSOR, remove=helpers
-    )
+    trust.apply_to_graphs(protos.values(), fit, logits=LOGITS_TENSOR, remove=helpers)
     log.info(
         "out-of-distribution detector %s: threshold %.4g (%d fit / %d held-out images); "
         "temperature %.4g", fit.detector, fit.threshold, fit.fit_size, fit.held_out_size,

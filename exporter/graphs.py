@@ -20,10 +20,27 @@ from exporter.backward import Backward, rule_for
 from exporter.model_split import ModelSplit
 
 # Internal tensors both graphs expose to the trust edits (exporter/ood_graph.py): the
-# penultimate features (the head's first vector, after global pooling) and the
-# pre-softmax scores. They are graph outputs only until those edits consume them.
+# penultimate features (the head's first vector, after global pooling), the explained
+# layer's activations averaged over a GRID x GRID grid, and the pre-softmax scores.
+# They are graph outputs only until those edits consume them.
 FEATURES_TENSOR = "features"
+GRID_FEATURES_TENSOR = "grid_features"
 LOGITS_TENSOR = "logits"
+GRID = 2
+
+
+def grid_pool(acts: tf.Tensor, grid: int = GRID) -> tf.Tensor:
+    """[N,h,w,C] -> [N, g·g·C]: the mean of each cell of a g x g grid (rows first).
+
+    Global pooling forgets where things are, so a rotated or cropped scan keeps the
+    statistics of a normal one; a coarse grid keeps the layout (trainer.ood_eval
+    measures the difference). Rows and columns beyond a multiple of g are dropped.
+    """
+    h, w, c = (int(d) for d in acts.shape[1:])
+    g = max(1, min(grid, h, w))
+    bh, bw = h // g, w // g
+    cells = tf.reshape(acts[:, : g * bh, : g * bw, :], [-1, g, bh, g, bw, c])
+    return tf.reshape(tf.reduce_mean(cells, axis=[2, 4]), [-1, g * g * c])
 
 
 def _logits(split: ModelSplit, y: tf.Tensor) -> tf.Tensor:
@@ -54,19 +71,24 @@ def _spatial_prefix(split: ModelSplit) -> list[tuple[keras.layers.Layer, Backwar
     return prefix
 
 
-def forward(split: ModelSplit, x: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-    """(penultimate features [N,D], logits [N,K]): features = the head's first vector."""
-    y = split.features(x)
+def forward(split: ModelSplit, x: tf.Tensor) -> dict[str, tf.Tensor]:
+    """The trust tensors: penultimate features [N,D] (the head's first vector), grid
+    features of the explained layer, logits [N,K]."""
+    y = acts = split.features(x)
     features = None
     for layer in split.head:
         y = layer(y, training=False)
         if features is None and len(y.shape) == 2:
             features = y
-    return (y if features is None else features), _logits(split, y)
+    return {
+        FEATURES_TENSOR: y if features is None else features,
+        GRID_FEATURES_TENSOR: grid_pool(acts),
+        LOGITS_TENSOR: _logits(split, y),
+    }
 
 
 def forward_logits(split: ModelSplit, x: tf.Tensor) -> tf.Tensor:
-    return forward(split, x)[1]
+    return forward(split, x)[LOGITS_TENSOR]
 
 
 def gradcam_outputs(
@@ -113,6 +135,7 @@ def head_gradients(
         ACTIVATIONS_OUTPUT: acts,
         GRADIENTS_OUTPUT: grad,
         FEATURES_TENSOR: y if features is None else features,
+        GRID_FEATURES_TENSOR: grid_pool(acts),
         LOGITS_TENSOR: logits,
     }
 
@@ -131,12 +154,8 @@ def build_functions(
 
     @tf.function(input_signature=_signature(input_shape, False), autograph=False)
     def classifier(image: tf.Tensor) -> dict[str, tf.Tensor]:
-        features, logits = forward(split, image)
-        return {
-            PROBABILITIES_OUTPUT: tf.nn.softmax(logits, axis=-1),
-            FEATURES_TENSOR: features,
-            LOGITS_TENSOR: logits,
-        }
+        trust = forward(split, image)
+        return {PROBABILITIES_OUTPUT: tf.nn.softmax(trust[LOGITS_TENSOR], axis=-1), **trust}
 
     @tf.function(input_signature=_signature(input_shape, True), autograph=False)
     def gradcam(image: tf.Tensor, target: tf.Tensor) -> dict[str, tf.Tensor]:

@@ -17,9 +17,9 @@ from braincam.calibration import calibration_figures, fit_temperature, softmax
 from braincam.ood import ENERGY, MAHALANOBIS, energy_score, mahalanobis_score
 
 TARGET_PASS_RATE = 0.95
-# Above this many features a [D,D] precision matrix costs more than the network
-# (a Flatten head's 20k features: 1.6 GB); such models get the energy score.
-MAX_MAHALANOBIS_DIM = 4096
+# Above this many features the [D,D] precision's MatMul costs a noticeable share of a
+# small CNN's run (2048: 16 MB, ~1 ms on a CPU core); such features are not used.
+MAX_MAHALANOBIS_DIM = 2048
 
 
 @dataclass
@@ -81,6 +81,7 @@ class TrustFit:
     held_out_size: int
     source: str
     feature_dim: int
+    features: str = ""  # the graph tensor the detector reads
     gaussians: GaussianFit | None = None
     temperature: float = 1.0
     temperature_at_bound: bool = False
@@ -111,8 +112,6 @@ def fit_trust(
 ) -> TrustFit:
     """Fit the detector on one set, set its threshold and the temperature on the other."""
     dim = int(fit_features.shape[1])
-    if detector == MAHALANOBIS and dim > MAX_MAHALANOBIS_DIM:
-        detector = ENERGY
     gaussians = fit_gaussians(fit_features, fit_labels) if detector == MAHALANOBIS else None
     held_scores = {ENERGY: energy_score(held_logits)}
     if gaussians is not None:

@@ -20,7 +20,7 @@ from braincam.model_spec import (
     PROBABILITIES_OUTPUT,
     TARGET_INPUT,
 )
-from exporter.graphs import forward, gradcam_outputs, head_gradients
+from exporter.graphs import LOGITS_TENSOR, forward, gradcam_outputs, head_gradients
 from exporter.model_split import ModelSplit, keras_probabilities
 from exporter.ood_fit import TrustFit, score
 
@@ -103,7 +103,8 @@ def check_parity(
     gradcam = ort.InferenceSession(str(gradcam_path), providers=cpu)
 
     keras_probs = keras_probabilities(model, x, split.output_kind)
-    tf_features, tf_logits = (v.numpy() for v in forward(split, tf.constant(x)))
+    tf_trust = {k: v.numpy() for k, v in forward(split, tf.constant(x)).items()}
+    tf_logits = tf_trust[LOGITS_TENSOR]
     ref_probs = keras_probs
     ref_score = None
     if trust is not None:
@@ -111,7 +112,8 @@ def check_parity(
             np.abs(softmax(tf_logits) - keras_probs).max()
         )
         ref_probs = softmax(tf_logits, trust.temperature)
-        ref_score = score(trust.detector, tf_features.reshape(len(x), -1), tf_logits,
+        features = tf_trust.get(trust.features, tf_logits)
+        ref_score = score(trust.detector, features.reshape(len(x), -1), tf_logits,
                           trust.gaussians)
     (onnx_probs,) = classifier.run([PROBABILITIES_OUTPUT], {IMAGE_INPUT: x})
     report.figures["classifier_probabilities_max_abs"] = float(

@@ -1,8 +1,9 @@
 """Detector + temperature, end to end on ONNX protos: what any exporter calls.
 
-    fit = fit_on_graph(classifier_proto, images, features="features", logits="logits")
-    apply_to_graphs(protos.values(), fit, features="features", logits="logits")
-    ood, calibration = spec_sections(fit, ...)
+    fit = fit_on_graph(classifier_proto, images, features=["grid_features", "features"],
+                       logits="logits")
+    apply_to_graphs(protos.values(), fit, logits="logits")
+    ood, calibration = spec_sections(fit, logits="logits")
 
 The features and logits are read by running the unedited classifier graph in ONNX
 Runtime, so the statistics come from exactly the numbers the served graph computes.
@@ -10,31 +11,46 @@ Runtime, so the statistics come from exactly the numbers the served graph comput
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import onnx
 
 from braincam.model_spec import OOD_SCORE_OUTPUT, PROBABILITIES_OUTPUT, Calibration, OodDetector
-from braincam.ood import MAHALANOBIS
+from braincam.ood import ENERGY, MAHALANOBIS
 from exporter import ood_graph
-from exporter.ood_fit import TARGET_PASS_RATE, FitImages, TrustFit, fit_trust
+from exporter.ood_fit import (
+    MAX_MAHALANOBIS_DIM,
+    TARGET_PASS_RATE,
+    FitImages,
+    TrustFit,
+    fit_trust,
+)
 
 
 def fit_on_graph(
     classifier: onnx.ModelProto,
     images: FitImages,
     *,
-    features: str,
+    features: Sequence[str],
     logits: str,
     detector: str = MAHALANOBIS,
     calibrate: bool = True,
     temperature: float | None = None,
 ) -> TrustFit:
-    """`temperature`: use this one (a trainer run's) instead of fitting it."""
-    fit_f, _ = ood_graph.tensor_values(classifier, images.fit_x, [features, logits])
-    held_f, held_z = ood_graph.tensor_values(classifier, images.held_x, [features, logits])
-    return fit_trust(
+    """`features`: candidate feature tensors, preferred first; the first narrow enough
+    for a Mahalanobis detector is used. `temperature`: use this one (a trainer run's)
+    instead of fitting it."""
+    names = [*features, logits]
+    fit_values = ood_graph.tensor_values(classifier, images.fit_x, names)
+    held_values = ood_graph.tensor_values(classifier, images.held_x, names)
+    widths = [int(np.prod(v.shape[1:])) for v in fit_values[:-1]]
+    usable = [i for i, d in enumerate(widths) if d <= MAX_MAHALANOBIS_DIM]
+    chosen = usable[0] if usable else 0
+    if not usable:
+        detector = ENERGY
+    fit_f, held_f, held_z = fit_values[chosen], held_values[chosen], held_values[-1]
+    fit = fit_trust(
         fit_f.reshape(len(fit_f), -1),
         images.fit_y,
         held_f.reshape(len(held_f), -1),
@@ -45,13 +61,14 @@ def fit_on_graph(
         calibrate,
         temperature,
     )
+    fit.features = features[chosen] if fit.gaussians is not None else ""
+    return fit
 
 
 def apply_to_graphs(
     protos: Iterable[onnx.ModelProto],
     fit: TrustFit,
     *,
-    features: str,
     logits: str,
     probabilities: str = PROBABILITIES_OUTPUT,
     remove: Iterable[str] = (),
@@ -65,15 +82,15 @@ def apply_to_graphs(
     for proto in protos:
         ood_graph.apply_temperature(proto, logits, probabilities, fit.temperature)
         if fit.gaussians is not None:
-            ood_graph.append_mahalanobis(proto, features, fit.gaussians.means, fit.gaussians.factor)
+            ood_graph.append_mahalanobis(
+                proto, fit.features, fit.gaussians.means, fit.gaussians.factor
+            )
         else:
             ood_graph.append_energy(proto, logits)
         ood_graph.remove_outputs(proto, drop)
 
 
-def spec_sections(
-    fit: TrustFit, *, features: str, logits: str
-) -> tuple[OodDetector, Calibration | None]:
+def spec_sections(fit: TrustFit, *, logits: str) -> tuple[OodDetector, Calibration | None]:
     ood = OodDetector(
         detector=fit.detector,  # type: ignore[arg-type]
         threshold=float(np.float32(fit.threshold)),
@@ -83,7 +100,7 @@ def spec_sections(
         held_out_size=fit.held_out_size,
         fit_data=fit.source,
         output=OOD_SCORE_OUTPUT,
-        features=features if fit.gaussians is not None else "",
+        features=fit.features,
         feature_dim=fit.feature_dim,
         logits=logits,
         gaussians=None if fit.gaussians is None else int(fit.gaussians.means.shape[0]),

@@ -25,7 +25,7 @@ from braincam.ood import energy_score, mahalanobis_score
 from braincam.overlay import encode_png
 from exporter import ood_graph
 from exporter.fit_data import from_trainer_run
-from exporter.graphs import FEATURES_TENSOR, LOGITS_TENSOR
+from exporter.graphs import GRID_FEATURES_TENSOR
 from tests.clients import ready_client
 
 CPU = ["CPUExecutionProvider"]
@@ -50,14 +50,20 @@ def _initializers(model_dir: Path) -> dict[str, np.ndarray]:
 
 
 def _features_logits(model_dir: Path, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The tensors the detector reads (model.json names them), from the exported graph."""
+    spec = load_spec(model_dir)
+    assert spec.ood is not None
     proto = onnx.load(str(model_dir / "classifier.onnx"))
-    f, z = ood_graph.tensor_values(proto, x, [FEATURES_TENSOR, LOGITS_TENSOR])
-    return f.astype(np.float64), z.astype(np.float64)
+    f, z = ood_graph.tensor_values(proto, x, [spec.ood.features, spec.ood.logits])
+    return f.reshape(len(f), -1).astype(np.float64), z.astype(np.float64)
 
 
 def test_exported_statistics_equal_a_numpy_reference(tiny_model_dir: Path, tiny_run: Path) -> None:
     spec = load_spec(tiny_model_dir)
     assert spec.ood is not None and spec.ood.detector == "mahalanobis"
+    # The default: the explained layer's activations averaged on a 2x2 grid.
+    c = spec.explanation.activation_shape[2]
+    assert spec.ood.features == GRID_FEATURES_TENSOR and spec.ood.feature_dim == 4 * c
     run = json.loads((tiny_run / "run.json").read_text())
     images = from_trainer_run(run, spec.preprocessing, spec.labels)
     assert spec.ood.fit_size == len(images.fit_x) and spec.ood.held_out_size == len(images.held_x)
