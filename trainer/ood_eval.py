@@ -111,11 +111,16 @@ def _strip_detector(model_dir: Path, out: Path) -> None:
 
 
 def _ort_latency(model_dirs: dict[str, Path], x: np.ndarray, runs: int) -> dict[str, float]:
-    """Median ms of one single-image classifier run, the variants interleaved."""
+    """Median ms of one single-image classifier run (one thread), the variants interleaved."""
     import onnxruntime as ort
 
+    # One thread, no spinning: the figure is the graph's own cost, not a race for cores.
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     sessions = {
-        k: ort.InferenceSession(str(d / CLASSIFIER_ONNX), providers=["CPUExecutionProvider"])
+        k: ort.InferenceSession(str(d / CLASSIFIER_ONNX), options,
+                                providers=["CPUExecutionProvider"])
         for k, d in model_dirs.items()
     }
     outputs = {k: [o.name for o in s.get_outputs()] for k, s in sessions.items()}
@@ -241,7 +246,8 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [
         f"# Out-of-distribution report: {report['model']}",
         "",
-        f"Detector `{name}` on the penultimate features, threshold {det['threshold']:.4g} "
+        f"Detector `{name}` on the graph tensor `{det['features'] or det['logits']}` "
+        f"({det['feature_dim']} values), threshold {det['threshold']:.4g} "
         f"({_pct(det['held_out_pass_rate'])} of {det['held_out_size']} held-out images pass; "
         f"fitted on {det['fit_size']}: {det['fit_data']}).",
         "",
