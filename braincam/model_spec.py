@@ -96,6 +96,9 @@ class OodDetector(BaseModel):
     logits: str = Field(default="", description="graph tensor of the pre-softmax scores")
     gaussians: int | None = Field(default=None, description="class-conditional means (Mahalanobis)")
     shrinkage: float | None = Field(default=None, description="Ledoit-Wolf shrinkage")
+    rank: int | None = Field(
+        default=None, description="covariance directions weighted on their own (the rest share one)"
+    )
 
 
 class Calibration(BaseModel):

@@ -19,15 +19,19 @@ ENERGY = "energy"
 DETECTORS = (MAHALANOBIS, ENERGY)
 
 
-def mahalanobis_score(features: np.ndarray, means: np.ndarray, factor: np.ndarray) -> np.ndarray:
-    """min over classes k of (f − μ_k)ᵀ P (f − μ_k), with the precision P = L Lᵀ given as L.
+def mahalanobis_score(
+    features: np.ndarray, means: np.ndarray, scale: float, basis: np.ndarray
+) -> np.ndarray:
+    """min over classes k of (f − μ_k)ᵀ P (f − μ_k), the precision written P = s·I − U Uᵀ.
 
-    `features` [N,D], `means` [K,D], `factor` L [D,D] -> [N].
+    `features` [N,D], `means` [K,D], `scale` s, `basis` U [D,r] -> [N]. The form holds
+    the exact precision (r = D) and its low-rank-plus-residual approximation alike
+    (exporter/ood_fit.py), and costs D·r multiply-adds instead of D².
     """
-    f = np.asarray(features, dtype=np.float64) @ factor
-    m = np.asarray(means, dtype=np.float64) @ factor
-    d = f[:, None, :] - m[None, :, :]
-    return np.asarray(np.min(np.sum(d * d, axis=2), axis=1))
+    d = np.asarray(features, np.float64)[:, None, :] - np.asarray(means, np.float64)[None]
+    projected = d @ np.asarray(basis, np.float64)
+    return np.asarray(np.min(scale * np.sum(d * d, axis=2) - np.sum(projected**2, axis=2),
+                             axis=1))
 
 
 def energy_score(logits: np.ndarray) -> np.ndarray:

@@ -116,31 +116,40 @@ def append_mahalanobis(
     model: onnx.ModelProto,
     features: str,
     means: np.ndarray,
-    factor: np.ndarray,
+    scale: float,
+    basis: np.ndarray,
     output: str = OOD_SCORE_OUTPUT,
 ) -> None:
-    """`output` [N] = min_k ||(f − μ_k) L||², the Mahalanobis distance under P = L Lᵀ.
+    """`output` [N] = min_k s·||f − μ_k||² − ||(f − μ_k) U||², i.e. (f − μ_k)ᵀ P (f − μ_k)
+    with the precision P = s·I − U Uᵀ (braincam.ood.mahalanobis_score).
 
-    μ_k L is folded into one constant [K,D]: MatMul, Sub (broadcast [N,1,D] − [K,D]),
-    ReduceSumSquare over D, ReduceMin over k.
+    f − μ_k is [N,K,D] (K classes: cheap); the projection goes through one MatMul
+    f·U [N,r], with the μ_k U folded into a constant [K,r].
     """
     p = f"{_PREFIX}_maha"
-    factor32 = np.ascontiguousarray(factor, dtype=np.float32)
-    centres = (np.asarray(means, np.float64) @ np.asarray(factor, np.float64)).astype(np.float32)
+    basis64 = np.asarray(basis, np.float64)
     g = model.graph
     g.initializer.extend([
-        numpy_helper.from_array(factor32, f"{p}_factor"),
-        numpy_helper.from_array(centres, f"{p}_centres"),
+        numpy_helper.from_array(np.asarray(means, np.float32), f"{p}_means"),
+        numpy_helper.from_array(np.ascontiguousarray(basis64, np.float32), f"{p}_basis"),
+        numpy_helper.from_array((np.asarray(means, np.float64) @ basis64).astype(np.float32),
+                                f"{p}_centres"),
+        numpy_helper.from_array(np.array(scale, np.float32), f"{p}_scale"),
         numpy_helper.from_array(np.array([1], np.int64), f"{p}_axis1"),
     ])
     g.node.extend([
-        helper.make_node("MatMul", [features, f"{p}_factor"], [f"{p}_projected"], name=f"{p}_mm"),
+        helper.make_node("Unsqueeze", [features, f"{p}_axis1"], [f"{p}_f"], name=f"{p}_unsq_f"),
+        helper.make_node("Sub", [f"{p}_f", f"{p}_means"], [f"{p}_diff"], name=f"{p}_sub"),
+        _reduce(model, "ReduceSumSquare", f"{p}_diff", 2, f"{p}_dist"),
+        helper.make_node("Mul", [f"{p}_dist", f"{p}_scale"], [f"{p}_iso"], name=f"{p}_mul"),
+        helper.make_node("MatMul", [features, f"{p}_basis"], [f"{p}_proj"], name=f"{p}_mm"),
         helper.make_node(
-            "Unsqueeze", [f"{p}_projected", f"{p}_axis1"], [f"{p}_expanded"], name=f"{p}_unsq"
+            "Unsqueeze", [f"{p}_proj", f"{p}_axis1"], [f"{p}_proj_k"], name=f"{p}_unsq_p"
         ),
-        helper.make_node("Sub", [f"{p}_expanded", f"{p}_centres"], [f"{p}_diff"], name=f"{p}_sub"),
-        _reduce(model, "ReduceSumSquare", f"{p}_diff", 2, f"{p}_sq"),
-        _reduce(model, "ReduceMin", f"{p}_sq", 1, output),
+        helper.make_node("Sub", [f"{p}_proj_k", f"{p}_centres"], [f"{p}_pdiff"], name=f"{p}_psub"),
+        _reduce(model, "ReduceSumSquare", f"{p}_pdiff", 2, f"{p}_low"),
+        helper.make_node("Sub", [f"{p}_iso", f"{p}_low"], [f"{p}_scores"], name=f"{p}_score"),
+        _reduce(model, "ReduceMin", f"{p}_scores", 1, output),
     ])
     _add_score_output(model, output)
 

@@ -83,7 +83,7 @@ def apply_to_graphs(
         ood_graph.apply_temperature(proto, logits, probabilities, fit.temperature)
         if fit.gaussians is not None:
             ood_graph.append_mahalanobis(
-                proto, fit.features, fit.gaussians.means, fit.gaussians.factor
+                proto, fit.features, fit.gaussians.means, fit.gaussians.scale, fit.gaussians.basis
             )
         else:
             ood_graph.append_energy(proto, logits)
@@ -105,6 +105,7 @@ def spec_sections(fit: TrustFit, *, logits: str) -> tuple[OodDetector, Calibrati
         logits=logits,
         gaussians=None if fit.gaussians is None else int(fit.gaussians.means.shape[0]),
         shrinkage=None if fit.gaussians is None else round(fit.gaussians.shrinkage, 6),
+        rank=None if fit.gaussians is None else int(fit.gaussians.basis.shape[1]),
     )
     calibration = None
     if fit.calibration_size:

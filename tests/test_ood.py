@@ -26,6 +26,7 @@ from braincam.overlay import encode_png
 from exporter import ood_graph
 from exporter.fit_data import from_trainer_run
 from exporter.graphs import GRID_FEATURES_TENSOR
+from exporter.ood_fit import RANK, precision_form
 from tests.clients import ready_client
 
 CPU = ["CPUExecutionProvider"]
@@ -72,13 +73,21 @@ def test_exported_statistics_equal_a_numpy_reference(tiny_model_dir: Path, tiny_
     means = np.stack([f[images.fit_y == k].mean(axis=0) for k in range(len(spec.labels))])
     cov = ledoit_wolf_reference(f - means[images.fit_y])
     init = _initializers(tiny_model_dir)
-    factor = init["braincam_trust_maha_factor"].astype(np.float64)
-    centres = init["braincam_trust_maha_centres"].astype(np.float64)
-    # The graph stores L with P = L Lᵀ and the means projected by L.
-    covariance = np.linalg.inv(factor @ factor.T)
-    np.testing.assert_allclose(covariance, cov, rtol=1e-3, atol=1e-4 * np.abs(cov).max())
-    scale = np.abs(centres).max()
-    np.testing.assert_allclose(centres, means @ factor, rtol=1e-4, atol=1e-4 * scale)
+    np.testing.assert_allclose(init["braincam_trust_maha_means"], means, rtol=1e-5, atol=1e-5)
+    # The graph's precision s·I − U Uᵀ: the inverse covariance on its RANK directions of
+    # largest variance, the mean inverse variance of the others on the rest.
+    basis = init["braincam_trust_maha_basis"].astype(np.float64)
+    precision = float(init["braincam_trust_maha_scale"]) * np.eye(len(cov)) - basis @ basis.T
+    lam, vectors = np.linalg.eigh(cov)
+    lam, vectors = lam[::-1], vectors[:, ::-1]
+    r = spec.ood.rank
+    assert r == basis.shape[1] == min(RANK, len(cov))
+    head = vectors[:, :r]
+    tail = 1.0 / lam[r:]
+    reference = head @ np.diag(1.0 / lam[:r]) @ head.T + tail.mean() * (
+        np.eye(len(cov)) - head @ head.T
+    )
+    np.testing.assert_allclose(precision, reference, atol=1e-3 * np.abs(reference).max())
 
 
 def test_in_graph_scores_equal_the_numpy_scores(tiny_model_dir: Path, demo_data: Path) -> None:
@@ -89,10 +98,14 @@ def test_in_graph_scores_equal_the_numpy_scores(tiny_model_dir: Path, demo_data:
     out = model.classify(test.x)
     f, z = _features_logits(tiny_model_dir, test.x)
     init = _initializers(tiny_model_dir)
-    factor = init["braincam_trust_maha_factor"].astype(np.float64)
-    means = init["braincam_trust_maha_centres"].astype(np.float64) @ np.linalg.inv(factor)
+    reference = mahalanobis_score(
+        f,
+        init["braincam_trust_maha_means"],
+        float(init["braincam_trust_maha_scale"]),
+        init["braincam_trust_maha_basis"],
+    )
     assert out.ood_score is not None
-    np.testing.assert_allclose(out.ood_score, mahalanobis_score(f, means, factor), rtol=1e-4)
+    np.testing.assert_allclose(out.ood_score, reference, rtol=1e-3)
     # Both graphs: the same score, and probabilities = softmax(logits / T).
     cam = model.gradcam(test.x)
     np.testing.assert_allclose(cam.ood_score, out.ood_score, rtol=1e-5)
@@ -284,18 +297,24 @@ def test_graph_edits_on_a_plain_onnx_classifier(opset: int) -> None:
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     means = rng.normal(size=(k, d))
-    factor = np.linalg.cholesky(np.linalg.inv(np.cov(rng.normal(size=(50, d)).T)))
+    cov = np.cov(rng.normal(size=(50, d)).T)
+    scale, basis = precision_form(cov)  # rank >= d: the exact inverse
+    np.testing.assert_allclose(scale * np.eye(d) - basis @ basis.T, np.linalg.inv(cov),
+                               atol=1e-9 * np.abs(np.linalg.inv(cov)).max())
     energy = onnx.ModelProto()
     energy.CopyFrom(model)
     ood_graph.apply_temperature(model, "z", "probabilities", 2.0)
-    ood_graph.append_mahalanobis(model, "feats", means, factor)
+    ood_graph.append_mahalanobis(model, "feats", means, scale, basis)
     ood_graph.append_energy(energy, "z")
     onnx.checker.check_model(model, full_check=True)
     x = rng.normal(size=(5, 2, 3, 1)).astype(np.float32)
     probs, score = ood_graph.tensor_values(model, x, ["probabilities", "ood_score"])
     feats = x.reshape(5, -1).astype(np.float64)
     np.testing.assert_allclose(probs, softmax(feats @ w, 2.0), atol=1e-6)
-    np.testing.assert_allclose(score, mahalanobis_score(feats, means, factor), rtol=1e-4)
+    d_k = feats[:, None, :] - means[None]
+    exact = np.einsum("nkd,de,nke->nk", d_k, np.linalg.inv(cov), d_k).min(axis=1)
+    np.testing.assert_allclose(score, exact, rtol=1e-4)
+    np.testing.assert_allclose(mahalanobis_score(feats, means, scale, basis), exact, rtol=1e-9)
     (e,) = ood_graph.tensor_values(energy, x, ["ood_score"])
     np.testing.assert_allclose(e, energy_score(feats @ w), rtol=1e-5)
     # The old softmax is gone; nothing dangles.
