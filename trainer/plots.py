@@ -104,8 +104,9 @@ def reliability(calibration: dict[str, Any], path: Path) -> Path:
         width = bins[0]["high"] - bins[0]["low"] if bins else 1.0
         ax.bar(lows, [b["accuracy"] for b in bins], width=width, align="edge",
                edgecolor="black", alpha=0.75, label="accuracy")
-        ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], "o",
-                color="C3", markersize=4, label="mean confidence")
+        # The bin's mean confidence over its bar: the gap to the bar top is the error.
+        ax.plot([(b["low"] + b["high"]) / 2 for b in bins], [b["confidence"] for b in bins],
+                "_", color="C3", markersize=12, markeredgewidth=2, label="mean confidence")
         ax.plot([0, 1], [0, 1], "--", color="gray", label="perfect calibration")
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1)
