@@ -230,6 +230,21 @@ def _decode_dicom(data: bytes, slice_index: int | None, max_pixels: int) -> Deco
         raise UndecodableImage(f"could not decode the DICOM file: {type(exc).__name__}") from exc
 
 
+def decode_dicom_dataset(
+    ds: Any, frame: int | None = None, *, max_pixels: int | None = None
+) -> DecodedImage:
+    """A parsed DICOM dataset (e.g. one slice of a series) -> its display image, with
+    the same size checks and windowing as `decode_image` gives the file's bytes."""
+    budget = _max_pixels.get() if max_pixels is None else max_pixels
+    try:
+        _check_dicom_size(ds, budget)
+        return _dicom_slice(ds, frame)
+    except InputError:
+        raise
+    except Exception as exc:  # pydicom parses values lazily: any field may raise, any type
+        raise UndecodableImage(f"could not decode the DICOM file: {type(exc).__name__}") from exc
+
+
 def _check_dicom_size(ds: Any, max_pixels: int) -> None:
     """Bound what `pixel_array` will allocate (compressed transfer syntaxes inflate)."""
     rows, columns = int(ds.Rows), int(ds.Columns)
@@ -327,6 +342,29 @@ def _nifti_header(head: bytes) -> tuple[Any, tuple[int, ...], int]:
 
 
 def _decode_nifti(data: bytes, slice_index: int | None, max_pixels: int) -> DecodedImage:
+    volume, bit_depth = _nifti_volume(data, max_pixels)
+    n = int(volume.shape[2])
+    index = _pick_slice(n, slice_index)
+    return DecodedImage(_nifti_axial(volume, index), "nifti", bit_depth, index, n)
+
+
+def decode_nifti_volume(data: bytes, *, max_pixels: int | None = None) -> list[DecodedImage]:
+    """Every axial slice of a NIfTI volume, inferior to superior, each windowed exactly
+    as `decode_image(data, k)` windows slice k."""
+    budget = _max_pixels.get() if max_pixels is None else max_pixels
+    volume, bit_depth = _nifti_volume(data, budget)
+    n = int(volume.shape[2])
+    return [DecodedImage(_nifti_axial(volume, k), "nifti", bit_depth, k, n) for k in range(n)]
+
+
+def _nifti_axial(volume: np.ndarray, index: int) -> np.ndarray:
+    # RAS+ canonical axial slice, rotated so anterior is up (radiological viewers' layout).
+    axial = np.rot90(np.asarray(volume[:, :, index], dtype=np.float32))
+    return np.ascontiguousarray(to_uint8(axial))
+
+
+def _nifti_volume(data: bytes, max_pixels: int) -> tuple[np.ndarray, int]:
+    """The RAS+ canonical 3-D volume (first of a 4-D series) and its bits per voxel."""
     import nibabel as nib  # lazily: only NIfTI uploads pay for it
 
     gz = _Inflater(data) if data.startswith(b"\x1f\x8b") else None
@@ -355,9 +393,4 @@ def _decode_nifti(data: bytes, slice_index: int | None, max_pixels: int) -> Deco
         volume = volume[:, :, None]
     if volume.ndim != 3 or min(volume.shape[:2]) < 2:
         raise UndecodableImage(f"unsupported NIfTI shape {volume.shape}")
-    n = int(volume.shape[2])
-    index = _pick_slice(n, slice_index)
-    # RAS+ canonical axial slice, rotated so anterior is up (radiological viewers' layout).
-    axial = np.rot90(np.asarray(volume[:, :, index], dtype=np.float32))
-    bit_depth = int(np.dtype(img.get_data_dtype()).itemsize * 8)
-    return DecodedImage(np.ascontiguousarray(to_uint8(axial)), "nifti", bit_depth, index, n)
+    return volume, int(np.dtype(img.get_data_dtype()).itemsize * 8)

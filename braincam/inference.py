@@ -82,7 +82,8 @@ def _select_providers(
 
 
 class OnnxModel:
-    """Both graphs of a model directory in ONNX Runtime sessions."""
+    """The graphs of a model directory (classifier, and gradcam when present) in ONNX
+    Runtime sessions."""
 
     def __init__(
         self,
@@ -109,8 +110,13 @@ class OnnxModel:
         self.classifier = ort.InferenceSession(
             str(self.model_dir / graphs.classifier.file), options, providers=usable
         )
-        self.gradcam_session = ort.InferenceSession(
-            str(self.model_dir / graphs.gradcam.file), options, providers=usable
+        # A model without a Grad-CAM graph is explained by occlusion (classifier only).
+        self.gradcam_session = (
+            None
+            if graphs.gradcam is None
+            else ort.InferenceSession(
+                str(self.model_dir / graphs.gradcam.file), options, providers=usable
+            )
         )
         active = list(self.classifier.get_providers())
         for p in usable:
@@ -123,10 +129,11 @@ class OnnxModel:
         self.providers = ProviderReport(
             requested=list(providers), available=available, active=active, warnings=warnings
         )
-        # model.json's `ood` names the score output; both graphs must really have it.
+        # model.json's `ood` names the score output; every graph must really have it.
         self.has_ood = self.spec.ood is not None and all(
             self.spec.ood.output in {o.name for o in s.get_outputs()}
             for s in (self.classifier, self.gradcam_session)
+            if s is not None
         )
         if self.spec.ood is not None and not self.has_ood:
             raise ValueError(
@@ -137,6 +144,10 @@ class OnnxModel:
     @property
     def labels(self) -> list[str]:
         return self.spec.labels
+
+    @property
+    def has_gradcam(self) -> bool:
+        return self.gradcam_session is not None
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """float32 [N,H,W,C] -> probabilities [N,K]."""
@@ -156,6 +167,10 @@ class OnnxModel:
         self, batch: np.ndarray, targets: np.ndarray | Sequence[int] | None = None
     ) -> GradcamOutput:
         """One forward+backward run; target -1 (or None) explains the predicted class."""
+        if self.gradcam_session is None:
+            raise RuntimeError(
+                f"the model in {self.model_dir} has no Grad-CAM graph: explain it by occlusion"
+            )
         n = batch.shape[0]
         target = (
             np.full((n,), -1, dtype=np.int64)
@@ -179,4 +194,5 @@ class OnnxModel:
         """One inference through each graph, so the first request pays no set-up cost."""
         x = np.zeros((1, *self.spec.input_shape), dtype=np.float32)
         self.predict(x)
-        self.gradcam(x)
+        if self.has_gradcam:
+            self.gradcam(x)

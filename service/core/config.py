@@ -36,6 +36,17 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(default=40_000_000, ge=1)
     request_timeout_s: float = Field(default=30.0, gt=0)
     api_key: SecretStr | None = None
+    # Series routes (/predict/series, /explain/series, /dicomweb/analyze): their own
+    # upload bound, and the bounds of one series (braincam.series.SeriesLimits).
+    max_series_upload_mb: float = Field(default=200.0, gt=0)
+    max_series_slices: int = Field(default=512, ge=1)
+    max_series_pixels: int = Field(default=256 * 1024 * 1024, ge=1)
+    max_zip_entries: int = Field(default=2048, ge=1)
+    max_zip_ratio: float = Field(default=200.0, gt=1)
+    # The PACS POST /dicomweb/analyze talks to (its DICOMweb root); the route is off
+    # unless this and an API key are set: it reads from and writes to that PACS.
+    dicomweb_url: str | None = None
+    dicomweb_timeout_s: float = Field(default=30.0, gt=0)
     intra_op_threads: int = Field(default=0, ge=0)  # 0: ONNX Runtime's default (one per core)
     # ORT's intra-op threads spin-wait between runs by default. With several requests
     # in flight the spinning threads burn the cores the others need; off, they sleep
@@ -47,6 +58,9 @@ class Settings(BaseSettings):
     batching: bool = False
     batch_max_size: int = Field(default=16, ge=1, le=1024)
     batch_max_wait_ms: float = Field(default=2.0, ge=0, le=1000)
+    # /explain method=occlusion for models that have a Grad-CAM graph too (models
+    # without one always offer it): one classifier run per 32 occluding windows.
+    occlusion: bool = False
     # What happens to an input the out-of-distribution gate flags: answered with
     # `in_distribution: false` (warn), or refused with a 422 `out_of_distribution`.
     ood_policy: Literal["warn", "reject"] = "warn"
@@ -79,3 +93,7 @@ class Settings(BaseSettings):
     @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 1024 * 1024)
+
+    @property
+    def max_series_upload_bytes(self) -> int:
+        return int(self.max_series_upload_mb * 1024 * 1024)
