@@ -12,6 +12,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from braincam.calibration import calibrated_threshold
 from braincam.model_spec import (
     CLASSIFIER_ONNX,
     GRADCAM_ONNX,
@@ -21,7 +22,6 @@ from braincam.model_spec import (
     ModelSpec,
     save_spec,
 )
-from braincam.calibration import calibrated_threshold
 from braincam.ood import MAHALANOBIS
 from braincam.preprocessing import Preprocessing
 from exporter import fit_data, ood_graph, trust

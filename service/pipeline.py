@@ -19,8 +19,8 @@ from braincam.decoding import DecodedImage, decode_image
 from braincam.errors import InputError, InvalidParameter, MethodUnavailable, UndecodableImage
 from braincam.inference import OnnxModel
 from braincam.model_spec import IMAGE_INPUT, ModelSpec
-from braincam.ood import ood_verdict
 from braincam.occlusion import OCCLUSION, OcclusionSensitivity
+from braincam.ood import ood_verdict
 from braincam.overlay import blend, colorize, encode_png, panels, to_base64_png
 from braincam.preprocessing import preprocess
 from service.metrics import Metrics

@@ -29,8 +29,9 @@ from service.schemas import (
 router = APIRouter()
 
 OOD_DESCRIPTIONS = {
-    "mahalanobis": "Mahalanobis distance of the image's penultimate features to the nearest "
-    "class mean, under a Ledoit-Wolf-shrunk covariance fitted on the training images",
+    "mahalanobis": "Mahalanobis distance of the image's features (graph tensor {features}, "
+    "{dim} values) to the nearest class mean, under a Ledoit-Wolf-shrunk covariance "
+    "fitted on in-distribution images",
     "energy": "energy score: minus the log-sum-exp of the pre-softmax class scores",
 }
 
@@ -57,7 +58,9 @@ async def metadata(model: ModelDep, settings: SettingsDep) -> MetadataResponse:
             fit_size=o.fit_size,
             held_out_size=o.held_out_size,
             fit_data=o.fit_data,
-            description=OOD_DESCRIPTIONS.get(o.detector, o.detector),
+            description=OOD_DESCRIPTIONS.get(o.detector, o.detector).format(
+                features=o.features, dim=o.feature_dim
+            ),
         )
     methods = available_methods(model.has_gradcam, settings.occlusion)
     return MetadataResponse(
