@@ -335,3 +335,37 @@ def test_ood_eval_report(tiny_model_dir: Path, demo_data: Path, tmp_path: Path) 
     noise = next(r for name, r in sets.items() if name.startswith("noise"))
     assert noise["flagged"] >= 0.9 and noise["auroc"]["mahalanobis"] >= 0.95
     assert "| set | kind | n | flagged | AUROC mahalanobis |" in out.read_text()
+
+
+def test_the_onnx_level_exporter_writes_the_detector_too(
+    tiny_run: Path, ood_data: Path, tmp_path: Path
+) -> None:
+    """Any ONNX classifier: the score on its pooled features, in both graphs."""
+    import keras
+    import tensorflow as tf
+    import tf2onnx
+
+    from exporter.onnx_export import export_onnx_model
+
+    model = keras.models.load_model(tiny_run / "model.keras", compile=False)
+    source = tmp_path / "tiny.onnx"
+    spec_in = (tf.TensorSpec((None, 64, 64, 1), tf.float32, name="x"),)
+    proto, _ = tf2onnx.convert.from_keras(model, input_signature=spec_in, opset=17)
+    onnx.save(proto, str(source))
+    result = export_onnx_model(source, tmp_path / "out", labels=LABELS, calibration=ood_data)
+    spec = result.spec
+    assert spec.ood is not None and spec.ood.detector == "mahalanobis"
+    assert spec.ood.features == result.anatomy.pooled_features and spec.calibration is None
+    model_dir = tmp_path / "out"
+    onnx_model = OnnxModel(model_dir, providers=CPU)
+    test = load_dataset_split(ood_data, "Testing", spec.preprocessing)
+    out = onnx_model.classify(test.x)
+    assert out.ood_score is not None
+    np.testing.assert_allclose(onnx_model.gradcam(test.x).ood_score, out.ood_score, rtol=1e-5)
+    f, _ = _features_logits(model_dir, test.x)
+    init = _initializers(model_dir)
+    reference = mahalanobis_score(f, init["braincam_trust_maha_means"],
+                                  float(init["braincam_trust_maha_scale"]),
+                                  init["braincam_trust_maha_basis"])
+    np.testing.assert_allclose(out.ood_score, reference, rtol=1e-3)
+    assert float(np.mean(out.ood_score > spec.ood.threshold)) <= 0.1
