@@ -4,6 +4,7 @@ model.json), the same as a Keras export, with no training framework installed.""
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import tempfile
 import time
@@ -31,6 +32,8 @@ from exporter.onnx_grad.anatomy import GraphAnatomy
 from exporter.onnx_grad.builder import build_graphs, prepare_model
 from exporter.onnx_grad.gate import run_gate
 from exporter.onnx_io import check, write_with_shared_weights
+
+log = logging.getLogger(__name__)
 
 DEFAULT_CALIBRATION = Path("data/demo/Testing")
 
@@ -223,8 +226,13 @@ def _add_detector(
     if images is None:
         return None
     features = [anatomy.pooled_features] if anatomy.pooled_features else []
-    fit = trust.fit_on_graph(protos[CLASSIFIER_ONNX], images, features=features,
-                             logits=anatomy.logits, detector=detector, calibrate=False)
+    try:
+        fit = trust.fit_on_graph(protos[CLASSIFIER_ONNX], images, features=features,
+                                 logits=anatomy.logits, detector=detector, calibrate=False)
+    except Exception as exc:  # ORT's own errors: a graph the gate below explains (fixed batch)
+        log.warning("no out-of-distribution detector: running the graph failed (%s)",
+                    str(exc).splitlines()[0][:200])
+        return None
     trust.apply_to_graphs(protos.values(), fit, logits=anatomy.logits,
                           probabilities=anatomy.probabilities)
     ood, _ = trust.spec_sections(fit, logits=anatomy.logits)
