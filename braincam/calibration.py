@@ -14,8 +14,10 @@ import numpy as np
 
 ECE_BINS = 15
 # Bounds of the fitted temperature. On a validation set the model classifies
-# perfectly, the likelihood keeps rising as T -> 0 (sharper is always better there);
-# the bound stops that and the fit reports that it was reached.
+# perfectly, the likelihood keeps rising as T -> 0 (sharper is always better there):
+# the data cannot say how sharp to be. The fit then keeps the model's own scale (T = 1)
+# and reports the bound: sharpening to the bound would push every answer, foreign
+# images included, towards confidence 1.0.
 T_MIN, T_MAX = 0.1, 10.0
 
 
@@ -38,6 +40,7 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> tuple[float, bool
     """T minimising the NLL, by golden-section search on log T; -> (T, bound reached).
 
     The NLL is convex in 1/T, hence unimodal in log T: the search finds the optimum.
+    An optimum at the lower bound (a perfectly separated fit set) gives T = 1.
     """
     labels = np.asarray(labels, dtype=np.int64)
     lo, hi = math.log(T_MIN), math.log(T_MAX)
@@ -54,8 +57,9 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> tuple[float, bool
             b = lo + ratio * (hi - lo)
             fb = nll(logits, labels, math.exp(b))
     t = math.exp((lo + hi) / 2.0)
-    at_bound = t < T_MIN * 1.01 or t > T_MAX / 1.01
-    return float(t), at_bound
+    if t < T_MIN * 1.01:
+        return 1.0, True
+    return float(t), t > T_MAX / 1.01
 
 
 def expected_calibration_error(

@@ -278,6 +278,13 @@ def test_calibration_functions() -> None:
     assert np.array_equal(p >= 0.7, p_cal >= moved)
 
 
+def test_a_perfectly_separated_fit_set_keeps_the_models_scale() -> None:
+    # Every label is the argmax: the likelihood rises without limit as T -> 0.
+    z = np.random.default_rng(3).normal(size=(50, 4))
+    t, at_bound = fit_temperature(z, z.argmax(axis=1))
+    assert (t, at_bound) == (1.0, True)
+
+
 @pytest.mark.parametrize("opset", [13, 18])
 def test_graph_edits_on_a_plain_onnx_classifier(opset: int) -> None:
     """The edits work on any ONNX graph given tensor names (the ONNX-level exporter's case)."""

@@ -102,7 +102,8 @@ def _calibration_section(metrics: dict[str, Any]) -> str:
         return "No temperature scaling was applied."
     rows = [[split, f["ece_before"], f["ece_after"], f["brier_before"], f["brier_after"]]
             for split, f in (("validation (fit)", cal["validation"]), ("test", cal["test"]))]
-    bound = " (the search bound: the validation split is classified perfectly)" if (
+    bound = (" (the validation split is classified perfectly, so it cannot say how sharp "
+             "the probabilities should be: the model's own scale is kept)") if (
         cal.get("at_bound")) else ""
     return "\n".join([
         f"Temperature scaling on the validation split ({cal['fit_size']} images): "
