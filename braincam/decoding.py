@@ -17,7 +17,7 @@ from __future__ import annotations
 import io
 import math
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -64,6 +64,23 @@ class DecodedImage:
     def size(self) -> tuple[int, int]:
         """(width, height) of the decoded slice."""
         return int(self.pixels.shape[1]), int(self.pixels.shape[0])
+
+
+@dataclass(frozen=True)
+class OpenedImage:
+    """A file parsed once: its slice count, and any slice decoded on demand.
+
+    For reading every slice of a volume without re-parsing the file per slice.
+    `n_slices` is None for a 2-D raster image; `slice(None)` is its one image,
+    or the middle slice of a volume.
+    """
+
+    format: str
+    n_slices: int | None
+    _decode: Callable[[int | None], DecodedImage]
+
+    def slice(self, index: int | None = None) -> DecodedImage:
+        return self._decode(index)
 
 
 def sniff_format(data: bytes) -> str:
@@ -117,17 +134,29 @@ def decode_image(
     Images (and slices) over `max_pixels` are refused from their header with
     `ImageTooLarge` (default: the `pixel_budget` in force, else DEFAULT_MAX_PIXELS).
     """
+    return open_image(data, max_pixels=max_pixels).slice(slice_index)
+
+
+def open_image(data: bytes, *, max_pixels: int | None = None) -> OpenedImage:
+    """Parse a file once (a volume's header and data; a raster image lazily).
+
+    The same checks as `decode_image`, which is `open_image(data).slice(index)`.
+    """
     if not data:
         raise UndecodableImage("the uploaded file is empty")
     budget = _max_pixels.get() if max_pixels is None else max_pixels
     fmt = sniff_format(data)
     if fmt in RASTER_FORMATS:
-        if slice_index is not None:
-            raise InvalidParameter(f"'slice' applies to DICOM and NIfTI volumes, not {fmt}")
-        return _decode_raster(data, fmt, budget)
+
+        def raster(slice_index: int | None) -> DecodedImage:
+            if slice_index is not None:
+                raise InvalidParameter(f"'slice' applies to DICOM and NIfTI volumes, not {fmt}")
+            return _decode_raster(data, fmt, budget)
+
+        return OpenedImage(fmt, None, raster)
     if fmt == "dicom":
-        return _decode_dicom(data, slice_index, budget)
-    return _decode_nifti(data, slice_index, budget)
+        return _open_dicom(data, budget)
+    return _open_nifti(data, budget)
 
 
 def check_pixels(width: int, height: int, max_pixels: int, what: str = "image") -> None:
@@ -216,18 +245,31 @@ def _pick_slice(n: int, slice_index: int | None) -> int:
     return slice_index
 
 
-def _decode_dicom(data: bytes, slice_index: int | None, max_pixels: int) -> DecodedImage:
+def _open_dicom(data: bytes, max_pixels: int) -> OpenedImage:
     import pydicom  # imported lazily: only DICOM uploads pay for it
 
-    try:
+    @contextmanager
+    def dicom_errors() -> Iterator[None]:
+        try:
+            yield
+        except InputError:
+            raise
+        except Exception as exc:  # pydicom parses values lazily: any field may raise, any type
+            raise UndecodableImage(
+                f"could not decode the DICOM file: {type(exc).__name__}"
+            ) from exc
+
+    with dicom_errors():
         # force=False: a file without the DICM preamble is not guessed at.
         ds = pydicom.dcmread(io.BytesIO(data), force=False)
         _check_dicom_size(ds, max_pixels)
-        return _dicom_slice(ds, slice_index)
-    except InputError:
-        raise
-    except Exception as exc:  # pydicom parses values lazily: any field may raise, any type
-        raise UndecodableImage(f"could not decode the DICOM file: {type(exc).__name__}") from exc
+        frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+
+    def dicom_slice(slice_index: int | None) -> DecodedImage:
+        with dicom_errors():  # pydicom keeps the decoded pixel array: frames share it
+            return _dicom_slice(ds, slice_index)
+
+    return OpenedImage("dicom", frames, dicom_slice)
 
 
 def _check_dicom_size(ds: Any, max_pixels: int) -> None:
@@ -326,7 +368,7 @@ def _nifti_header(head: bytes) -> tuple[Any, tuple[int, ...], int]:
     return cls, shape, offset + math.prod(shape) * itemsize
 
 
-def _decode_nifti(data: bytes, slice_index: int | None, max_pixels: int) -> DecodedImage:
+def _open_nifti(data: bytes, max_pixels: int) -> OpenedImage:
     import nibabel as nib  # lazily: only NIfTI uploads pay for it
 
     gz = _Inflater(data) if data.startswith(b"\x1f\x8b") else None
@@ -356,8 +398,12 @@ def _decode_nifti(data: bytes, slice_index: int | None, max_pixels: int) -> Deco
     if volume.ndim != 3 or min(volume.shape[:2]) < 2:
         raise UndecodableImage(f"unsupported NIfTI shape {volume.shape}")
     n = int(volume.shape[2])
-    index = _pick_slice(n, slice_index)
-    # RAS+ canonical axial slice, rotated so anterior is up (radiological viewers' layout).
-    axial = np.rot90(np.asarray(volume[:, :, index], dtype=np.float32))
     bit_depth = int(np.dtype(img.get_data_dtype()).itemsize * 8)
-    return DecodedImage(np.ascontiguousarray(to_uint8(axial)), "nifti", bit_depth, index, n)
+
+    def nifti_slice(slice_index: int | None) -> DecodedImage:
+        index = _pick_slice(n, slice_index)
+        # RAS+ canonical axial slice, rotated so anterior is up (radiological viewers' layout).
+        axial = np.rot90(np.asarray(volume[:, :, index], dtype=np.float32))
+        return DecodedImage(np.ascontiguousarray(to_uint8(axial)), "nifti", bit_depth, index, n)
+
+    return OpenedImage("nifti", n, nifti_slice)
