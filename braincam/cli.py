@@ -75,7 +75,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(module.run(parsed))
     except UsageError as exc:
-        parser.exit(2, f"braincam {parsed.command}: error: {exc}\n")
+        print(f"braincam {parsed.command}: error: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
