@@ -1,0 +1,205 @@
+"""`python -m benchmarks.bench_cli`: `braincam predict` over a folder vs /predict over HTTP.
+
+    python -m benchmarks.bench_cli --model-dir models/demo [--images 1000] [--rounds 3]
+
+The same N demo PNGs (data/demo, Testing then Training) go through
+  - `braincam predict DIR` as a subprocess, at --batch-size 1 and 32: images/s over
+    the run (the CLI's own figure: reading, decoding, ORT, writing rows) and over the
+    whole command (with interpreter start-up and model load);
+  - the service's /predict, called sequentially (one keep-alive connection, one image
+    per request, the next sent when the last returned) on a real uvicorn server with
+    its default settings.
+Rounds are interleaved and the median is reported, since the machine may be shared.
+Both paths run on the CPU provider. Every HTTP answer's label is checked against the
+CLI's row for the same file. Writes benchmarks/results/<date>-<host>-cli.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import http.client
+import json
+import os
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from benchmarks.machine import load_average, machine_info
+from braincam.model_spec import load_spec
+from service.local_server import serve
+
+ROOT = Path(__file__).resolve().parents[1]
+BATCH_SIZES = (1, 32)
+_RATE = re.compile(r"\(([0-9.]+) images/s")
+
+
+@dataclass
+class CliRun:
+    batch_size: int
+    run_rates: list[float] = field(default_factory=list)  # the CLI's figure, per round
+    wall_rates: list[float] = field(default_factory=list)  # with start-up and model load
+
+
+def demo_images(data: Path, n: int) -> list[Path]:
+    found = sorted((data / "Testing").glob("*/*.png")) + sorted((data / "Training").glob("*/*.png"))
+    if len(found) < n:
+        sys.exit(f"need {n} PNGs under {data}/Testing and Training, found {len(found)}")
+    return found[:n]
+
+
+def run_cli(folder: Path, model_dir: Path, batch_size: int, out: Path) -> tuple[float, float]:
+    """(images/s the CLI reports for its run, images/s over the whole command)."""
+    cmd = [
+        sys.executable, "-m", "braincam", "predict", str(folder), "--model-dir", str(model_dir),
+        "--batch-size", str(batch_size), "--out", str(out), "--quiet",
+        "--providers", "CPUExecutionProvider",
+    ]
+    started = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=3600)
+    wall = time.perf_counter() - started
+    if proc.returncode != 0:
+        sys.exit(f"braincam predict failed ({proc.returncode}):\n{proc.stderr}")
+    match = _RATE.search(proc.stderr)
+    if match is None:
+        sys.exit(f"no images/s in the summary:\n{proc.stderr}")
+    n = sum(1 for _ in csv.DictReader(out.open()))
+    return float(match.group(1)), n / wall
+
+
+def _multipart(data: bytes) -> tuple[bytes, str]:
+    boundary = uuid.uuid4().hex
+    body = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="x.png"\r\n'
+        "Content-Type: application/octet-stream\r\n\r\n"
+    ).encode() + data + f"\r\n--{boundary}--\r\n".encode()
+    return body, f"multipart/form-data; boundary={boundary}"
+
+
+def run_http(host: str, port: int, files: list[Path]) -> tuple[float, dict[str, str]]:
+    """Sequential /predict over one keep-alive connection: (images/s, label per file)."""
+    payloads = [(str(p), *_multipart(p.read_bytes())) for p in files]  # built before timing
+    conn = http.client.HTTPConnection(host, port, timeout=60)
+    labels: dict[str, str] = {}
+    started = time.perf_counter()
+    for name, body, content_type in payloads:
+        conn.request("POST", "/predict", body=body, headers={"Content-Type": content_type})
+        res = conn.getresponse()
+        payload = res.read()
+        if res.status != 200:
+            sys.exit(f"/predict answered {res.status} for {name}: {payload[:300]!r}")
+        labels[name] = json.loads(payload)["label"]
+    seconds = time.perf_counter() - started
+    conn.close()
+    return len(payloads) / seconds, labels
+
+
+def render(
+    machine: dict[str, str],
+    setup: dict[str, str],
+    runs: list[CliRun],
+    http_rates: list[float],
+    agreement: str,
+) -> str:
+    http = statistics.median(http_rates)
+    lines = ["# braincam predict vs /predict", ""]
+    lines += [f"- **{k}**: {v}" for k, v in {**machine, **setup}.items()]
+    lines += [
+        "",
+        "| path | images/s (run) | images/s (whole command) | vs sequential /predict |",
+        "|---|---|---|---|",
+    ]
+    for run in runs:
+        rate = statistics.median(run.run_rates)
+        wall = statistics.median(run.wall_rates)
+        lines.append(
+            f"| `braincam predict --batch-size {run.batch_size}` | {rate:.1f} | {wall:.1f} "
+            f"| {rate / http:.2f}x |"
+        )
+    lines.append(f"| /predict over HTTP, sequential, keep-alive | {http:.1f} | - | 1.00x |")
+    lines += [
+        "",
+        "Medians over the rounds; per round: "
+        + "; ".join(
+            f"batch {r.batch_size}: " + ", ".join(f"{x:.1f}" for x in r.run_rates) for r in runs
+        )
+        + "; HTTP: " + ", ".join(f"{x:.1f}" for x in http_rates) + " images/s.",
+        "",
+        f"Labels, CLI vs HTTP: {agreement}.",
+        f"Load average (1/5/15 min) at the end: {load_average()}.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    p.add_argument("--model-dir", type=Path, default=Path("models/demo"))
+    p.add_argument("--data", type=Path, default=ROOT / "data" / "demo")
+    p.add_argument("--images", type=int, default=1000)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    args = p.parse_args(argv)
+
+    spec = load_spec(args.model_dir)
+    files = demo_images(args.data, args.images)
+    machine = machine_info()
+    started = time.perf_counter()
+    runs = [CliRun(b) for b in BATCH_SIZES]
+    http_rates: list[float] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "images"
+        folder.mkdir()
+        for i, src in enumerate(files):  # one flat folder of links to the demo images
+            (folder / f"{i:05d}_{src.name}").symlink_to(src.resolve())
+        log = Path(tmp) / "server.log"
+        out = Path(tmp) / "rows.csv"
+        settings = {"BRAINCAM_LOG_LEVEL": "warning"}
+        http_labels: dict[str, str] = {}
+        for round_ in range(args.rounds):
+            for run in runs:
+                print(f"round {round_ + 1}: braincam predict, batch {run.batch_size} ...",
+                      file=sys.stderr)
+                rate, wall = run_cli(folder, args.model_dir, run.batch_size, out)
+                run.run_rates.append(rate)
+                run.wall_rates.append(wall)
+            print(f"round {round_ + 1}: /predict over HTTP ...", file=sys.stderr)
+            try:
+                with serve(args.model_dir, settings, log, inherit_settings=False) as server:
+                    rate, http_labels = run_http(server.host, server.port, sorted(folder.iterdir()))
+            except RuntimeError as exc:
+                sys.exit(str(exc))
+            http_rates.append(rate)
+        cli_labels = {r["path"]: r["label"] for r in csv.DictReader(out.open())}  # batch 32
+        same = sum(cli_labels.get(name) == label for name, label in http_labels.items())
+        agreement = f"{same} of {len(http_labels)} identical"
+
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    setup = {
+        "model": f"{spec.name} v{spec.version}, input {spec.input_shape}, "
+        f"{len(spec.labels)} classes",
+        "images": f"{len(files)} demo PNGs from {args.data}",
+        "ORT": f"CPUExecutionProvider, one intra-op thread per usable core ({usable}), "
+        "spinning off: the CLI's and the service's defaults",
+        "HTTP": "uvicorn on 127.0.0.1 with default settings (no micro-batching), "
+        "http.client in this process",
+        "rounds": f"{args.rounds}, interleaved; wall time {time.perf_counter() - started:.0f} s",
+    }
+    report = render(machine, setup, runs, http_rates, agreement)
+    print(report)
+    args.out.mkdir(parents=True, exist_ok=True)
+    target = args.out / f"{time.strftime('%Y%m%d-%H%M%S')}-{socket.gethostname()}-cli.md"
+    target.write_text(report)
+    print(f"written to {os.path.relpath(target)}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
