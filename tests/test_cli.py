@@ -305,3 +305,25 @@ def test_console_script_and_module_entry() -> None:
     )
     assert proc.returncode == 0
     assert all(name in proc.stdout for name in ("predict", "info", "serve"))
+
+
+def test_serve_runs_the_service_with_its_options(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import service.__main__ as service_main
+
+    seen: dict[str, str] = {}
+
+    def fake_main() -> int:  # what `python -m service` would read
+        settings = Settings()
+        seen.update(model_dir=str(settings.model_dir), port=str(settings.port),
+                    host=settings.host)
+        return 0
+
+    monkeypatch.setattr(service_main, "main", fake_main)
+    # Options win over the environment (restored after the test); the rest is the env's.
+    monkeypatch.setenv("BRAINCAM_MODEL_DIR", "elsewhere")
+    monkeypatch.setenv("BRAINCAM_PORT", "1")
+    monkeypatch.setenv("BRAINCAM_HOST", "0.0.0.0")
+    assert main(["serve", "--model-dir", str(tiny_model_dir), "--port", "8123"]) == 0
+    assert seen == {"model_dir": str(tiny_model_dir), "port": "8123", "host": "0.0.0.0"}

@@ -60,6 +60,13 @@ def load_model(args: argparse.Namespace) -> OnnxModel:
         raise UsageError(f"cannot load the model in {model_dir}: {exc}") from exc
 
 
+def model_notice(model: OnnxModel) -> str | None:
+    """What a reader of this model's answers must know about its training data:
+    model.json's `notice` when it has one, else what its model card says."""
+    notice = getattr(model.spec, "notice", None)  # the field is newer than some models
+    return str(notice) if notice else synthetic_data_notice(model.model_dir)
+
+
 def synthetic_data_notice(model_dir: Path) -> str | None:
     """A warning when the model's card says it was trained on the synthetic demo data."""
     card = model_dir / "MODEL_CARD.md"

@@ -7,7 +7,7 @@ import json
 from typing import Any
 
 from braincam import DISCLAIMER
-from braincam.commands.common import add_model_arguments, load_model, synthetic_data_notice
+from braincam.commands.common import add_model_arguments, load_model, model_notice
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -44,7 +44,7 @@ def describe(args: argparse.Namespace) -> dict[str, Any]:
             "available": model.providers.available,
             "warnings": model.providers.warnings,
         },
-        "notice": getattr(spec, "notice", None) or synthetic_data_notice(args.model_dir),
+        "notice": model_notice(model),
         "disclaimer": DISCLAIMER,
     }
 

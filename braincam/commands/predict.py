@@ -30,8 +30,9 @@ from braincam.batch import (
 )
 from braincam.cam import METHODS
 from braincam.cli import UsageError
-from braincam.commands.common import add_model_arguments, load_model, synthetic_data_notice
+from braincam.commands.common import add_model_arguments, load_model, model_notice
 from braincam.decoding import DEFAULT_MAX_PIXELS
+from braincam.inference import OnnxModel
 from braincam.overlay import COLORMAPS
 
 FORMATS = ("csv", "jsonl")
@@ -270,7 +271,7 @@ def _light(row: Row) -> Row:
 
 def _summary(
     args: argparse.Namespace,
-    model: Any,
+    model: OnnxModel,
     discovery: Discovery,
     rows: list[Row],
     elapsed: float,
@@ -317,6 +318,6 @@ def _summary(
     print(f"rows written to {where}" + (f"; overlays under {args.explain}" if args.explain else ""),
           file=out)
     print(f"Research use only. {DISCLAIMER}", file=out)
-    notice = synthetic_data_notice(args.model_dir)
+    notice = model_notice(model)
     if notice:
         print(notice, file=out)
