@@ -176,12 +176,16 @@ class BatchPredictor:
                 if on_file is not None:
                     on_file(entry.file)
                 continue
+            if not ready and isinstance(entry, Row):
+                yield entry  # nothing waits for the model before it
+                continue
             pending.append(entry)
-            if isinstance(entry, _Ready):
-                ready += 1
-                if ready == self.batch_size:
-                    yield from self._flush(pending)
-                    pending, ready = [], 0
+            ready += isinstance(entry, _Ready)
+            # A full batch runs; so does a short one behind many unreadable files,
+            # whose rows would otherwise wait (and pile up) for it.
+            if ready == self.batch_size or len(pending) >= 4 * self.batch_size:
+                yield from self._flush(pending)
+                pending, ready = [], 0
         yield from self._flush(pending)
 
     def _read_ahead(self, files: Iterable[InputFile]) -> Iterator[Row | _Ready | _FileDone]:

@@ -145,6 +145,9 @@ def test_jsonl_and_batch_size_give_the_same_rows(
     assert code == 0
     records = [json.loads(line) for line in jsonl.read_text().splitlines()]
     assert [r["path"] for r in records] == [r["path"] for r in csv_rows]
+    # In input order, unreadable files in their place among the batched ones.
+    in_order = [str(f.path) for f in find_inputs([folder], recursive=True).files]
+    assert list(dict.fromkeys(r["path"] for r in records)) == in_order
     assert any(r["path"].endswith("deeper.png") for r in records)  # --recursive
     for rec, row in zip(records, csv_rows, strict=True):
         assert rec["slice"] == (int(row["slice"]) if row["slice"] else None)
