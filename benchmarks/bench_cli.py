@@ -22,6 +22,7 @@ import http.client
 import json
 import os
 import re
+import resource
 import socket
 import statistics
 import subprocess
@@ -33,7 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from benchmarks.machine import load_average, machine_info
-from braincam.model_spec import load_spec
+from benchmarks.server import Server
+from braincam.model_spec import ModelSpec, load_spec
 from service.local_server import serve
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,6 +48,7 @@ class CliRun:
     batch_size: int
     run_rates: list[float] = field(default_factory=list)  # the CLI's figure, per round
     wall_rates: list[float] = field(default_factory=list)  # with start-up and model load
+    cpu_ms: list[float] = field(default_factory=list)  # CPU time of the command per image
 
 
 def demo_images(data: Path, n: int) -> list[Path]:
@@ -55,23 +58,32 @@ def demo_images(data: Path, n: int) -> list[Path]:
     return found[:n]
 
 
-def run_cli(folder: Path, model_dir: Path, batch_size: int, out: Path) -> tuple[float, float]:
-    """(images/s the CLI reports for its run, images/s over the whole command)."""
+def _children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_cli(
+    folder: Path, model_dir: Path, batch_size: int, out: Path
+) -> tuple[float, float, float]:
+    """(images/s the CLI reports for its run, images/s over the whole command,
+    CPU ms per image over the whole command)."""
     cmd = [
         sys.executable, "-m", "braincam", "predict", str(folder), "--model-dir", str(model_dir),
         "--batch-size", str(batch_size), "--out", str(out), "--quiet",
         "--providers", "CPUExecutionProvider",
     ]
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), _children_cpu_s()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=3600)
     wall = time.perf_counter() - started
+    cpu = _children_cpu_s() - cpu
     if proc.returncode != 0:
         sys.exit(f"braincam predict failed ({proc.returncode}):\n{proc.stderr}")
     match = _RATE.search(proc.stderr)
     if match is None:
         sys.exit(f"no images/s in the summary:\n{proc.stderr}")
     n = sum(1 for _ in csv.DictReader(out.open()))
-    return float(match.group(1)), n / wall
+    return float(match.group(1)), n / wall, 1000.0 * cpu / n
 
 
 def _multipart(data: bytes) -> tuple[bytes, str]:
@@ -83,12 +95,13 @@ def _multipart(data: bytes) -> tuple[bytes, str]:
     return body, f"multipart/form-data; boundary={boundary}"
 
 
-def run_http(host: str, port: int, files: list[Path]) -> tuple[float, dict[str, str]]:
-    """Sequential /predict over one keep-alive connection: (images/s, label per file)."""
+def run_http(server: Server, files: list[Path]) -> tuple[float, float, dict[str, str]]:
+    """Sequential /predict over one keep-alive connection: (images/s, CPU ms per image
+    of the server and this client together, label per file)."""
     payloads = [(str(p), *_multipart(p.read_bytes())) for p in files]  # built before timing
-    conn = http.client.HTTPConnection(host, port, timeout=60)
+    conn = http.client.HTTPConnection(server.host, server.port, timeout=60)
     labels: dict[str, str] = {}
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), server.cpu_seconds + time.process_time()
     for name, body, content_type in payloads:
         conn.request("POST", "/predict", body=body, headers={"Content-Type": content_type})
         res = conn.getresponse()
@@ -97,46 +110,108 @@ def run_http(host: str, port: int, files: list[Path]) -> tuple[float, dict[str, 
             sys.exit(f"/predict answered {res.status} for {name}: {payload[:300]!r}")
         labels[name] = json.loads(payload)["label"]
     seconds = time.perf_counter() - started
+    cpu = server.cpu_seconds + time.process_time() - cpu
     conn.close()
-    return len(payloads) / seconds, labels
+    return len(payloads) / seconds, 1000.0 * cpu / len(payloads), labels
 
 
-def render(
-    machine: dict[str, str],
-    setup: dict[str, str],
-    runs: list[CliRun],
-    http_rates: list[float],
-    agreement: str,
-) -> str:
-    http = statistics.median(http_rates)
-    lines = ["# braincam predict vs /predict", ""]
-    lines += [f"- **{k}**: {v}" for k, v in {**machine, **setup}.items()]
-    lines += [
-        "",
-        "| path | images/s (run) | images/s (whole command) | vs sequential /predict |",
-        "|---|---|---|---|",
+@dataclass
+class CliResults:
+    runs: list[CliRun]
+    http_rates: list[float]
+    http_cpu_ms: list[float]
+    agreement: str
+    seconds: float
+
+
+def measure(model_dir: Path, files: list[Path], rounds: int) -> CliResults:
+    """`braincam predict` at each batch size, then sequential /predict, `rounds` times."""
+    started = time.perf_counter()
+    runs = [CliRun(b) for b in BATCH_SIZES]
+    http_rates: list[float] = []
+    http_cpu_ms: list[float] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "images"
+        folder.mkdir()
+        for i, src in enumerate(files):  # one flat folder of links to the demo images
+            (folder / f"{i:05d}_{src.name}").symlink_to(src.resolve())
+        log = Path(tmp) / "server.log"
+        out = Path(tmp) / "rows.csv"
+        http_labels: dict[str, str] = {}
+        for round_ in range(rounds):
+            for run in runs:
+                print(f"round {round_ + 1}: braincam predict, batch {run.batch_size} ...",
+                      file=sys.stderr)
+                rate, wall, cpu_ms = run_cli(folder, model_dir, run.batch_size, out)
+                run.run_rates.append(rate)
+                run.wall_rates.append(wall)
+                run.cpu_ms.append(cpu_ms)
+            print(f"round {round_ + 1}: /predict over HTTP ...", file=sys.stderr)
+            try:
+                # Only these settings: none of this shell's BRAINCAM_* variables.
+                with serve(model_dir, {}, log, inherit_settings=False) as local:
+                    server = Server(local.host, local.port, local.process)
+                    rate, cpu_ms, http_labels = run_http(server, sorted(folder.iterdir()))
+            except RuntimeError as exc:
+                sys.exit(str(exc))
+            http_rates.append(rate)
+            http_cpu_ms.append(cpu_ms)
+        cli_labels = {r["path"]: r["label"] for r in csv.DictReader(out.open())}  # last CLI run
+        same = sum(cli_labels.get(name) == label for name, label in http_labels.items())
+    agreement = f"{same} of {len(http_labels)} identical"
+    return CliResults(runs, http_rates, http_cpu_ms, agreement, time.perf_counter() - started)
+
+
+def table(results: CliResults) -> list[str]:
+    """The comparison as Markdown lines (also a section of `python -m benchmarks --cli`)."""
+    http = statistics.median(results.http_rates)
+    http_cpu = statistics.median(results.http_cpu_ms)
+    lines = [
+        "| path | images/s (run) | images/s (whole command) | vs sequential /predict "
+        "| CPU ms per image |",
+        "|---|---|---|---|---|",
     ]
-    for run in runs:
+    for run in results.runs:
         rate = statistics.median(run.run_rates)
         wall = statistics.median(run.wall_rates)
+        cpu = statistics.median(run.cpu_ms)
         lines.append(
             f"| `braincam predict --batch-size {run.batch_size}` | {rate:.1f} | {wall:.1f} "
-            f"| {rate / http:.2f}x |"
+            f"| {rate / http:.2f}x | {cpu:.1f} |"
         )
-    lines.append(f"| /predict over HTTP, sequential, keep-alive | {http:.1f} | - | 1.00x |")
+    lines.append(
+        f"| /predict over HTTP, sequential, keep-alive | {http:.1f} | - | 1.00x "
+        f"| {http_cpu:.1f} (server + client) |"
+    )
+    per_round = "; ".join(
+        f"batch {r.batch_size}: " + ", ".join(f"{x:.1f}" for x in r.run_rates)
+        for r in results.runs
+    )
+    http_rounds = ", ".join(f"{x:.1f}" for x in results.http_rates)
     lines += [
         "",
-        "Medians over the rounds; per round: "
-        + "; ".join(
-            f"batch {r.batch_size}: " + ", ".join(f"{x:.1f}" for x in r.run_rates) for r in runs
-        )
-        + "; HTTP: " + ", ".join(f"{x:.1f}" for x in http_rates) + " images/s.",
+        f"Medians over {len(results.http_rates)} interleaved round(s); per round: {per_round}; "
+        f"HTTP: {http_rounds} images/s. \"images/s (run)\" is the CLI's own figure (reading, "
+        "decoding, ORT, writing rows); \"whole command\" adds interpreter start-up and "
+        "model load. CPU ms per image (user + system, whole command) is steadier than "
+        "images/s on a shared machine.",
         "",
-        f"Labels, CLI vs HTTP: {agreement}.",
-        f"Load average (1/5/15 min) at the end: {load_average()}.",
-        "",
+        f"Labels, CLI vs HTTP: {results.agreement}.",
     ]
-    return "\n".join(lines)
+    return lines
+
+
+def setup_notes(spec: ModelSpec, files: list[Path], data: Path) -> dict[str, str]:
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {
+        "model": f"{spec.name} v{spec.version}, input {spec.input_shape}, "
+        f"{len(spec.labels)} classes",
+        "images": f"{len(files)} demo PNGs from {data}",
+        "ORT": f"CPUExecutionProvider, one intra-op thread per usable core ({usable}), "
+        "spinning off: the CLI's and the service's defaults",
+        "HTTP": "uvicorn on 127.0.0.1 with default settings (no micro-batching), "
+        "http.client in this process",
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -151,48 +226,13 @@ def main(argv: list[str] | None = None) -> int:
     spec = load_spec(args.model_dir)
     files = demo_images(args.data, args.images)
     machine = machine_info()
-    started = time.perf_counter()
-    runs = [CliRun(b) for b in BATCH_SIZES]
-    http_rates: list[float] = []
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp) / "images"
-        folder.mkdir()
-        for i, src in enumerate(files):  # one flat folder of links to the demo images
-            (folder / f"{i:05d}_{src.name}").symlink_to(src.resolve())
-        log = Path(tmp) / "server.log"
-        out = Path(tmp) / "rows.csv"
-        settings = {"BRAINCAM_LOG_LEVEL": "warning"}
-        http_labels: dict[str, str] = {}
-        for round_ in range(args.rounds):
-            for run in runs:
-                print(f"round {round_ + 1}: braincam predict, batch {run.batch_size} ...",
-                      file=sys.stderr)
-                rate, wall = run_cli(folder, args.model_dir, run.batch_size, out)
-                run.run_rates.append(rate)
-                run.wall_rates.append(wall)
-            print(f"round {round_ + 1}: /predict over HTTP ...", file=sys.stderr)
-            try:
-                with serve(args.model_dir, settings, log, inherit_settings=False) as server:
-                    rate, http_labels = run_http(server.host, server.port, sorted(folder.iterdir()))
-            except RuntimeError as exc:
-                sys.exit(str(exc))
-            http_rates.append(rate)
-        cli_labels = {r["path"]: r["label"] for r in csv.DictReader(out.open())}  # batch 32
-        same = sum(cli_labels.get(name) == label for name, label in http_labels.items())
-        agreement = f"{same} of {len(http_labels)} identical"
-
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    setup = {
-        "model": f"{spec.name} v{spec.version}, input {spec.input_shape}, "
-        f"{len(spec.labels)} classes",
-        "images": f"{len(files)} demo PNGs from {args.data}",
-        "ORT": f"CPUExecutionProvider, one intra-op thread per usable core ({usable}), "
-        "spinning off: the CLI's and the service's defaults",
-        "HTTP": "uvicorn on 127.0.0.1 with default settings (no micro-batching), "
-        "http.client in this process",
-        "rounds": f"{args.rounds}, interleaved; wall time {time.perf_counter() - started:.0f} s",
-    }
-    report = render(machine, setup, runs, http_rates, agreement)
+    results = measure(args.model_dir, files, args.rounds)
+    setup = setup_notes(spec, files, args.data)
+    setup["wall time"] = f"{results.seconds:.0f} s"
+    lines = ["# braincam predict vs /predict", ""]
+    lines += [f"- **{k}**: {v}" for k, v in {**machine, **setup}.items()]
+    lines += ["", *table(results), "", f"Load average at the end: {load_average()}.", ""]
+    report = "\n".join(lines)
     print(report)
     args.out.mkdir(parents=True, exist_ok=True)
     target = args.out / f"{time.strftime('%Y%m%d-%H%M%S')}-{socket.gethostname()}-cli.md"
