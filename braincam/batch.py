@@ -11,8 +11,6 @@ functions (braincam/pipeline.py), with the same pixel and volume budgets.
 from __future__ import annotations
 
 import os
-import queue
-import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -119,11 +117,6 @@ class _FileDone:
     file: InputFile
 
 
-@dataclass
-class _End:
-    error: BaseException | None
-
-
 def _error_text(exc: InputError) -> str:
     return f"{exc.code}: {exc.detail}"
 
@@ -171,7 +164,7 @@ class BatchPredictor:
         """One row per image or slice, in input order; `on_file` after each file is read."""
         pending: list[Row | _Ready] = []
         ready = 0
-        for entry in self._read_ahead(files):
+        for entry in self._entries_of(files):
             if isinstance(entry, _FileDone):
                 if on_file is not None:
                     on_file(entry.file)
@@ -188,45 +181,16 @@ class BatchPredictor:
                 pending, ready = [], 0
         yield from self._flush(pending)
 
-    def _read_ahead(self, files: Iterable[InputFile]) -> Iterator[Row | _Ready | _FileDone]:
-        """The files' entries, read, decoded and preprocessed by a background thread up to
-        two batches ahead: file reads, OpenCV and ONNX Runtime release the GIL, so the
-        decoding of the next batch overlaps the inference of this one."""
-        ahead: queue.Queue[Row | _Ready | _FileDone | _End] = queue.Queue(2 * self.batch_size)
-        stop = threading.Event()
+    def _entries_of(self, files: Iterable[InputFile]) -> Iterator[Row | _Ready | _FileDone]:
+        """The files' entries, each file followed by its _FileDone.
 
-        def put(item: Row | _Ready | _FileDone | _End) -> bool:
-            while not stop.is_set():
-                try:
-                    ahead.put(item, timeout=0.1)
-                    return True
-                except queue.Full:
-                    continue
-            return False  # the consumer is gone
-
-        def produce() -> None:
-            error: BaseException | None = None
-            try:
-                for file in files:
-                    for entry in self._entries(file):
-                        if not put(entry):
-                            return
-                    if not put(_FileDone(file)):
-                        return
-            except BaseException as exc:  # a bug of ours: re-raised in the consumer
-                error = exc
-            put(_End(error))
-
-        thread = threading.Thread(target=produce, name="braincam-read-ahead", daemon=True)
-        thread.start()
-        try:
-            while not isinstance(item := ahead.get(), _End):
-                yield item
-            if item.error is not None:
-                raise item.error
-        finally:
-            stop.set()
-            thread.join()
+        Read in this thread: a reader thread running a batch ahead (decoding while ORT
+        runs) was measured no faster on two cores, where it takes a core from ORT's
+        intra-op threads (benchmarks/bench_cli.py's set-up, 150x150 CNN).
+        """
+        for file in files:
+            yield from self._entries(file)
+            yield _FileDone(file)
 
     def _entries(self, file: InputFile) -> Iterator[Row | _Ready]:
         path = str(file.path)
