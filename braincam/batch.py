@@ -47,14 +47,18 @@ class Discovery:
     unsearched_dirs: int = 0  # subdirectories left out without --recursive
 
 
-def find_inputs(paths: Sequence[Path], recursive: bool = False) -> Discovery:
+def find_inputs(
+    paths: Sequence[Path], recursive: bool = False, exclude: Sequence[Path] = ()
+) -> Discovery:
     """Every regular file named or under `paths`, in a stable (sorted) order.
 
-    Hidden entries (".*") inside directories are left out; a file named
-    explicitly is always taken. A file reached twice is listed once.
+    Hidden entries (".*") inside directories are left out, and so are the
+    `exclude` directories (the run's own overlays); a file named explicitly is
+    always taken. A file reached twice is listed once.
     """
     found = Discovery()
     seen: set[Path] = set()
+    excluded = {p.resolve() for p in exclude}
 
     def add(path: Path, name: Path) -> None:
         key = path.resolve()
@@ -68,7 +72,10 @@ def find_inputs(paths: Sequence[Path], recursive: bool = False) -> Discovery:
         elif root.is_dir():
             base = Path(root.resolve().name or "root")
             for here, dirs, files in os.walk(root):
-                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                dirs[:] = sorted(
+                    d for d in dirs
+                    if not d.startswith(".") and (Path(here) / d).resolve() not in excluded
+                )
                 if not recursive:
                     found.unsearched_dirs += len(dirs)
                     dirs[:] = []

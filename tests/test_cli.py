@@ -242,6 +242,8 @@ def test_find_inputs(folder: Path) -> None:
     deep = find_inputs([folder, folder / "notes.txt"], recursive=True)
     assert len(deep.files) == len(flat.files) + 1  # sub/deeper.png; notes.txt listed once
     assert find_inputs([folder / "missing"]).missing == [folder / "missing"]
+    skip = find_inputs([folder], recursive=True, exclude=[folder / "sub"])
+    assert [f.name for f in skip.files] == [f.name for f in flat.files]
 
 
 PREDICT_WITHOUT = textwrap.dedent(

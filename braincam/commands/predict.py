@@ -191,7 +191,9 @@ def _progress(quiet: bool) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     fmt = _output_format(args)
-    discovery = find_inputs(args.paths, recursive=args.recursive)
+    # Overlays of an earlier run under a scanned folder are not scans.
+    exclude = [args.explain] if args.explain is not None else []
+    discovery = find_inputs(args.paths, recursive=args.recursive, exclude=exclude)
     model = load_model(args)
     explain = None
     if args.explain is not None:
