@@ -68,11 +68,10 @@ class DecodedImage:
 
 @dataclass(frozen=True)
 class OpenedImage:
-    """A file parsed once: its slice count, and any slice decoded on demand.
+    """A file parsed once (`open_image`): its slice count, any slice decoded on demand.
 
-    For reading every slice of a volume without re-parsing the file per slice.
-    `n_slices` is None for a 2-D raster image; `slice(None)` is its one image,
-    or the middle slice of a volume.
+    `n_slices` is None for a 2-D image; `slice(None)` is that image, or the middle
+    slice of a volume, as in `decode_image`.
     """
 
     format: str
@@ -134,29 +133,57 @@ def decode_image(
     Images (and slices) over `max_pixels` are refused from their header with
     `ImageTooLarge` (default: the `pixel_budget` in force, else DEFAULT_MAX_PIXELS).
     """
-    return open_image(data, max_pixels=max_pixels).slice(slice_index)
+    if not data:
+        raise UndecodableImage("the uploaded file is empty")
+    budget = _max_pixels.get() if max_pixels is None else max_pixels
+    fmt = sniff_format(data)
+    if fmt in RASTER_FORMATS:
+        if slice_index is not None:
+            raise InvalidParameter(f"'slice' applies to DICOM and NIfTI volumes, not {fmt}")
+        return _decode_raster(data, fmt, budget)
+    if fmt == "dicom":
+        return _decode_dicom(data, slice_index, budget)
+    return _decode_nifti(data, slice_index, budget)
 
 
 def open_image(data: bytes, *, max_pixels: int | None = None) -> OpenedImage:
-    """Parse a file once (a volume's header and data; a raster image lazily).
+    """Parse a file once; `.slice(k)` then equals `decode_image(data, k)`.
 
-    The same checks as `decode_image`, which is `open_image(data).slice(index)`.
+    For every slice of a volume: `decode_image` per slice would parse (and for NIfTI
+    reorient) the whole file each time. The same checks and decoders: a DICOM's
+    frames come from one parsed dataset (pydicom keeps its pixel array), a NIfTI's
+    slices from one canonical volume; a 2-D image is decoded when asked for.
     """
     if not data:
         raise UndecodableImage("the uploaded file is empty")
     budget = _max_pixels.get() if max_pixels is None else max_pixels
     fmt = sniff_format(data)
     if fmt in RASTER_FORMATS:
-
-        def raster(slice_index: int | None) -> DecodedImage:
-            if slice_index is not None:
-                raise InvalidParameter(f"'slice' applies to DICOM and NIfTI volumes, not {fmt}")
-            return _decode_raster(data, fmt, budget)
-
-        return OpenedImage(fmt, None, raster)
+        return OpenedImage(fmt, None, lambda k: decode_image(data, k, max_pixels=budget))
     if fmt == "dicom":
-        return _open_dicom(data, budget)
-    return _open_nifti(data, budget)
+        import pydicom
+
+        try:
+            ds = pydicom.dcmread(io.BytesIO(data), force=False)
+            _check_dicom_size(ds, budget)
+            frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+        except InputError:
+            raise
+        except Exception as exc:  # as in _decode_dicom: pydicom may raise anything
+            raise UndecodableImage(
+                f"could not decode the DICOM file: {type(exc).__name__}"
+            ) from exc
+        return OpenedImage(
+            "dicom", frames, lambda k: decode_dicom_dataset(ds, k, max_pixels=budget)
+        )
+    volume, bit_depth = _nifti_volume(data, budget)
+    n = int(volume.shape[2])
+
+    def nifti_slice(k: int | None) -> DecodedImage:
+        index = _pick_slice(n, k)
+        return DecodedImage(_nifti_axial(volume, index), "nifti", bit_depth, index, n)
+
+    return OpenedImage("nifti", n, nifti_slice)
 
 
 def check_pixels(width: int, height: int, max_pixels: int, what: str = "image") -> None:
@@ -245,31 +272,33 @@ def _pick_slice(n: int, slice_index: int | None) -> int:
     return slice_index
 
 
-def _open_dicom(data: bytes, max_pixels: int) -> OpenedImage:
+def _decode_dicom(data: bytes, slice_index: int | None, max_pixels: int) -> DecodedImage:
     import pydicom  # imported lazily: only DICOM uploads pay for it
 
-    @contextmanager
-    def dicom_errors() -> Iterator[None]:
-        try:
-            yield
-        except InputError:
-            raise
-        except Exception as exc:  # pydicom parses values lazily: any field may raise, any type
-            raise UndecodableImage(
-                f"could not decode the DICOM file: {type(exc).__name__}"
-            ) from exc
-
-    with dicom_errors():
+    try:
         # force=False: a file without the DICM preamble is not guessed at.
         ds = pydicom.dcmread(io.BytesIO(data), force=False)
         _check_dicom_size(ds, max_pixels)
-        frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+        return _dicom_slice(ds, slice_index)
+    except InputError:
+        raise
+    except Exception as exc:  # pydicom parses values lazily: any field may raise, any type
+        raise UndecodableImage(f"could not decode the DICOM file: {type(exc).__name__}") from exc
 
-    def dicom_slice(slice_index: int | None) -> DecodedImage:
-        with dicom_errors():  # pydicom keeps the decoded pixel array: frames share it
-            return _dicom_slice(ds, slice_index)
 
-    return OpenedImage("dicom", frames, dicom_slice)
+def decode_dicom_dataset(
+    ds: Any, frame: int | None = None, *, max_pixels: int | None = None
+) -> DecodedImage:
+    """A parsed DICOM dataset (e.g. one slice of a series) -> its display image, with
+    the same size checks and windowing as `decode_image` gives the file's bytes."""
+    budget = _max_pixels.get() if max_pixels is None else max_pixels
+    try:
+        _check_dicom_size(ds, budget)
+        return _dicom_slice(ds, frame)
+    except InputError:
+        raise
+    except Exception as exc:  # pydicom parses values lazily: any field may raise, any type
+        raise UndecodableImage(f"could not decode the DICOM file: {type(exc).__name__}") from exc
 
 
 def _check_dicom_size(ds: Any, max_pixels: int) -> None:
@@ -368,7 +397,30 @@ def _nifti_header(head: bytes) -> tuple[Any, tuple[int, ...], int]:
     return cls, shape, offset + math.prod(shape) * itemsize
 
 
-def _open_nifti(data: bytes, max_pixels: int) -> OpenedImage:
+def _decode_nifti(data: bytes, slice_index: int | None, max_pixels: int) -> DecodedImage:
+    volume, bit_depth = _nifti_volume(data, max_pixels)
+    n = int(volume.shape[2])
+    index = _pick_slice(n, slice_index)
+    return DecodedImage(_nifti_axial(volume, index), "nifti", bit_depth, index, n)
+
+
+def decode_nifti_volume(data: bytes, *, max_pixels: int | None = None) -> list[DecodedImage]:
+    """Every axial slice of a NIfTI volume, inferior to superior, each windowed exactly
+    as `decode_image(data, k)` windows slice k."""
+    budget = _max_pixels.get() if max_pixels is None else max_pixels
+    volume, bit_depth = _nifti_volume(data, budget)
+    n = int(volume.shape[2])
+    return [DecodedImage(_nifti_axial(volume, k), "nifti", bit_depth, k, n) for k in range(n)]
+
+
+def _nifti_axial(volume: np.ndarray, index: int) -> np.ndarray:
+    # RAS+ canonical axial slice, rotated so anterior is up (radiological viewers' layout).
+    axial = np.rot90(np.asarray(volume[:, :, index], dtype=np.float32))
+    return np.ascontiguousarray(to_uint8(axial))
+
+
+def _nifti_volume(data: bytes, max_pixels: int) -> tuple[np.ndarray, int]:
+    """The RAS+ canonical 3-D volume (first of a 4-D series) and its bits per voxel."""
     import nibabel as nib  # lazily: only NIfTI uploads pay for it
 
     gz = _Inflater(data) if data.startswith(b"\x1f\x8b") else None
@@ -397,13 +449,4 @@ def _open_nifti(data: bytes, max_pixels: int) -> OpenedImage:
         volume = volume[:, :, None]
     if volume.ndim != 3 or min(volume.shape[:2]) < 2:
         raise UndecodableImage(f"unsupported NIfTI shape {volume.shape}")
-    n = int(volume.shape[2])
-    bit_depth = int(np.dtype(img.get_data_dtype()).itemsize * 8)
-
-    def nifti_slice(slice_index: int | None) -> DecodedImage:
-        index = _pick_slice(n, slice_index)
-        # RAS+ canonical axial slice, rotated so anterior is up (radiological viewers' layout).
-        axial = np.rot90(np.asarray(volume[:, :, index], dtype=np.float32))
-        return DecodedImage(np.ascontiguousarray(to_uint8(axial)), "nifti", bit_depth, index, n)
-
-    return OpenedImage("nifti", n, nifti_slice)
+    return volume, int(np.dtype(img.get_data_dtype()).itemsize * 8)
