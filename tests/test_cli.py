@@ -332,3 +332,24 @@ def test_serve_runs_the_service_with_its_options(
     monkeypatch.setenv("BRAINCAM_HOST", "0.0.0.0")
     assert main(["serve", "--model-dir", str(tiny_model_dir), "--port", "8123"]) == 0
     assert seen == {"model_dir": str(tiny_model_dir), "port": "8123", "host": "0.0.0.0"}
+
+
+def test_a_command_with_its_own_parser_gets_the_rest_of_the_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The extension point: one registry entry; the module's main(argv) parses the rest."""
+    import types
+
+    import braincam.cli as cli
+
+    module = types.ModuleType("braincam_fake_command")
+    seen: list[list[str]] = []
+    module.main = lambda argv: seen.append(list(argv)) or 7  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    extra = cli.Command("fake", "a command with its own parser", module.__name__, own_parser=True)
+    monkeypatch.setattr(cli, "COMMANDS", (*cli.COMMANDS, extra))
+    assert main(["fake", "--url", "x", "--help"]) == 7
+    assert seen == [["--url", "x", "--help"]]
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "a command with its own parser" in capsys.readouterr().out
