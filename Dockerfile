@@ -3,11 +3,18 @@
 #
 #   docker build -t braincam:gpu .                    # last stage = `gpu` (CUDA EP)
 #   docker build --target cpu -t braincam:cpu .        # CPU only, slim
-#   docker build --target model -t braincam:train .    # trainer + exporter (TensorFlow, CPU)
+#   docker build --target train -t braincam:train .    # trainer + exporter (TensorFlow, CPU)
 #
-# Stages: model (trains + exports the demo model) -> cpu-venv -> cpu,
-#         gpu-venv -> gpu. The runtime stages (cpu, gpu) get a ready virtualenv and
-#         the demo model copied in: no TensorFlow, no compilers, no pip builds there.
+# Stages: model (the model directory to bake in, from the build context),
+#         cpu-venv -> cpu, gpu-venv -> gpu, and train (not on the runtime path).
+# The runtime stages (cpu, gpu) get a ready virtualenv and the model copied in:
+# no TensorFlow, no compilers, no pip builds there, and nothing is trained while
+# an image is built. The default model is the demo model shipped in the repository
+# (models/demo; `make model` rebuilds it). Another exported model directory:
+#   docker build --build-arg MODEL_DIR=models/mymodel --build-arg MODEL_NAME=mymodel .
+# (MODEL_DIR must be let through .dockerignore), or one outside the context:
+#   docker build --build-context model=/path/to/mymodel --build-arg MODEL_NAME=mymodel .
+# (a named build context replaces the `model` stage below).
 #
 # Base images are pinned by full version tag. Digests (image:tag@sha256:...) could
 # not be resolved where this file was written (no registry access); append them
@@ -24,31 +31,43 @@
 # Move to CUDA 13 with both arguments at once:
 #   docker build --build-arg ORT_SPEC=">=1.27,<1.32" \
 #     --build-arg CUDA_IMAGE=nvidia/cuda:13.0.1-cudnn-runtime-ubuntu24.04 -t braincam:gpu .
-# ORT_SPEC also pins the CPU `onnxruntime` of the `model` and `cpu` stages, so the
+# ORT_SPEC also pins the CPU `onnxruntime` of the `train` and `cpu` stages, so the
 # exporter's parity gate runs on the ORT release that will serve the model (ONNX
-# IR/opset support differs between releases: ORT 1.26 loads IR <= 13).
+# IR/opset support differs between releases: ORT 1.26 loads IR <= 13), and each
+# runtime stage checks the baked-in model in its own ORT (docker/verify_model.py).
 # 12.6.3 needs an NVIDIA driver >= 560; pick a 12.8+ image for Blackwell GPUs.
 ARG PYTHON_IMAGE=python:3.12.12-slim-bookworm
 ARG CUDA_IMAGE=nvidia/cuda:12.6.3-cudnn-runtime-ubuntu24.04
 ARG ORT_SPEC=">=1.20,<1.27"
+# The model directory baked into the runtime images (a path in the build context)
+# and its name there: /models/${MODEL_NAME}, the image's BRAINCAM_MODEL_DIR.
+ARG MODEL_DIR=models/demo
+ARG MODEL_NAME=demo
 
 # ============================================================================
-# model: trainer + exporter on CPU TensorFlow. Builds the demo model at build
-# time; also the image of the compose `train` service.
+# model: only the files of the model directory to bake in. Nothing is built
+# here; a named build context `model` (--build-context model=DIR) replaces it.
 # ============================================================================
-FROM ${PYTHON_IMAGE} AS model
+FROM scratch AS model
+ARG MODEL_DIR
+COPY ${MODEL_DIR}/ /
+
+# ============================================================================
+# train: trainer + exporter on CPU TensorFlow, the image of the compose `train`
+# and `demo-model` services. Trains nothing while it is built.
+# ============================================================================
+FROM ${PYTHON_IMAGE} AS train
 ARG ORT_SPEC
-# Empty = the trainer's own default. A smaller number gives a quicker, weaker
-# demo model (the exporter's parity gate must still pass).
-ARG DEMO_EPOCHS=""
-# Hard bound (seconds) on the demo build: the image build fails instead of hanging.
-ARG DEMO_TIMEOUT=3600
+# HOME, KERAS_HOME, MPLCONFIGDIR: writable for any uid (`docker run --user`, as when
+# rebuilding the repository's models/demo into a bind-mounted host directory).
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     TF_CPP_MIN_LOG_LEVEL=2 \
     MPLBACKEND=Agg \
+    KERAS_HOME=/tmp/keras \
+    MPLCONFIGDIR=/tmp/matplotlib \
     PATH=/opt/venv/bin:$PATH
 RUN groupadd --system --gid 10001 braincam \
  && useradd --system --uid 10001 --gid braincam --no-log-init --create-home braincam \
@@ -74,15 +93,7 @@ RUN pip install --no-deps --force-reinstall . && rm -rf build ./*.egg-info
 COPY docker/verify_model.py /opt/braincam/
 USER 10001:10001
 WORKDIR /work
-# Demo dataset (from the template shipped in the nilearn wheel; no network),
-# training (run reports kept in /runs/demo), ONNX export; the dataset is deleted
-# in the same layer.
-RUN timeout "${DEMO_TIMEOUT}" python -m trainer.build_demo \
-        --data /tmp/demo-data --runs /runs/demo --out /models/demo \
-        ${DEMO_EPOCHS:+--epochs "${DEMO_EPOCHS}"} \
- && rm -rf /tmp/demo-data \
- && python /opt/braincam/verify_model.py /models/demo
-# The compose `train` service overrides this with a real training command.
+# The compose services override this with a training command.
 CMD ["python", "-m", "trainer", "--help"]
 
 # ============================================================================
@@ -94,7 +105,7 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PATH=/opt/venv/bin:$PATH
 RUN python -m venv /opt/venv
 WORKDIR /src
 COPY pyproject.toml README.md* ./
-# Wheels only: nothing is compiled. DL3013: see the model stage.
+# Wheels only: nothing is compiled. DL3013: see the train stage.
 # hadolint ignore=DL3013
 RUN mkdir braincam service \
  && touch braincam/__init__.py service/__init__.py \
@@ -111,20 +122,25 @@ RUN groupadd --system --gid 10001 braincam \
  && mkdir -p /models \
  && chown braincam:braincam /models
 COPY --from=cpu-venv /opt/venv /opt/venv
-COPY --from=model --chown=braincam:braincam /models/demo /models/demo
-COPY docker/healthcheck.py docker/check_env.py /opt/braincam/
+COPY docker/healthcheck.py docker/check_env.py docker/verify_model.py /opt/braincam/
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     BRAINCAM_HOST=0.0.0.0 \
     BRAINCAM_PORT=8000 \
-    BRAINCAM_MODEL_DIR=/models/demo \
     BRAINCAM_PROVIDERS=CPUExecutionProvider
 USER 10001:10001
 WORKDIR /home/braincam
 # Fails the build if TensorFlow, onnxruntime-gpu or a compiler got in, or if
 # braincam/service do not import.
 RUN python /opt/braincam/check_env.py cpu
+# The model last: changing it (or MODEL_NAME) reuses every layer above.
+# verify_model.py fails the build unless model.json is valid, every file matches its
+# recorded sha256 and both graphs load and agree in this image's ONNX Runtime.
+ARG MODEL_NAME
+ENV BRAINCAM_MODEL_DIR=/models/${MODEL_NAME}
+COPY --from=model --chown=braincam:braincam / /models/${MODEL_NAME}
+RUN python /opt/braincam/verify_model.py "${BRAINCAM_MODEL_DIR}"
 EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
     CMD ["python", "/opt/braincam/healthcheck.py"]
@@ -152,7 +168,7 @@ WORKDIR /src
 COPY pyproject.toml README.md* ./
 # Only the `gpu` extra: installing `cpu` too would put onnxruntime and
 # onnxruntime-gpu in one environment, where they overwrite each other.
-# Wheels only: nothing is compiled. DL3013: see the model stage.
+# Wheels only: nothing is compiled. DL3013: see the train stage.
 # hadolint ignore=DL3013
 RUN mkdir braincam service \
  && touch braincam/__init__.py service/__init__.py \
@@ -174,8 +190,7 @@ RUN apt-get update \
  && mkdir -p /models \
  && chown braincam:braincam /models
 COPY --from=gpu-venv /opt/venv /opt/venv
-COPY --from=model --chown=braincam:braincam /models/demo /models/demo
-COPY docker/healthcheck.py docker/check_env.py /opt/braincam/
+COPY docker/healthcheck.py docker/check_env.py docker/verify_model.py /opt/braincam/
 # NVIDIA_* tell the NVIDIA Container Toolkit what to mount (the base image sets
 # them too; repeated here so the intent is visible).
 ENV PATH=/opt/venv/bin:$PATH \
@@ -185,13 +200,17 @@ ENV PATH=/opt/venv/bin:$PATH \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility \
     BRAINCAM_HOST=0.0.0.0 \
     BRAINCAM_PORT=8000 \
-    BRAINCAM_MODEL_DIR=/models/demo \
     BRAINCAM_PROVIDERS=CUDAExecutionProvider,CPUExecutionProvider
 USER 10001:10001
 WORKDIR /home/braincam
 # Fails the build if TensorFlow, the CPU onnxruntime package or a compiler got
 # in, if this onnxruntime build lacks the CUDA EP, or if the service does not import.
 RUN python /opt/braincam/check_env.py gpu
+# The model, checked as in the cpu stage (on ORT's CPU EP: no GPU at build time).
+ARG MODEL_NAME
+ENV BRAINCAM_MODEL_DIR=/models/${MODEL_NAME}
+COPY --from=model --chown=braincam:braincam / /models/${MODEL_NAME}
+RUN python /opt/braincam/verify_model.py "${BRAINCAM_MODEL_DIR}"
 EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
     CMD ["python", "/opt/braincam/healthcheck.py"]

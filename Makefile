@@ -1,16 +1,20 @@
 # The two commands of the README are `make demo` and `make test`; both create the
 # virtualenv on first use. Override PYTHON to pick an interpreter (>= 3.10).
+# `make demo` installs only what serving needs (SERVE_EXTRAS) and serves the demo model
+# shipped in models/demo: no TensorFlow, no training. `make model` rebuilds that model.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # cpu: onnxruntime (never together with gpu/onnxruntime-gpu: same package dir)
 EXTRAS ?= cpu,train,dev
+SERVE_EXTRAS ?= cpu
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
 .PHONY: install demo model serve test lint bench clean
 
 $(VENV)/.installed-$(EXTRAS): pyproject.toml
+	@echo "installing braincam[$(EXTRAS)] into $(VENV)"
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]"
@@ -18,10 +22,11 @@ $(VENV)/.installed-$(EXTRAS): pyproject.toml
 
 install: $(VENV)/.installed-$(EXTRAS)
 
-model: install  ## demo dataset -> train -> export, skipped when models/demo is valid
-	$(PY) -m trainer.build_demo --data data/demo --out models/demo
+model: install  ## rebuild the shipped demo model: demo dataset -> train -> export (~10-40 min)
+	$(PY) -m trainer.build_demo --data data/demo --out models/demo --force
 
-demo: model  ## the main job: serve the demo model at http://$(HOST):$(PORT) (docs at /docs)
+demo:  ## the main job: serve the shipped demo model at http://$(HOST):$(PORT) (docs at /docs)
+	@$(MAKE) --no-print-directory install EXTRAS=$(SERVE_EXTRAS)
 	BRAINCAM_MODEL_DIR=models/demo BRAINCAM_HOST=$(HOST) BRAINCAM_PORT=$(PORT) $(PY) -m service
 
 serve: install
@@ -36,7 +41,7 @@ lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy braincam service exporter trainer benchmarks
 
-bench: model  ## every figure side by side (3-5 min), report in benchmarks/results/
+bench: install  ## every figure side by side (3-5 min), report in benchmarks/results/
 	$(PY) -m benchmarks --model-dir models/demo
 
 clean:

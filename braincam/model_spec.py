@@ -92,6 +92,12 @@ class ModelSpec(BaseModel):
     versions: dict[str, str] = Field(default_factory=dict)
     exported_at: str = ""
     source: dict[str, Any] = Field(default_factory=dict)
+    # How the model was made (trainer version, seed, epochs, data, test metrics,
+    # explanation quality): written by `make model` for the shipped demo model.
+    provenance: dict[str, Any] = Field(default_factory=dict)
+    # What anyone reading this model's answers must know about its training data,
+    # shown beside every answer (API, web page, CLI). Set for the demo model.
+    notice: str | None = None
     disclaimer: str = DISCLAIMER
 
     @model_validator(mode="after")

@@ -18,7 +18,7 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +33,7 @@ COMPOSE = ROOT / "docker-compose.yml"
 DOCKERIGNORE = ROOT / ".dockerignore"
 DOCKER_DIR = ROOT / "docker"
 DOCS = ROOT / "docs" / "docker.md"
+SHIPPED_MODEL = ROOT / "models" / "demo"
 VENV_BIN = Path(sys.executable).parent
 
 # Inline `# hadolint ignore=` pragmas the Dockerfile may use, each justified there:
@@ -137,6 +138,24 @@ def stage(name: str) -> Stage:
     found = [s for s in stages if s.name == name]
     assert found, f"no stage named {name!r} in the Dockerfile"
     return found[0]
+
+
+def stage_chain(target: str) -> list[Stage]:
+    """The stages a `docker build --target TARGET` builds: the target, the stage its
+    FROM names and every COPY --from source, transitively (BuildKit skips the rest)."""
+    _, stages = parse_stages()
+    by_name = {s.name: s for s in stages if s.name}
+    chain: list[Stage] = []
+    todo = [target]
+    while todo:
+        name = todo.pop()
+        if name not in by_name or by_name[name] in chain:
+            continue  # an image (FROM python:...), or seen
+        st = by_name[name]
+        chain.append(st)
+        todo.append(st.base)
+        todo += [copy_parts(i)[0]["from"] for i in st.all("COPY") if "from" in copy_parts(i)[0]]
+    return chain
 
 
 def exec_form(args: str) -> list[str]:
@@ -306,7 +325,7 @@ def test_every_from_is_pinned_to_a_full_version_tag() -> None:
     _, stages = parse_stages()
     names: set[str] = set()
     for st in stages:
-        if st.base in names:  # FROM an earlier stage
+        if st.base in names or st.base == "scratch":  # an earlier stage, or empty
             pass
         else:
             image, _, tag = st.base.partition("@")[0].rpartition(":")
@@ -320,19 +339,20 @@ def test_every_from_is_pinned_to_a_full_version_tag() -> None:
 def test_stage_layout() -> None:
     _, stages = parse_stages()
     names = [s.name for s in stages]
-    for required in ("model", "cpu-venv", "cpu", "gpu-venv", "gpu"):
+    for required in ("model", "train", "cpu-venv", "cpu", "gpu-venv", "gpu"):
         assert required in names
     assert len(names) == len(set(names)), "duplicate stage names"
     assert stages[-1].name == "gpu", "the GPU runtime must be the default (last) stage"
 
 
 def test_copy_sources_exist_and_reach_the_build_context() -> None:
-    _, stages = parse_stages()
+    variables, stages = parse_stages()
     rules = dockerignore_rules()
     seen: list[str] = []
     for st in stages:
         for ins in st.all("COPY") + st.all("ADD"):
             flags, sources, _ = copy_parts(ins)
+            sources = [substitute(src, variables) for src in sources]
             if "from" in flags:
                 source_stage = flags["from"]
                 assert source_stage in seen, f"line {ins.line}: --from={source_stage} unknown"
@@ -370,7 +390,10 @@ def test_dockerignore_keeps_bulky_and_private_paths_out() -> None:
     for path in (
         "data/kaggle/Training/glioma/1.jpg",
         "runs/x/model.keras",
-        "models/demo/x.onnx",
+        "models/kaggle/classifier.onnx",
+        "models/.demo.old/classifier.onnx",
+        "models/demo-v2/model.json",
+        "models/README.md",
         ".venv/bin/python",
         ".venv-gpu/bin/python",
         ".git/HEAD",
@@ -389,6 +412,9 @@ def test_dockerignore_keeps_bulky_and_private_paths_out() -> None:
         "braincam/__init__.py",
         "service/api/app.py",
         "docker/healthcheck.py",
+        "models/demo/model.json",
+        "models/demo/weights.bin",
+        "models/demo/run/metrics.json",
     ):
         assert not excluded(path, rules), f"{path} would be missing from the build context"
 
@@ -428,8 +454,8 @@ def test_runtime_stages_install_only_their_own_extra() -> None:
         # trainer/exporter sources never enter a runtime environment
         copied = [src for ins in stage(name).all("COPY") for src in copy_parts(ins)[1]]
         assert not {"trainer", "exporter", "."} & set(copied), f"{name} copies {copied}"
-    model_installs = " ".join(" ".join(w) for w in pip_installs(stage("model")))
-    assert re.search(r"\.\[[^\]]*train", model_installs), "model stage lacks the train extra"
+    train_installs = " ".join(" ".join(w) for w in pip_installs(stage("train")))
+    assert re.search(r"\.\[[^\]]*train", train_installs), "train stage lacks the train extra"
 
 
 def test_runtime_stages_take_venv_from_same_base_and_have_no_toolchain() -> None:
@@ -483,7 +509,8 @@ def _runtime_checks(name: str, providers: str) -> None:
     assert user not in {"root", "0"}, f"{name}: USER {user}"
     assert exec_form(st.all("CMD")[-1].args) == ["python", "-m", "service"]
     env = env_of(st)
-    assert env.get("BRAINCAM_MODEL_DIR") == "/models/demo"
+    assert "MODEL_NAME" in [i.args.split("=")[0] for i in st.all("ARG")], f"{name}: no ARG"
+    assert env.get("BRAINCAM_MODEL_DIR") == "/models/${MODEL_NAME}"
     assert env.get("BRAINCAM_HOST") == "0.0.0.0"
     assert env.get("BRAINCAM_PORT") == "8000"
     assert env.get("BRAINCAM_PROVIDERS") == providers
@@ -493,8 +520,23 @@ def _runtime_checks(name: str, providers: str) -> None:
     probe = exec_form(health[-1].args.split("CMD", 1)[1].strip())
     assert probe[:2] == ["python", "/opt/braincam/healthcheck.py"], probe
     assert "/health" in " ".join(probe) or "/health" in (DOCKER_DIR / "healthcheck.py").read_text()
-    copies = [(copy_parts(i)[0].get("from"), copy_parts(i)[1]) for i in st.all("COPY")]
-    assert ("model", ["/models/demo"]) in copies, f"{name}: demo model not copied from `model`"
+    # The model: the whole `model` stage into BRAINCAM_MODEL_DIR, then checked in this
+    # image's ORT as the user that serves it.
+    models = [i for i in st.all("COPY") if copy_parts(i)[0].get("from") == "model"]
+    assert len(models) == 1, f"{name}: the model is not copied from the `model` stage once"
+    flags, sources, dest = copy_parts(models[0])
+    assert sources == ["/"] and dest == "/models/${MODEL_NAME}", (sources, dest)
+    assert flags.get("chown") == "braincam:braincam"
+    verify = [i for i in st.all("RUN") if "/opt/braincam/verify_model.py" in i.args]
+    assert verify, f"{name}: the baked-in model is not verified"
+    assert shlex.split(verify[0].args) == [
+        "python",
+        "/opt/braincam/verify_model.py",
+        "${BRAINCAM_MODEL_DIR}",
+    ]
+    assert models[0].line < verify[0].line and users[-1].line < verify[0].line
+    scripts = [copy_parts(i) for i in st.all("COPY") if "from" not in copy_parts(i)[0]]
+    assert any("docker/verify_model.py" in s and d == "/opt/braincam/" for _, s, d in scripts)
 
 
 def test_gpu_runtime_stage() -> None:
@@ -505,16 +547,60 @@ def test_cpu_runtime_stage() -> None:
     _runtime_checks("cpu", "CPUExecutionProvider")
 
 
-def test_model_stage_builds_the_demo_model_with_bounded_time() -> None:
+def test_model_stage_holds_only_the_model_directory() -> None:
+    """The baked-in model comes from the build context, models/demo unless a build arg
+    (or a named build context `model`) says otherwise; nothing builds it."""
+    variables, _ = parse_stages()
+    assert variables["MODEL_DIR"] == "models/demo" and variables["MODEL_NAME"] == "demo"
     st = stage("model")
-    args = {i.args.split("=")[0] for i in st.all("ARG")}
-    assert {"DEMO_EPOCHS", "DEMO_TIMEOUT", "ORT_SPEC"} <= args
-    text = st.text()
-    assert re.search(r"timeout \"?\$\{?DEMO_TIMEOUT", text), "demo build is not time-bounded"
-    assert "python -m trainer.build_demo" in text and "--out /models/demo" in text
-    assert "DEMO_EPOCHS" in text.split("trainer.build_demo", 1)[1]
-    assert "verify_model.py /models/demo" in text
-    assert re.search(r'"onnxruntime\$\{ORT_SPEC\}"', text), "model stage ORT not tied to ORT_SPEC"
+    assert st.base == "scratch", "the model stage must hold files only"
+    assert [i.keyword for i in st.instructions] == ["ARG", "COPY"], st.text()
+    assert st.instructions[0].args == "MODEL_DIR"
+    flags, sources, dest = copy_parts(st.instructions[1])
+    assert not flags and sources == ["${MODEL_DIR}/"] and dest == "/"
+    for name in ("model.json", "classifier.onnx", "gradcam.onnx"):
+        assert (ROOT / variables["MODEL_DIR"] / name).is_file(), f"models/demo lacks {name}"
+
+
+@pytest.mark.parametrize("target", ["gpu", "cpu"])
+def test_default_build_never_trains(target: str) -> None:
+    """`docker build .` (gpu), `--target cpu` and compose's services build no stage that
+    trains or installs TensorFlow; only the model files come from `model`."""
+    chain = stage_chain(target)
+    names = {s.name for s in chain}
+    assert names == {target, f"{target}-venv", "model"}, names
+    for st in chain:
+        for run in st.all("RUN"):
+            assert not re.search(r"trainer|build_demo|exporter|tensorflow", run.args), (
+                f"stage {st.name} (line {run.line}) runs {run.args}"
+            )
+        for words in pip_installs(st):
+            assert not any("train" in w for w in words), f"{st.name} installs {words}"
+
+
+def test_no_stage_trains_while_the_image_builds() -> None:
+    """The train image is for `docker compose run`: its build installs, never trains."""
+    _, stages = parse_stages()
+    for st in stages:
+        for run in st.all("RUN"):
+            assert not re.search(r"python3? -m (trainer|exporter)", run.args), (
+                f"stage {st.name} (line {run.line}) trains or exports at build time"
+            )
+
+
+def test_a_build_arg_bakes_another_model_consistently() -> None:
+    """With MODEL_DIR/MODEL_NAME set, the runtime stages copy that directory, serve it
+    from where it lands and verify it there."""
+    variables, _ = parse_stages()
+    other = {**variables, "MODEL_DIR": "models/kaggle", "MODEL_NAME": "kaggle"}
+    (source,) = copy_parts(stage("model").instructions[1])[1]
+    assert substitute(source, other) == "models/kaggle/"
+    for name in ("cpu", "gpu"):
+        st = stage(name)
+        env = {k: substitute(v, other) for k, v in env_of(st).items() if k != "PATH"}
+        (copy,) = [i for i in st.all("COPY") if copy_parts(i)[0].get("from") == "model"]
+        dest = substitute(copy_parts(copy)[2], other)
+        assert dest == env["BRAINCAM_MODEL_DIR"] == "/models/kaggle", (dest, env)
 
 
 def test_cmd_module_exists_and_imports_without_tensorflow() -> None:
@@ -680,13 +766,29 @@ def test_compose_cpu_and_train_profiles(compose: dict) -> None:
     assert _probes_health(cpu["healthcheck"]["test"])
 
     train = services["train"]
-    assert train["profiles"] == ["train"] and train["build"]["target"] == "model"
+    assert train["profiles"] == ["train"] and train["build"]["target"] == "train"
     assert "${KAGGLE_DATA:-./data/kaggle}:/data:ro" in train["volumes"]
     models = [v for v in train["volumes"] if str(v).split(":")[-1] == "/models"]
     assert models, "train must write into the models volume (read-write)"
     command = " ".join(train["command"])
     assert re.search(r"python -m trainer --data /data --out \S+ --export /models/\S+", command)
     assert "models" in compose["volumes"]
+
+
+def test_compose_demo_model_service_rebuilds_the_shipped_model(compose: dict) -> None:
+    svc = compose["services"]["demo-model"]
+    assert svc["profiles"] == ["model"] and svc["build"]["target"] == "train"
+    assert svc["user"] == "${BRAINCAM_UID:-10001}:${BRAINCAM_GID:-10001}"
+    assert svc["volumes"] == ["./models:/out"]
+    command = " ".join(svc["command"])
+    assert re.fullmatch(
+        r"python -m trainer\.build_demo --data /tmp/\S+ --runs /tmp/\S+ --out /out/demo --force",
+        command,
+    ), command
+    # the services that start with `docker compose up` never build the training image
+    for name, service in compose["services"].items():
+        if "profiles" not in service or "cpu" in service["profiles"]:
+            assert service["build"]["target"] in {"gpu", "cpu"}, name
 
 
 def test_compose_build_targets_exist_in_the_dockerfile(compose: dict) -> None:
@@ -709,6 +811,12 @@ def test_docs_name_the_pinned_versions() -> None:
     for needle in (
         "--profile cpu",
         "--profile train",
+        "--profile model",
+        "--target train",
+        "MODEL_DIR",
+        "MODEL_NAME",
+        "--build-context model=",
+        "verify_model.py",
         "CUDAExecutionProvider",
         "NVIDIA Container Toolkit",
         "/health",
@@ -782,44 +890,85 @@ def test_healthcheck_script(health_server: tuple[str, type[_HealthHandler]]) -> 
     assert _probe(closed).returncode == 1
 
 
-def _tiny_onnx(path: Path, ir_version: int | None = None) -> None:
-    import onnx  # the `train` extra; a missing onnx fails the test
-    from onnx import TensorProto, helper
-
-    graph = helper.make_graph(
-        [helper.make_node("Relu", ["image"], ["probabilities"])],
-        "g",
-        [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 2])],
-        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, [1, 2])],
+def _verify(directory: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(DOCKER_DIR / "verify_model.py"), str(directory)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=directory.parent,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = ir_version or 8
-    onnx.save(model, str(path))
 
 
-def test_verify_model_script(tmp_path: Path) -> None:
-    def run(directory: Path) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, str(DOCKER_DIR / "verify_model.py"), str(directory)],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+def _edit_spec(model_dir: Path, edit: Callable[[dict], None]) -> None:
+    path = model_dir / "model.json"
+    spec = json.loads(path.read_text())
+    edit(spec)
+    path.write_text(json.dumps(spec, indent=2))
 
-    good = tmp_path / "good"
-    good.mkdir()
-    _tiny_onnx(good / "classifier.onnx")
-    _tiny_onnx(good / "gradcam.onnx")
-    (good / "model.json").write_text(json.dumps({"labels": ["a", "b"]}))
-    assert run(good).returncode == 0, run(good).stderr
 
-    missing = tmp_path / "missing"
-    shutil.copytree(good, missing)
+def test_verify_model_passes_the_shipped_model_and_fails_a_broken_one(tmp_path: Path) -> None:
+    """The image build's model check on the model it bakes in by default, and on copies
+    of it broken in the ways that would otherwise fail only when the service starts."""
+    import onnx  # the `train` extra; a missing onnx fails the test
+
+    from braincam.model_spec import sha256_file
+
+    good = tmp_path / "demo"
+    shutil.copytree(SHIPPED_MODEL, good)
+    result = _verify(good)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "sha256 matches" in result.stdout and "both graphs agree" in result.stdout
+
+    def broken(name: str) -> Path:
+        return Path(shutil.copytree(good, tmp_path / name))
+
+    missing = broken("missing")
     (missing / "gradcam.onnx").unlink()
-    assert run(missing).returncode == 1
+    result = _verify(missing)
+    assert result.returncode == 1 and "gradcam.onnx is listed in model.json but missing" in (
+        result.stderr
+    ), result.stderr
 
-    too_new = tmp_path / "too_new"
-    shutil.copytree(good, too_new)
-    _tiny_onnx(too_new / "gradcam.onnx", ir_version=99)  # no ORT release loads IR 99
-    result = run(too_new)
-    assert result.returncode == 1 and "gradcam.onnx does not load" in result.stderr
+    tampered = broken("tampered")
+    weights = tampered / json.loads((tampered / "model.json").read_text())["graphs"]["weights"][
+        "file"
+    ]
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    result = _verify(tampered)
+    assert result.returncode == 1 and "does not match the sha256" in result.stderr, result.stderr
+
+    not_a_spec = broken("not_a_spec")
+    _edit_spec(not_a_spec, lambda spec: spec.pop("labels"))
+    result = _verify(not_a_spec)
+    assert result.returncode == 1 and "labels" in result.stderr, result.stderr
+
+    # A graph the pinned ORT cannot load (IR 99), recorded with its true sha256.
+    too_new = broken("too_new")
+    graph = onnx.load(str(too_new / "gradcam.onnx"), load_external_data=False)
+    graph.ir_version = 99
+    onnx.save(graph, str(too_new / "gradcam.onnx"))
+
+    def record(spec: dict) -> None:
+        spec["graphs"]["gradcam"]["sha256"] = sha256_file(too_new / "gradcam.onnx")
+        spec["graphs"]["gradcam"]["size_bytes"] = (too_new / "gradcam.onnx").stat().st_size
+
+    _edit_spec(too_new, record)
+    result = _verify(too_new)
+    assert result.returncode == 1 and "gradcam.onnx does not load" in result.stderr, (
+        result.stdout + result.stderr
+    )
+
+    # Loads, but does not produce what model.json promises the service.
+    wrong_shape = broken("wrong_shape")
+    _edit_spec(wrong_shape, lambda spec: spec["explanation"].update(activation_shape=[1, 1, 1]))
+    result = _verify(wrong_shape)
+    assert result.returncode == 1 and "activations have shape" in result.stderr, result.stderr
+
+    usage = subprocess.run(
+        [sys.executable, str(DOCKER_DIR / "verify_model.py")], capture_output=True, timeout=60
+    )
+    assert usage.returncode == 2
