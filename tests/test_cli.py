@@ -300,6 +300,16 @@ def test_info(tiny_model_dir: Path, model: OnnxModel, capsys: pytest.CaptureFixt
     assert info["providers"]["active"] == ["CPUExecutionProvider"]
 
 
+def test_info_on_the_shipped_model(capsys: pytest.CaptureFixture[str]) -> None:
+    shipped = ROOT / "models" / "demo"
+    assert main(["info", "--model-dir", str(shipped), "--providers", "CPUExecutionProvider"]) == 0
+    text = capsys.readouterr().out
+    spec = OnnxModel(shipped, providers=["CPUExecutionProvider"]).spec
+    assert "synthetic demo data" in text and f"notice: {spec.notice}" in text
+    accuracy = spec.provenance["test_metrics"]["accuracy"]
+    assert f"test accuracy {accuracy:.3f}" in text
+
+
 def test_console_script_and_module_entry() -> None:
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]

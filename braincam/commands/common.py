@@ -63,8 +63,7 @@ def load_model(args: argparse.Namespace) -> OnnxModel:
 def model_notice(model: OnnxModel) -> str | None:
     """What a reader of this model's answers must know about its training data:
     model.json's `notice` when it has one, else what its model card says."""
-    notice = getattr(model.spec, "notice", None)  # the field is newer than some models
-    return str(notice) if notice else synthetic_data_notice(model.model_dir)
+    return model.spec.notice or synthetic_data_notice(model.model_dir)
 
 
 def synthetic_data_notice(model_dir: Path) -> str | None:

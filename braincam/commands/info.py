@@ -39,6 +39,7 @@ def describe(args: argparse.Namespace) -> dict[str, Any]:
         "opset": spec.opset,
         "exported_at": spec.exported_at,
         "versions": spec.versions,
+        "provenance": spec.provenance,
         "providers": {
             "active": model.providers.active,
             "available": model.providers.available,
@@ -47,6 +48,22 @@ def describe(args: argparse.Namespace) -> dict[str, Any]:
         "notice": model_notice(model),
         "disclaimer": DISCLAIMER,
     }
+
+
+def _training(provenance: dict[str, Any]) -> str:
+    """One line from model.json's provenance: how the model was made and how it scored."""
+    dataset = provenance.get("dataset") or {}
+    parts = [
+        f"{provenance.get('arch', '?')}, {provenance.get('epochs_run', '?')} epochs, "
+        f"seed {provenance.get('seed', '?')}",
+        "synthetic demo data" if dataset.get("synthetic") else "",
+    ]
+    metrics = provenance.get("test_metrics") or {}
+    if "accuracy" in metrics:
+        parts.append(
+            f"test accuracy {metrics['accuracy']:.3f} on {metrics.get('test_size', '?')} images"
+        )
+    return "; ".join(p for p in parts if p)
 
 
 def _figure(value: Any) -> str:
@@ -76,6 +93,8 @@ def run(args: argparse.Namespace) -> int:
     )
     if info["exported_at"]:
         lines.append(f"exported       {info['exported_at']}")
+    if info["provenance"]:
+        lines.append(f"trained        {_training(info['provenance'])}")
     providers = info["providers"]
     lines.append(
         f"providers      active {', '.join(providers['active'])} "
