@@ -141,8 +141,10 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
         415: "Unsupported or unrecognised file type",
         422: "Undecodable image or invalid parameter",
         500: "Internal error (details are logged, never returned)",
+        502: "The PACS refused the request or could not be reached (DICOMweb routes)",
         503: "Model not loaded (still loading, or failed to load: see /health), "
         "or the request passed BRAINCAM_REQUEST_TIMEOUT_S",
+        504: "The PACS did not answer in time (DICOMweb routes)",
     }
     examples = {
         400: ("There was an error parsing the body", "bad_request"),
@@ -152,7 +154,9 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
         415: ("unrecognised file type: send PNG, JPEG, ...", "unsupported_media_type"),
         422: ("could not decode the PNG image", "undecodable_image"),
         500: ("internal error", "internal_error"),
+        502: ("the PACS answered 500 to store", "pacs_error"),
         503: ("the model is still loading", "model_loading"),
+        504: ("the PACS did not answer in time (series)", "pacs_timeout"),
     }
     return {
         status: {

@@ -32,7 +32,9 @@ Explainable brain-MRI tumour classification on ONNX Runtime.
 
 Upload one image (PNG, JPEG, BMP, TIFF, DICOM or NIfTI) to `/predict` for a
 label and class probabilities, or to `/explain` for the same plus a Grad-CAM-family
-heatmap. Every error is JSON: `{{"detail": "...", "code": "..."}}`.
+heatmap; a whole series (DICOM files, a zip, a NIfTI volume) to `/predict/series` or
+`/explain/series`, optionally with DICOM results (SR + Secondary Capture).
+Every error is JSON: `{{"detail": "...", "code": "..."}}`.
 """
 
 OPENAPI_TAGS = [
@@ -40,6 +42,7 @@ OPENAPI_TAGS = [
     {"name": "health", "description": "Liveness and readiness probes."},
     {"name": "metadata", "description": "Model metadata and Prometheus metrics."},
     {"name": "open inference protocol", "description": "KServe v2 style aliases."},
+    {"name": "dicomweb", "description": "A PACS over DICOMweb: fetch, analyse, store back."},
 ]
 
 
@@ -81,7 +84,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(api_router)
     mount_static(app)
     app.add_middleware(
-        RequestMiddleware, metrics=metrics, max_upload_bytes=settings.max_upload_bytes
+        RequestMiddleware,
+        metrics=metrics,
+        max_upload_bytes=settings.max_upload_bytes,
+        series_upload_bytes=settings.max_series_upload_bytes,
     )
     if settings.cors_origin_list:
         # Added last, so outermost: error responses carry CORS headers as well.

@@ -26,6 +26,10 @@ SECURITY_HEADERS = (
 )
 
 
+# Routes whose body is a whole series (settings.max_series_upload_mb bounds it).
+SERIES_PATHS = frozenset({"/predict/series", "/explain/series"})
+
+
 class BodyTooLarge(StarletteHTTPException):
     """Raised from `receive` when the body outgrows its bound; FastAPI re-raises
     HTTPExceptions from body parsing, so it reaches the exception handlers intact."""
@@ -41,13 +45,21 @@ def upload_limit_message(max_upload_bytes: int) -> str:
 
 
 class RequestMiddleware:
-    def __init__(self, app: ASGIApp, metrics: Metrics, max_upload_bytes: int) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        metrics: Metrics,
+        max_upload_bytes: int,
+        series_upload_bytes: int | None = None,
+    ) -> None:
         self.app = app
         self.metrics = metrics
         self.max_upload_bytes = max_upload_bytes
         # The file is bounded exactly where it is read (uploads.read_upload); the body
         # bound adds room for the multipart envelope and the small form fields.
         self.max_body_bytes = max_upload_bytes + MULTIPART_OVERHEAD_BYTES
+        # Whole-series uploads (many files, or one zip) have their own, larger bound.
+        self.series_upload_bytes = series_upload_bytes or max_upload_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -58,7 +70,11 @@ class RequestMiddleware:
         response_started = False
         too_large = False
         received = 0
-        limit = self.max_body_bytes
+        upload_bytes, limit = self.max_upload_bytes, self.max_body_bytes
+        if scope.get("path", "") in SERIES_PATHS:
+            # Room for the part headers of up to a few thousand files.
+            upload_bytes = self.series_upload_bytes
+            limit = upload_bytes + 16 * MULTIPART_OVERHEAD_BYTES
 
         replaced = False
 
@@ -71,7 +87,7 @@ class RequestMiddleware:
                     # The body parser turned our exception into another error
                     # (some FastAPI versions answer 400): the truth is 413.
                     replaced = True
-                    await reply(413, BodyTooLarge.code, BodyTooLarge(self.max_upload_bytes).detail)
+                    await reply(413, BodyTooLarge.code, BodyTooLarge(upload_bytes).detail)
                     return
                 status = message["status"]
                 response_started = True
@@ -85,7 +101,7 @@ class RequestMiddleware:
                 received += len(message.get("body", b""))
                 if received > limit:
                     too_large = True
-                    raise BodyTooLarge(self.max_upload_bytes)
+                    raise BodyTooLarge(upload_bytes)
             return message
 
         async def reply(code_status: int, code: str, detail: str) -> None:
@@ -111,7 +127,7 @@ class RequestMiddleware:
             declared = _content_length(scope)
             if declared is not None and declared > limit:
                 # Refused before a byte of the body is read.
-                await reply(413, BodyTooLarge.code, BodyTooLarge(self.max_upload_bytes).detail)
+                await reply(413, BodyTooLarge.code, BodyTooLarge(upload_bytes).detail)
                 return
             await self.app(scope, receive_wrapper, send_wrapper)
         except Exception:
@@ -121,7 +137,7 @@ class RequestMiddleware:
                 )
                 raise
             if too_large:
-                await reply(413, BodyTooLarge.code, BodyTooLarge(self.max_upload_bytes).detail)
+                await reply(413, BodyTooLarge.code, BodyTooLarge(upload_bytes).detail)
             else:
                 # The one place tracebacks go: the log, never the client.
                 log.exception("unhandled error: %s %s", scope["method"], scope["path"])

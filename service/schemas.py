@@ -158,3 +158,82 @@ class ServerMetadataV2(BaseModel):
     name: str
     version: str
     extensions: list[str] = Field(default_factory=list)
+
+
+class SliceResult(BaseModel):
+    """One slice of a series, in series order (along the slice normal)."""
+
+    index: int = Field(description="position in the ordered series, 0 = first")
+    label: str
+    class_index: int
+    confidence: float
+    probabilities: dict[str, float]
+    position_mm: float | None = Field(
+        default=None,
+        description="ImagePositionPatient projected on the slice normal (DICOM); "
+        "the axial slice index for NIfTI",
+    )
+    sop_instance_uid: str | None = Field(default=None, description="source instance (DICOM)")
+    frame: int | None = Field(default=None, description="frame of a multi-frame instance")
+    overlay_png: str | None = Field(
+        default=None, description="base64 PNG overlay (/explain/series, requested slices)"
+    )
+
+
+class SeriesInfo(BaseModel):
+    format: Literal["dicom", "nifti"]
+    n_slices: int
+    ordered_by: Literal["position", "instance_number", "upload", "volume"] = Field(
+        description="position: along the slice normal; instance_number or upload order "
+        "only when the geometry is missing"
+    )
+    series_instance_uid: str | None = None
+    study_instance_uid: str | None = None
+    skipped: dict[str, int] = Field(
+        default_factory=dict,
+        description="files left out, by reason (not_dicom, not_an_image)",
+        examples=[{"not_an_image": 1}],
+    )
+
+
+class SeriesTiming(BaseModel):
+    read: float = Field(description="unzip, parse, order and decode every slice")
+    preprocess: float
+    inference: float = Field(description="the classifier over all slices, in batches")
+    explain: float = Field(description="Grad-CAM of the explained slices (0 when none)")
+    dicom: float = Field(description="building the DICOM results (0 unless output=dicom)")
+    total: float
+
+
+class DicomObject(BaseModel):
+    kind: Literal["sr", "secondary_capture"]
+    sop_class_uid: str
+    sop_instance_uid: str
+    series_instance_uid: str
+    data_base64: str = Field(description="the DICOM file (Part 10), base64")
+
+
+class SeriesResponse(BaseModel):
+    """The series' decision (see `rule`), every slice's, and on request DICOM results."""
+
+    label: str = Field(examples=["glioma"])
+    class_index: int
+    confidence: float
+    probabilities: dict[str, float] = Field(description="of the deciding slice")
+    deciding_slice: int = Field(description="index (in `slices`) of the slice deciding")
+    rule: str = Field(description="how the series decision is made from the slices")
+    model: ModelRef
+    series: SeriesInfo
+    slices: list[SliceResult]
+    batches: int = Field(description="classifier runs (slices go in batches)")
+    method: str | None = Field(default=None, description="CAM method (/explain/series)")
+    overlay_png: str | None = Field(
+        default=None, description="base64 PNG: the deciding slice's overlay (/explain/series)"
+    )
+    dicom: list[DicomObject] | None = Field(
+        default=None,
+        description="output=dicom: a Comprehensive SR and an RGB Secondary Capture of the "
+        "overlay, new series of the input's study (research use only)",
+    )
+    timing_ms: SeriesTiming
+    disclaimer: str

@@ -1,0 +1,136 @@
+"""A series through the model: every slice in batches through the one ORT session, a
+per-slice decision, and one series-level decision by a documented rule.
+
+The series rule (SERIES_RULE): each slice is decided as /predict decides one image
+(`decide`, so a binary model's threshold applies). If any slice is decided as a
+tumour class, the series gets the tumour class of highest probability among those
+slices, and the slice carrying it is the deciding slice. Only when no slice passes
+the decision for any tumour class is the series negative; its deciding slice is
+then the one with the least negative probability (the closest call), and the
+series confidence is that slice's negative probability. A model without a negative
+class (no binary negative label, no label like `notumor`) has every slice "positive":
+its most confident slice decides.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from braincam.cam import compute_cam
+from braincam.decision import Decision, decide
+from braincam.inference import OnnxModel
+from braincam.model_spec import ModelSpec
+from braincam.overlay import blend, colorize
+from braincam.preprocessing import preprocess_batch
+from braincam.series import Series
+
+SERIES_RULE = (
+    "the most probable tumour class over the slices decided as tumour, with the slice "
+    "carrying it; negative only when no slice is decided as a tumour class (then the "
+    "slice with the lowest negative probability)"
+)
+NEGATIVE_LABELS = ("notumor", "no_tumor", "no-tumor", "normal", "healthy", "negative")
+DEFAULT_BATCH_SIZE = 16
+
+
+def negative_index(spec: ModelSpec) -> int | None:
+    """The class meaning "no finding": a binary model's non-positive label, or a
+    multiclass label named like `notumor`; None when the model has none."""
+    if spec.task == "binary" and spec.decision.positive_label:
+        return 1 - spec.label_index(spec.decision.positive_label)
+    for i, label in enumerate(spec.labels):
+        if label.lower() in NEGATIVE_LABELS:
+            return i
+    return None
+
+
+@dataclass
+class SeriesResult:
+    decisions: list[Decision]  # per slice, in series order
+    decision: Decision  # the series' decision
+    deciding_slice: int
+    inference_s: float
+    preprocess_s: float
+    batches: int
+    overlays: dict[int, np.ndarray] = field(default_factory=dict)  # slice -> RGB uint8
+    explain_s: float = 0.0
+
+
+def series_decision(decisions: Sequence[Decision], spec: ModelSpec) -> tuple[Decision, int]:
+    """The series' decision and its deciding slice (see SERIES_RULE)."""
+    negative = negative_index(spec)
+    positives = [i for i, d in enumerate(decisions) if d.class_index != negative]
+    if positives:
+        best = max(positives, key=lambda i: decisions[i].confidence)
+        return decisions[best], best
+    assert negative is not None  # every slice decided the negative class
+    label = spec.labels[negative]
+    best = min(range(len(decisions)), key=lambda i: decisions[i].probabilities[label])
+    return decisions[best], best
+
+
+def analyse(
+    model: OnnxModel,
+    series: Series,
+    *,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    explain: Sequence[int] = (),
+    method: str = "gradcam",
+    colormap: str = "jet",
+    alpha: float = 0.4,
+    explain_deciding: bool = False,
+) -> SeriesResult:
+    """Predict every slice; with `explain_deciding` (and for the slices in `explain`)
+    also the overlay of the slice's decided class, from one batched Grad-CAM run."""
+    spec = model.spec
+    probs = []
+    preprocess_s = inference_s = 0.0
+    batches = 0
+    for start in range(0, len(series.slices), batch_size):
+        chunk = series.slices[start : start + batch_size]
+        t0 = time.perf_counter()
+        x = preprocess_batch([s.pixels for s in chunk], spec.preprocessing)
+        t1 = time.perf_counter()
+        probs.append(model.predict(x))
+        inference_s += time.perf_counter() - t1
+        preprocess_s += t1 - t0
+        batches += 1
+    all_probs = np.concatenate(probs)
+    decisions = [decide(p, spec) for p in all_probs]
+    decision, deciding = series_decision(decisions, spec)
+    result = SeriesResult(decisions, decision, deciding, inference_s, preprocess_s, batches)
+    wanted = sorted({*explain, *([deciding] if explain_deciding else [])})
+    if wanted:
+        t0 = time.perf_counter()
+        result.overlays = _overlays(model, series, decisions, wanted, method, colormap, alpha)
+        result.explain_s = time.perf_counter() - t0
+    return result
+
+
+def _overlays(
+    model: OnnxModel,
+    series: Series,
+    decisions: Sequence[Decision],
+    indices: Sequence[int],
+    method: str,
+    colormap: str,
+    alpha: float,
+) -> dict[int, np.ndarray]:
+    spec = model.spec
+    out: dict[int, np.ndarray] = {}
+    for start in range(0, len(indices), DEFAULT_BATCH_SIZE):
+        chunk = list(indices[start : start + DEFAULT_BATCH_SIZE])
+        x = preprocess_batch([series.slices[i].pixels for i in chunk], spec.preprocessing)
+        # Explicit targets: each map explains the class its slice was decided as.
+        targets = np.array([decisions[i].class_index for i in chunk], dtype=np.int64)
+        run = model.gradcam(x, targets)
+        for k, i in enumerate(chunk):
+            pixels = series.slices[i].pixels
+            size = (int(pixels.shape[1]), int(pixels.shape[0]))
+            cam = compute_cam(method, run.activations[k : k + 1], run.gradients[k : k + 1], size)
+            out[i] = blend(pixels, colorize(cam[0], colormap), alpha)
+    return out
