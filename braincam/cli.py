@@ -43,6 +43,12 @@ COMMANDS: tuple[Command, ...] = (
         "serve the HTTP API and web page (the same BRAINCAM_* settings as python -m service)",
         "braincam.commands.serve",
     ),
+    Command(
+        "dicomweb",
+        "analyse a study on a DICOMweb PACS and store SR + Secondary Capture back",
+        "braincam.dicomweb_cli",
+        own_parser=True,
+    ),
 )
 
 

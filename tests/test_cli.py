@@ -319,7 +319,12 @@ def test_console_script_and_module_entry() -> None:
         cwd=ROOT, capture_output=True, text=True, timeout=60,
     )
     assert proc.returncode == 0
-    assert all(name in proc.stdout for name in ("predict", "info", "serve"))
+    assert all(name in proc.stdout for name in ("predict", "info", "serve", "dicomweb"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "braincam", "dicomweb", "--help"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 0 and "usage: braincam dicomweb" in proc.stdout
 
 
 def test_serve_runs_the_service_with_its_options(
