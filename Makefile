@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # cpu: onnxruntime (never together with gpu/onnxruntime-gpu: same package dir)
-EXTRAS ?= cpu,train,dev
+EXTRAS ?= cpu,train,dev,torch
 SERVE_EXTRAS ?= cpu
 HOST ?= 127.0.0.1
 PORT ?= 8000

@@ -23,6 +23,7 @@ from braincam.decision import decide
 from braincam.decoding import DEFAULT_MAX_PIXELS, MAX_VOLUME_BYTES, OpenedImage, open_image
 from braincam.errors import InputError, PayloadTooLarge
 from braincam.inference import OnnxModel
+from braincam.occlusion import OCCLUSION, OcclusionSensitivity
 from braincam.overlay import blend, colorize, encode_png
 from braincam.pipeline import Prepared, gradients_for, input_errors, prepare_slice
 
@@ -143,7 +144,8 @@ class BatchPredictor:
 
     With `explain`, the Grad-CAM graph runs instead of the classifier: the
     probabilities come from that same run (as in the service's /explain) and each
-    row's overlay is written under `explain.out_dir`.
+    row's overlay is written under `explain.out_dir`. Occlusion (the method of models
+    without a Grad-CAM graph) runs the classifier on occluded copies instead.
     """
 
     def __init__(
@@ -237,13 +239,33 @@ class BatchPredictor:
         if self.explain is None:
             probabilities = self.model.predict(batch)
             return [self._row(r, p) for r, p in zip(ready, probabilities, strict=True)]
-        out = self.model.gradcam(batch)
-        rows = [self._row(r, p) for r, p in zip(ready, out.probabilities, strict=True)]
-        targets = np.array([self.spec.label_index(str(row.label)) for row in rows], np.int64)
-        acts, grads, _ = gradients_for(self.model, batch, out, targets)
-        for i, (entry, row) in enumerate(zip(ready, rows, strict=True)):
-            row.overlay = str(self._write_overlay(entry, acts[i], grads[i]))
+        method = self.explain.method
+        if method == OCCLUSION:  # the classifier alone, as the service's /explain
+            probabilities = self.model.predict(batch)
+            rows = [self._row(r, p) for r, p in zip(ready, probabilities, strict=True)]
+            targets = self._targets(rows)
+            occlusion = OcclusionSensitivity()
+            base = probabilities[np.arange(len(rows)), targets]
+            drops = occlusion.drops(self.model.predict, batch, targets, base=base)
+            cams = [
+                occlusion.maps(drops[i : i + 1], r.prepared.decoded.size)[0]
+                for i, r in enumerate(ready)
+            ]
+        else:
+            out = self.model.gradcam(batch)
+            rows = [self._row(r, p) for r, p in zip(ready, out.probabilities, strict=True)]
+            acts, grads, _ = gradients_for(self.model, batch, out, self._targets(rows))
+            cams = [
+                compute_cam(method, acts[i], grads[i], size=r.prepared.decoded.size)[0]
+                for i, r in enumerate(ready)
+            ]
+        for entry, row, cam in zip(ready, rows, cams, strict=True):
+            row.overlay = str(self._write_overlay(entry, cam))
         return rows
+
+    def _targets(self, rows: list[Row]) -> np.ndarray:
+        """The decided class of each row: what its map explains."""
+        return np.array([self.spec.label_index(str(row.label)) for row in rows], np.int64)
 
     def _row(self, entry: _Ready, probabilities: np.ndarray) -> Row:
         decision = decide(probabilities, self.spec)
@@ -255,11 +277,10 @@ class BatchPredictor:
             probabilities=decision.probabilities,
         )
 
-    def _write_overlay(self, entry: _Ready, acts: np.ndarray, grads: np.ndarray) -> Path:
+    def _write_overlay(self, entry: _Ready, cam: np.ndarray) -> Path:
         options = self.explain
         assert options is not None
         decoded = entry.prepared.decoded
-        cam = compute_cam(options.method, acts, grads, size=decoded.size)[0]
         overlay = blend(decoded.pixels, colorize(cam, options.colormap), options.alpha)
         target = self._overlay_path(entry.file, decoded.slice_index)
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -203,6 +203,26 @@ METHODS: dict[str, CAMMethod] = {
 }
 
 
+# Gradient-free methods computed from the classifier alone (braincam/occlusion.py):
+# always offered for models without a Grad-CAM graph, for the others on request
+# (they cost one classifier run per occluding window).
+CLASSIFIER_METHODS: tuple[str, ...] = ("occlusion",)
+
+
+def available_methods(gradient_graph: bool, classifier_methods: bool = False) -> list[str]:
+    """The explanation methods a model offers: the CAM methods when it has a Grad-CAM
+    graph, the classifier-only ones when it has none or when asked for."""
+    offered = list(METHODS) if gradient_graph else []
+    if classifier_methods or not gradient_graph:
+        offered.extend(CLASSIFIER_METHODS)
+    return offered
+
+
+def default_method(gradient_graph: bool) -> str:
+    """What /explain uses when no method is named."""
+    return "gradcam" if gradient_graph else CLASSIFIER_METHODS[0]
+
+
 def get_method(method: str) -> CAMMethod:
     """Look a method up by name; unknown names raise InvalidParameter listing valid ones."""
     try:

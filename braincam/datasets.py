@@ -132,7 +132,7 @@ def scan_split(split_dir: Path, task: Task = "multiclass") -> Split:
 
 @dataclass
 class LoadedSplit:
-    x: np.ndarray  # float32 [N, H, W, C], output of `preprocess`
+    x: np.ndarray  # float32 [N, *spec.input_shape], output of `preprocess`
     y: np.ndarray  # int64 [N]
     paths: list[Path]
     classes: list[str]

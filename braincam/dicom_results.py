@@ -150,7 +150,8 @@ def secondary_capture(
         series_time=time,
     )
     sc.ImageComments = (
-        f"{RESEARCH_ONLY}. Grad-CAM overlay of the slice deciding '{label}' "
+        f"{RESEARCH_ONLY}. Heatmap overlay (Grad-CAM family or occlusion) of the slice "
+        f"deciding '{label}' "
         f"(model {spec.name} v{spec.version}). {DISCLAIMER}"
     )
     sc.BurnedInAnnotation = "NO"

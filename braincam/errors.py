@@ -29,6 +29,14 @@ class InvalidParameter(InputError):
     code = "invalid_parameter"
 
 
+class MethodUnavailable(InputError):
+    """A known explanation method this model or server does not offer (e.g. a gradient
+    method for a model without a Grad-CAM graph)."""
+
+    status_code = 422
+    code = "method_unavailable"
+
+
 class PayloadTooLarge(InputError):
     status_code = 413
     code = "payload_too_large"

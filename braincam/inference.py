@@ -72,7 +72,8 @@ def _select_providers(
 
 
 class OnnxModel:
-    """Both graphs of a model directory in ONNX Runtime sessions."""
+    """The graphs of a model directory (classifier, and gradcam when present) in ONNX
+    Runtime sessions."""
 
     def __init__(
         self,
@@ -99,8 +100,13 @@ class OnnxModel:
         self.classifier = ort.InferenceSession(
             str(self.model_dir / graphs.classifier.file), options, providers=usable
         )
-        self.gradcam_session = ort.InferenceSession(
-            str(self.model_dir / graphs.gradcam.file), options, providers=usable
+        # A model without a Grad-CAM graph is explained by occlusion (classifier only).
+        self.gradcam_session = (
+            None
+            if graphs.gradcam is None
+            else ort.InferenceSession(
+                str(self.model_dir / graphs.gradcam.file), options, providers=usable
+            )
         )
         active = list(self.classifier.get_providers())
         for p in usable:
@@ -118,6 +124,10 @@ class OnnxModel:
     def labels(self) -> list[str]:
         return self.spec.labels
 
+    @property
+    def has_gradcam(self) -> bool:
+        return self.gradcam_session is not None
+
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """float32 [N,H,W,C] -> probabilities [N,K]."""
         (probs,) = self.classifier.run([PROBABILITIES_OUTPUT], {IMAGE_INPUT: batch})
@@ -127,6 +137,10 @@ class OnnxModel:
         self, batch: np.ndarray, targets: np.ndarray | Sequence[int] | None = None
     ) -> GradcamOutput:
         """One forward+backward run; target -1 (or None) explains the predicted class."""
+        if self.gradcam_session is None:
+            raise RuntimeError(
+                f"the model in {self.model_dir} has no Grad-CAM graph: explain it by occlusion"
+            )
         n = batch.shape[0]
         target = (
             np.full((n,), -1, dtype=np.int64)
@@ -145,4 +159,5 @@ class OnnxModel:
         """One inference through each graph, so the first request pays no set-up cost."""
         x = np.zeros((1, *self.spec.input_shape), dtype=np.float32)
         self.predict(x)
-        self.gradcam(x)
+        if self.has_gradcam:
+            self.gradcam(x)

@@ -50,7 +50,8 @@ class Graphs(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     classifier: GraphFile
-    gradcam: GraphFile
+    # None: the model has no Grad-CAM graph and is explained by occlusion only.
+    gradcam: GraphFile | None = None
     # Weights both graphs share, stored once (ONNX external data); None when inline.
     weights: DataFile | None = None
 
@@ -61,8 +62,11 @@ class Graphs(BaseModel):
 class Explanation(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    layer: str = Field(description="Keras layer whose activations Grad-CAM explains")
+    layer: str = Field(description="layer (Keras) or tensor (ONNX) whose activations are explained")
     activation_shape: list[int] = Field(description="[h, w, channels] of that layer")
+    # What the gradients differentiate: the pre-softmax logit of the class, or, for a
+    # model whose graph yields only probabilities, the log-probability (same ranking).
+    score: Literal["logit", "log_probability"] = "logit"
 
 
 class Decision(BaseModel):
@@ -128,7 +132,7 @@ def sha256_file(path: Path) -> str:
 
 
 def load_spec(model_dir: str | Path, verify: bool = True) -> ModelSpec:
-    """Read `model.json`; with `verify`, check both graphs exist and match their sha256."""
+    """Read `model.json`; with `verify`, check its graphs exist and match their sha256."""
     model_dir = Path(model_dir)
     path = model_dir / MODEL_JSON
     if not path.is_file():

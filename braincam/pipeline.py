@@ -50,7 +50,7 @@ class Prepared:
     """One image, decoded and preprocessed: what a batch needs from each input."""
 
     decoded: DecodedImage
-    batch: np.ndarray  # [1, H, W, C] float32
+    batch: np.ndarray  # [1, *spec.input_shape] float32 ([1,H,W,C] or [1,C,H,W])
     decode_s: float
     preprocess_s: float
 

@@ -11,9 +11,11 @@ from typing import Literal
 
 import cv2
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Scale = Literal["unit", "symmetric", "none"]
+Layout = Literal["nhwc", "nchw"]
+Interpolation = Literal["area", "linear", "cubic", "nearest"]
 
 
 class Preprocessing(BaseModel):
@@ -29,14 +31,45 @@ class Preprocessing(BaseModel):
     scale: Scale = "unit"
     # INTER_AREA is the right filter for downsizing MRI slices (no aliasing), and
     # deterministic across platforms, which the byte-identity test relies on.
-    interpolation: Literal["area", "linear"] = "area"
+    # linear/cubic/nearest are OpenCV's filters, which do not antialias when shrinking.
+    interpolation: Interpolation = "area"
+    # Per-channel normalisation applied after `scale`: (x - mean) / std, as torchvision's
+    # ToTensor() + Normalize(mean, std) does with scale="unit". None: no normalisation.
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    # nhwc: [H, W, C] per image (Keras); nchw: [C, H, W] (PyTorch and most ONNX models).
+    layout: Layout = "nhwc"
+
+    @model_validator(mode="after")
+    def _check_normalisation(self) -> Preprocessing:
+        if (self.mean is None) != (self.std is None):
+            raise ValueError("mean and std are given together or not at all")
+        if self.mean is not None and self.std is not None:
+            if len(self.mean) != self.channels or len(self.std) != self.channels:
+                raise ValueError(f"mean and std need one value per channel ({self.channels})")
+            if any(s <= 0 for s in self.std):
+                raise ValueError("std values must be positive")
+        return self
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
+        """The shape of one preprocessed image, in the model's layout."""
+        if self.layout == "nchw":
+            return (self.channels, self.height, self.width)
         return (self.height, self.width, self.channels)
 
+    @property
+    def width_axis(self) -> int:
+        """Axis of the image width in a batch [N, ...] (for left-right flips)."""
+        return 3 if self.layout == "nchw" else 2
 
-_INTERPOLATION = {"area": cv2.INTER_AREA, "linear": cv2.INTER_LINEAR}
+
+_INTERPOLATION = {
+    "area": cv2.INTER_AREA,
+    "linear": cv2.INTER_LINEAR,
+    "cubic": cv2.INTER_CUBIC,
+    "nearest": cv2.INTER_NEAREST,
+}
 
 
 def to_channels(pixels: np.ndarray, channels: int) -> np.ndarray:
@@ -59,7 +92,7 @@ def to_channels(pixels: np.ndarray, channels: int) -> np.ndarray:
 
 
 def preprocess(pixels: np.ndarray, spec: Preprocessing) -> np.ndarray:
-    """Decoded uint8 image -> float32 tensor [H, W, C] ready for the model."""
+    """Decoded uint8 image -> float32 tensor [H, W, C] (or [C, H, W]) ready for the model."""
     img = to_channels(pixels, spec.channels)
     if img.shape[:2] != (spec.height, spec.width):
         img = cv2.resize(
@@ -72,11 +105,17 @@ def preprocess(pixels: np.ndarray, spec: Preprocessing) -> np.ndarray:
         out *= np.float32(1.0 / 255.0)
     elif spec.scale == "symmetric":
         out = out * np.float32(1.0 / 127.5) - np.float32(1.0)
+    if spec.mean is not None and spec.std is not None:
+        mean = np.asarray(spec.mean, dtype=np.float32)
+        std = np.asarray(spec.std, dtype=np.float32)
+        out = ((out - mean) / std).astype(np.float32, copy=False)
+    if spec.layout == "nchw":
+        out = np.ascontiguousarray(out.transpose(2, 0, 1))
     return out
 
 
 def preprocess_batch(images: list[np.ndarray], spec: Preprocessing) -> np.ndarray:
-    """Several decoded images -> float32 batch [N, H, W, C]."""
+    """Several decoded images -> float32 batch [N, *spec.input_shape]."""
     if not images:
         return np.zeros((0, *spec.input_shape), dtype=np.float32)
     return np.stack([preprocess(img, spec) for img in images])

@@ -20,10 +20,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from braincam.cam import compute_cam
+from braincam.cam import compute_cam, resize_cam
 from braincam.decision import Decision, decide
 from braincam.inference import OnnxModel
 from braincam.model_spec import ModelSpec
+from braincam.occlusion import OCCLUSION, OcclusionSensitivity
 from braincam.overlay import blend, colorize
 from braincam.preprocessing import preprocess_batch
 from braincam.series import Series
@@ -127,10 +128,29 @@ def _overlays(
         x = preprocess_batch([series.slices[i].pixels for i in chunk], spec.preprocessing)
         # Explicit targets: each map explains the class its slice was decided as.
         targets = np.array([decisions[i].class_index for i in chunk], dtype=np.int64)
-        run = model.gradcam(x, targets)
-        for k, i in enumerate(chunk):
-            pixels = series.slices[i].pixels
-            size = (int(pixels.shape[1]), int(pixels.shape[0]))
-            cam = compute_cam(method, run.activations[k : k + 1], run.gradients[k : k + 1], size)
-            out[i] = blend(pixels, colorize(cam[0], colormap), alpha)
+        pixels = [series.slices[i].pixels for i in chunk]
+        sizes = [(int(p.shape[1]), int(p.shape[0])) for p in pixels]
+        cams = _maps(model, x, targets, method, sizes)
+        for i, image, cam in zip(chunk, pixels, cams, strict=True):
+            out[i] = blend(image, colorize(cam, colormap), alpha)
     return out
+
+
+def _maps(
+    model: OnnxModel,
+    x: np.ndarray,
+    targets: np.ndarray,
+    method: str,
+    sizes: Sequence[tuple[int, int]],
+) -> list[np.ndarray]:
+    """One map per image at its own size: from one Grad-CAM run, or by occlusion from
+    the classifier alone (seconds per slice)."""
+    if method == OCCLUSION:
+        occlusion = OcclusionSensitivity()
+        maps = occlusion.maps(occlusion.drops(model.predict, x, targets))
+        return [resize_cam(m, size) for m, size in zip(maps, sizes, strict=True)]
+    run = model.gradcam(x, targets)
+    return [
+        compute_cam(method, run.activations[k : k + 1], run.gradients[k : k + 1], size)[0]
+        for k, size in enumerate(sizes)
+    ]

@@ -13,13 +13,19 @@ from pathlib import Path
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m exporter",
-        description="Export a Keras CNN to classifier.onnx + gradcam.onnx + model.json, "
-        "gated on numerical parity with Keras.",
+        description="Export a Keras or ONNX CNN classifier to classifier.onnx + gradcam.onnx + "
+        "model.json, gated on numerical parity.",
     )
-    p.add_argument("--model", required=True, type=Path, help="a .keras (or .h5) model file")
+    p.add_argument(
+        "--model", required=True, type=Path, help="a .keras (or .h5) or .onnx model file"
+    )
     p.add_argument("--out", required=True, type=Path, help="model directory to write")
     p.add_argument("--labels", help="comma-separated class names (default: from run.json)")
-    p.add_argument("--layer", help="layer to explain (default: run.json, else the last 4-D layer)")
+    p.add_argument(
+        "--layer",
+        help="layer to explain (default: run.json, else the last 4-D layer, also inside a "
+        "nested backbone); a nested model's name means its output",
+    )
     p.add_argument("--input-size", nargs=2, type=int, metavar=("H", "W"))
     p.add_argument("--channels", type=int, choices=(1, 3))
     p.add_argument(
@@ -33,6 +39,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="auto",
         help="what the model's last layer returns (auto: from its activation)",
     )
+    onnx_only = p.add_argument_group("ONNX models only")
+    onnx_only.add_argument("--mean", nargs="+", type=float, help="per-channel mean, after --scale")
+    onnx_only.add_argument("--std", nargs="+", type=float, help="per-channel std, after --scale")
+    onnx_only.add_argument("--layout", choices=("nchw", "nhwc"), help="default: from the input")
+    onnx_only.add_argument("--interpolation", choices=("area", "linear", "cubic", "nearest"))
     p.add_argument("--opset", type=int, default=17)
     p.add_argument(
         "--calibration", type=Path, help="images for the parity gate (default: data/demo/Testing)"
@@ -54,10 +65,19 @@ def main(argv: list[str] | None = None) -> int:
 
         return triton.main(argv[1:])
     args = parse_args(argv)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    if args.model.suffix.lower() == ".onnx":
+        from exporter.onnx_cli import export_onnx  # no TensorFlow on this path
+
+        return export_onnx(args)
+    onnx_flags = [f for f in ("mean", "std", "layout", "interpolation") if getattr(args, f)]
+    if onnx_flags:
+        print(f"export failed: --{', --'.join(onnx_flags)} apply to .onnx models only",
+              file=sys.stderr)
+        return 1
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from exporter.export import export_model  # TensorFlow loads here, after argparse
-    from exporter.model_split import ExportError
+    from exporter.model_split import ExportError, LayerError
 
     height, width = args.input_size or (None, None)
     try:
@@ -80,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     except (ExportError, ValueError) as exc:
         print(f"export failed: {exc}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(exc, LayerError) else 1  # 2: a usage error, as argparse's
     spec = result.spec
     parity = spec.parity
     print(f"exported {spec.name} v{spec.version} to {result.out_dir} in {result.seconds:.1f} s")

@@ -4,42 +4,41 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import tempfile
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from braincam.datasets import IMAGE_SUFFIXES, canonical_class
-from braincam.decoding import load_image
-from braincam.errors import InputError
 from braincam.model_spec import (
     CLASSIFIER_ONNX,
     GRADCAM_ONNX,
-    DataFile,
     Decision,
     Explanation,
-    GraphFile,
     Graphs,
     ModelSpec,
     save_spec,
-    sha256_file,
 )
-from braincam.preprocessing import Preprocessing, preprocess
+from braincam.preprocessing import Preprocessing
+from exporter.model_dir import (
+    CALIBRATION_IMAGES,
+    calibration_inputs,
+    data_file,
+    graph_file,
+    replace_dir,
+    versions,
+)
 from exporter.model_split import ExportError, split_model
+
+__all__ = ["CALIBRATION_IMAGES", "ExportResult", "calibration_inputs", "export_model"]
 
 log = logging.getLogger(__name__)
 
 RUN_JSON = "run.json"
 DEFAULT_OPSET = 17
 DEFAULT_CALIBRATION = Path("data/demo/Testing")
-CALIBRATION_IMAGES = 32
 
 
 @dataclass
@@ -63,80 +62,6 @@ def load_keras(path: Path) -> Any:
 def _read_run(model_path: Path) -> dict[str, Any]:
     run = model_path.parent / RUN_JSON
     return json.loads(run.read_text()) if run.is_file() else {}
-
-
-def calibration_inputs(
-    root: Path, spec: Preprocessing, limit: int = CALIBRATION_IMAGES
-) -> np.ndarray:
-    """Up to `limit` real images from a folder (a Kaggle split, class folders or flat),
-    taken round-robin across class folders so every class is represented."""
-    if not root.is_dir():
-        raise ExportError(f"calibration directory {root} does not exist (pass --calibration DIR)")
-    testing = [p for p in root.iterdir() if p.is_dir() and p.name.lower() == "testing"]
-    if testing:
-        root = testing[0]
-    groups = [
-        sorted(p for p in d.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-        for d in sorted(root.iterdir())
-        if d.is_dir() and canonical_class(d.name)
-    ]
-    if not groups:
-        groups = [sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)]
-    ordered = [g[i] for i in range(max(map(len, groups), default=0)) for g in groups if i < len(g)]
-    images: list[np.ndarray] = []
-    for path in ordered:
-        if len(images) == limit:
-            break
-        try:
-            images.append(preprocess(load_image(path), spec))
-        except (InputError, OSError, ValueError):
-            log.warning("calibration: skipped unreadable %s", path)
-    if not images:
-        raise ExportError(f"no readable images in calibration directory {root}")
-    return np.stack(images)
-
-
-def _versions() -> dict[str, str]:
-    out = {}
-    for dist in (
-        "braincam",
-        "tensorflow",
-        "tensorflow-cpu",
-        "keras",
-        "tf2onnx",
-        "onnx",
-        "onnxruntime",
-        "onnxruntime-gpu",
-        "numpy",
-    ):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            continue
-    return out
-
-
-def _data_file(path: Path) -> DataFile:
-    return DataFile(file=path.name, sha256=sha256_file(path), size_bytes=path.stat().st_size)
-
-
-def _graph_file(path: Path, model: Any) -> GraphFile:
-    def dims(values: Any) -> dict[str, list[int | None]]:
-        return {
-            v.name: [
-                d.dim_value if d.HasField("dim_value") else None
-                for d in v.type.tensor_type.shape.dim
-            ]
-            for v in values
-        }
-
-    return GraphFile(
-        file=path.name,
-        sha256=sha256_file(path),
-        size_bytes=path.stat().st_size,
-        inputs=dims(model.graph.input),
-        outputs=dims(model.graph.output),
-    )
 
 
 def _resolve_preprocessing(
@@ -248,13 +173,13 @@ def export_model(
                 layer=split.layer_name, activation_shape=list(split.activation_shape)
             ),
             graphs=Graphs(
-                classifier=_graph_file(staging / CLASSIFIER_ONNX, protos[CLASSIFIER_ONNX]),
-                gradcam=_graph_file(staging / GRADCAM_ONNX, protos[GRADCAM_ONNX]),
-                weights=_data_file(weights) if weights else None,
+                classifier=graph_file(staging / CLASSIFIER_ONNX, protos[CLASSIFIER_ONNX]),
+                gradcam=graph_file(staging / GRADCAM_ONNX, protos[GRADCAM_ONNX]),
+                weights=data_file(weights) if weights else None,
             ),
             opset=opset,
             parity=report.as_json(),
-            versions=_versions(),
+            versions=versions(),
             exported_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             source={
                 "model": model_path.name,
@@ -267,21 +192,8 @@ def export_model(
         for extra in ("MODEL_CARD.md",):  # the card travels with the model
             if (model_path.parent / extra).is_file():
                 shutil.copy2(model_path.parent / extra, staging / extra)
-        _replace_dir(staging, out_dir)
+        replace_dir(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return ExportResult(spec=spec, out_dir=out_dir, seconds=time.perf_counter() - started)
-
-
-def _replace_dir(staging: Path, out_dir: Path) -> None:
-    """Swap the finished directory into place; an old model is removed only after."""
-    os.chmod(staging, 0o755)
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        out_dir.rename(old)
-        staging.rename(out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        staging.rename(out_dir)

@@ -18,18 +18,46 @@ from typing import Any, Literal
 import keras
 import numpy as np
 
+from exporter.errors import ExportError
+
 OutputKind = Literal["softmax", "sigmoid", "logits"]
 
 
-class ExportError(Exception):
-    """The model cannot be exported as asked; the message says why."""
+class LayerError(ExportError):
+    """The explained layer cannot be used as named (a usage error: the CLI exits with 2)."""
+
+
+def _output_tensor(layer: keras.layers.Layer) -> Any | None:
+    """The layer's single output tensor, or None (never called, or several outputs).
+
+    A nested Functional model's `.output` is its own output structure, which a Keras 3
+    model reloaded from `.keras` may give back as a one-element list.
+    """
+    try:
+        out = layer.output
+    except (AttributeError, ValueError):  # never called
+        return None
+    if isinstance(out, (list, tuple)):
+        if len(out) != 1:
+            return None
+        out = out[0]
+    return out if hasattr(out, "shape") else None
 
 
 def _rank(layer: keras.layers.Layer) -> int | None:
+    out = _output_tensor(layer)
+    return None if out is None else len(out.shape)
+
+
+def _shape_text(layer: keras.layers.Layer) -> str:
+    out = _output_tensor(layer)
+    if out is not None:
+        return f"output shape {tuple(out.shape)}"
     try:
-        return len(layer.output.shape)
-    except (AttributeError, ValueError):  # layer never called / multiple outputs
-        return None
+        n = len(layer.output)
+    except (AttributeError, ValueError, TypeError):
+        return "no output (it is never called in the model)"
+    return f"{n} outputs"
 
 
 def _is_model(layer: keras.layers.Layer) -> bool:
@@ -69,17 +97,76 @@ def _find_path(model: keras.Model, name: str) -> list[keras.layers.Layer] | None
     return None
 
 
-def _auto_path(model: keras.Model) -> list[keras.layers.Layer]:
-    """The last layer with a 4-D output before the head, descending into backbones."""
+def _auto_path(model: keras.Model) -> list[keras.layers.Layer] | None:
+    """The last layer with a 4-D output, descending into nested models (backbones).
+
+    A backbone is searched even when its own output is not 4-D (keras.applications
+    with `pooling="avg"`): its global pooling then joins the head.
+    """
     for layer in reversed(_compute_layers(model)):
-        if _rank(layer) == 4:
-            if _is_model(layer):
-                return [layer, *_auto_path(layer)]
+        if _is_model(layer):
+            inner = _auto_path(layer)
+            if inner:
+                return [layer, *inner]
+        elif _rank(layer) == 4:
             return [layer]
-    raise ExportError(
-        "the model has no layer with a 4-D output [N,h,w,C]: it is not a CNN that Grad-CAM "
-        "can explain (pass --layer to name one if auto-detection missed it)"
-    )
+    return None
+
+
+def _output_producer(nested: keras.Model) -> keras.layers.Layer:
+    """The layer inside `nested` that produces its (single) output."""
+    outputs = nested.outputs  # a list for Functional and Sequential models alike
+    history = getattr(outputs[0], "_keras_history", None) if len(outputs) == 1 else None
+    producer = history[0] if history else None
+    if producer is None or producer not in _compute_layers(nested):
+        raise LayerError(
+            f"cannot explain the nested model '{nested.name}' by its output "
+            f"({len(outputs)} output(s)); name a layer inside it with --layer"
+        )
+    return producer
+
+
+def _descend_to_output(path: list[keras.layers.Layer]) -> list[keras.layers.Layer]:
+    """A nested model named as the explained layer means its output: extend the path to
+    the layer inside it that produces that output (again for models inside models)."""
+    while _is_model(path[-1]):
+        nested = path[-1]
+        if _rank(nested) != 4:
+            inner = _auto_path(nested)
+            hint = f"; its last 4-D layer is '{inner[-1].name}'" if inner else ""
+            raise LayerError(
+                f"layer '{nested.name}' is a nested model with {_shape_text(nested)}, "
+                f"not [N,h,w,C] (a pooled backbone?){hint}"
+            )
+        path = [*path, _output_producer(nested)]
+    return path
+
+
+def _check_chain(
+    start: keras.layers.Layer, after: list[keras.layers.Layer], target: keras.layers.Layer
+) -> None:
+    """The head is replayed layer by layer, so after the cut each layer must take its
+    input from the one before: a residual merge or a branch there cannot be replayed."""
+    previous = start
+    for layer in after:
+        nodes = getattr(layer, "_inbound_nodes", None)
+        sources = (
+            {t._keras_history[0] for t in nodes[0].input_tensors} if nodes else set()
+        )
+        if sources != {previous}:
+            raise LayerError(
+                f"cannot explain layer '{target.name}': after it, layer '{layer.name}' does "
+                f"not simply take the output of '{previous.name}' (a residual merge or a "
+                "branch); explain a layer after the last merge (--layer)"
+            )
+        previous = layer
+
+
+def _names_hint(model: keras.Model, limit: int = 8) -> str:
+    names = list(explainable_layers(model))
+    if len(names) > limit:
+        return f"..., {', '.join(names[-limit:])} ({len(names)} in all)"
+    return ", ".join(names) or "none"
 
 
 def layer_names(model: keras.Model) -> list[str]:
@@ -121,19 +208,26 @@ def _output_kind(
 def split_model(model: keras.Model, layer: str | None = None, outputs: str = "auto") -> ModelSplit:
     """Cut `model` at the explained layer (auto-detected unless named)."""
     if layer is None:
-        path = _auto_path(model)
+        auto = _auto_path(model)
+        if auto is None:
+            raise ExportError(
+                "the model has no layer with a 4-D output [N,h,w,C]: it is not a CNN that "
+                "Grad-CAM can explain (pass --layer to name one if auto-detection missed it)"
+            )
+        path = auto
     else:
         found = _find_path(model, layer)
         if found is None:
-            raise ExportError(
+            raise LayerError(
                 f"no layer named '{layer}' in the model; layers with a 4-D output: "
-                + ", ".join(explainable_layers(model))
+                + _names_hint(model)
             )
-        path = found
+        path = _descend_to_output(found)
     target = path[-1]
     if _rank(target) != 4:
-        raise ExportError(
-            f"layer '{target.name}' has output shape {target.output.shape}, not [N,h,w,C]"
+        raise LayerError(
+            f"layer '{target.name}' has {_shape_text(target)}, not [N,h,w,C]; "
+            "layers with a 4-D output: " + _names_hint(model)
         )
 
     # Features: outer layers before the nested model(s) on the path are replayed in front.
@@ -144,9 +238,14 @@ def split_model(model: keras.Model, layer: str | None = None, outputs: str = "au
         layers = _compute_layers(container)
         idx = layers.index(node)
         if depth == len(path) - 1:
-            features_stack.append(keras.Model(container.inputs, node.output, name="features"))
+            try:
+                cut = keras.Model(container.inputs, _output_tensor(node), name="features")
+            except ValueError as exc:  # e.g. a layer not connected to the model's input
+                raise LayerError(f"cannot cut the model at layer '{node.name}': {exc}") from exc
+            features_stack.append(cut)
         else:
             features_stack.extend(layers[:idx])
+        _check_chain(node, layers[idx + 1 :], target)
         head = layers[idx + 1 :] + head
         container = node
 
@@ -170,7 +269,9 @@ def split_model(model: keras.Model, layer: str | None = None, outputs: str = "au
         raise ExportError(
             "multi-label sigmoid outputs are not supported: one sigmoid unit or a softmax"
         )
-    shape = tuple(int(d) for d in target.output.shape[1:])
+    activations = _output_tensor(target)
+    assert activations is not None  # its rank was checked above
+    shape = tuple(int(d) for d in activations.shape[1:])
     return ModelSplit(features, head, last, kind, target.name, shape, num_outputs)  # type: ignore[arg-type]
 
 
@@ -188,4 +289,5 @@ def keras_probabilities(model: keras.Model, x: np.ndarray, kind: OutputKind) -> 
 
 
 def explainable_layers(model: keras.Model) -> Sequence[str]:
+    """Names --layer accepts (a nested model's name stands for its output)."""
     return [n for n in layer_names(model) if _rank(_find_path(model, n)[-1]) == 4]  # type: ignore[index]

@@ -291,10 +291,9 @@ def write_repository(
         raise TritonExportError("Triton model versions are positive integers")
     weights = spec.graphs.weights.file if spec.graphs.weights else None
 
-    plan = [
-        (base, spec.graphs.classifier.file),
-        (_check_name(base + GRADCAM_SUFFIX), spec.graphs.gradcam.file),
-    ]
+    plan = [(base, spec.graphs.classifier.file)]
+    if spec.graphs.gradcam is not None:  # a model without a Grad-CAM graph: the classifier
+        plan.append((_check_name(base + GRADCAM_SUFFIX), spec.graphs.gradcam.file))
     for model_name, _ in plan:
         existing = repo / model_name
         if existing.exists():
@@ -352,11 +351,11 @@ def _write_model(
 
 def _check_contract(model: TritonModel, spec: ModelSpec) -> None:
     """The graph must take the image the contract describes (model.json)."""
-    h, w, c = spec.input_shape
+    dims = list(spec.input_shape)  # [H, W, C] or [C, H, W] (preprocessing.layout)
     image = next((t for t in model.io.inputs if t.name == IMAGE_INPUT), None)
-    if image is None or image.dims != [h, w, c] or image.data_type != "TYPE_FP32":
+    if image is None or image.dims != dims or image.data_type != "TYPE_FP32":
         raise TritonExportError(
-            f"{model.graph}: expected input {IMAGE_INPUT!r} FP32 [N, {h}, {w}, {c}], "
+            f"{model.graph}: expected input {IMAGE_INPUT!r} FP32 [N, {', '.join(map(str, dims))}], "
             f"found {[(t.name, t.data_type, t.dims) for t in model.io.inputs]}"
         )
 

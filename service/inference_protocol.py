@@ -105,25 +105,26 @@ def _tensors(args: Sequence[Any]) -> list[TensorSpec]:
 def protocol_models(model: OnnxModel) -> Mapping[str, ProtocolModel]:
     """The OIP models of the served directory, described by the graphs themselves."""
     spec = model.spec
-    return {
-        m.name: m
-        for m in (
-            ProtocolModel(
-                spec.name,
-                spec.version,
-                "classifier",
-                _tensors(model.classifier.get_inputs()),
-                _tensors(model.classifier.get_outputs()),
-            ),
+    models = [
+        ProtocolModel(
+            spec.name,
+            spec.version,
+            "classifier",
+            _tensors(model.classifier.get_inputs()),
+            _tensors(model.classifier.get_outputs()),
+        )
+    ]
+    if model.gradcam_session is not None:  # a model without a Grad-CAM graph has one model
+        models.append(
             ProtocolModel(
                 spec.name + GRADCAM_SUFFIX,
                 spec.version,
                 "gradcam",
                 _tensors(model.gradcam_session.get_inputs()),
                 _tensors(model.gradcam_session.get_outputs()),
-            ),
+            )
         )
-    }
+    return {m.name: m for m in models}
 
 
 def find_model(model: OnnxModel, name: str, version: str | None = None) -> ProtocolModel:
@@ -324,6 +325,7 @@ def run_inference(
                 f"{[t.name for t in target.outputs]}"
             )
     session = model.classifier if target.graph == "classifier" else model.gradcam_session
+    assert session is not None  # protocol_models lists the gradcam graph only when loaded
     started = time.perf_counter()
     arrays = session.run([o.name for o in requested], feeds)
     metrics.inference.labels(graph=target.graph).observe(time.perf_counter() - started)

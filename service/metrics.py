@@ -33,7 +33,7 @@ class Metrics:
         )
         self.inference = Histogram(
             "braincam_inference_duration_seconds",
-            "ONNX Runtime run time by graph (classifier, gradcam)",
+            "ONNX Runtime run time by graph (classifier, gradcam; occlusion: its classifier runs)",
             ["graph"],
             buckets=INFERENCE_BUCKETS,
             registry=r,

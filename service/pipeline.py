@@ -13,12 +13,13 @@ from typing import Any
 
 import numpy as np
 
-from braincam.cam import compute_cam, flip_smoothed
+from braincam.cam import METHODS, available_methods, compute_cam, default_method, flip_smoothed
 from braincam.decision import Decision, decide
 from braincam.decoding import DecodedImage
-from braincam.errors import InvalidParameter
+from braincam.errors import InvalidParameter, MethodUnavailable
 from braincam.inference import OnnxModel
-from braincam.model_spec import ModelSpec
+from braincam.model_spec import IMAGE_INPUT, ModelSpec
+from braincam.occlusion import OCCLUSION, OcclusionSensitivity
 from braincam.overlay import blend, colorize, encode_png, panels, to_base64_png
 from braincam.pipeline import Prepared, gradients_for, prepare
 from service.metrics import Metrics
@@ -64,6 +65,29 @@ def resolve_images(value: str | None) -> frozenset[str]:
             f"choose from {', '.join(IMAGES)} or all"
         )
     return frozenset(names or {"overlay"})
+
+
+def resolve_method(value: str | None, model: OnnxModel, occlusion: bool) -> str:
+    """A method name -> the name, if this model offers it (see `available_methods`);
+    none -> the model's default (gradcam, or occlusion without a Grad-CAM graph)."""
+    if value is None or not value.strip():
+        return default_method(model.has_gradcam)
+    name = value.strip().lower()[:64]  # [:64]: a bounded echo in errors
+    offered = available_methods(model.has_gradcam, occlusion)
+    if name in offered:
+        return name
+    if name in METHODS:
+        raise MethodUnavailable(
+            f"method {name!r} needs a Grad-CAM graph (gradcam.onnx), which this model does "
+            f"not have; available: {', '.join(offered)}"
+        )
+    if name == OCCLUSION:
+        raise MethodUnavailable(
+            "method 'occlusion' is off for models with a Grad-CAM graph (it costs one "
+            "classifier run per 32 occluding windows); the server offers it with "
+            f"BRAINCAM_OCCLUSION=true; available: {', '.join(offered)}"
+        )
+    raise InvalidParameter(f"unknown CAM method {name!r}; valid methods: {', '.join(offered)}")
 
 
 def resolve_target(value: str | None, spec: ModelSpec) -> int | None:
@@ -144,6 +168,55 @@ def predict_response(
     )
 
 
+@dataclass
+class _Maps:
+    """The explanation's model-side part, whichever method made it."""
+
+    decision: Decision
+    explained: int  # the class the maps explain
+    cams: np.ndarray  # [n, H, W] in [0, 1], at the upload's size
+    layer: str  # the explained layer, or the input for occlusion
+    gradcam_runs: int
+    inference_s: float
+    cam_s: float
+
+
+def _gradcam_maps(
+    model: OnnxModel, batch: np.ndarray, params: ExplainParams, size: tuple[int, int]
+) -> _Maps:
+    spec = model.spec
+    n = batch.shape[0]
+    t0 = time.perf_counter()
+    requested = -1 if params.target is None else params.target
+    out = model.gradcam(batch, np.full((n,), requested, dtype=np.int64))
+    # The prediction comes from the same run: no separate classifier pass.
+    decision = decide(out.probabilities[0], spec)
+    explained = decision.class_index if params.target is None else params.target
+    acts, grads, runs = gradients_for(model, batch, out, np.full((n,), explained, np.int64))
+    t1 = time.perf_counter()
+    cams = compute_cam(params.method, acts, grads, size=size)
+    return _Maps(
+        decision, explained, cams, spec.explanation.layer, runs, t1 - t0, time.perf_counter() - t1
+    )
+
+
+def _occlusion_maps(
+    model: OnnxModel, batch: np.ndarray, target: int | None, size: tuple[int, int]
+) -> _Maps:
+    """Occlusion sensitivity from the classifier alone: one run for the decision, then
+    one per 32 occluded copies (of the image, and of its mirror with `smooth`)."""
+    t0 = time.perf_counter()
+    probs = model.predict(batch)
+    decision = decide(probs[0], model.spec)
+    explained = decision.class_index if target is None else target
+    method = OcclusionSensitivity()
+    targets = np.full((batch.shape[0],), explained, dtype=np.int64)
+    drops = method.drops(model.predict, batch, targets, base=probs[:, explained])
+    t1 = time.perf_counter()
+    cams = method.maps(drops, size)
+    return _Maps(decision, explained, cams, IMAGE_INPUT, 0, t1 - t0, time.perf_counter() - t1)
+
+
 def explain(
     model: OnnxModel,
     metrics: Metrics,
@@ -156,22 +229,20 @@ def explain(
     prepared = prepare(data, slice_index, spec)
     decoded = prepared.decoded
     x = prepared.batch
-    # smooth: the image and its left-right mirror (W is axis 2 of NHWC) as ONE batch.
-    batch = np.ascontiguousarray(np.concatenate([x, x[:, :, ::-1, :]])) if params.smooth else x
-    n = batch.shape[0]
+    # smooth: the image and its left-right mirror as ONE batch.
+    mirrored = np.flip(x, axis=spec.preprocessing.width_axis)
+    batch = np.ascontiguousarray(np.concatenate([x, mirrored])) if params.smooth else x
 
-    t0 = time.perf_counter()
-    requested = -1 if params.target is None else params.target
-    out = model.gradcam(batch, np.full((n,), requested, dtype=np.int64))
-    # The prediction comes from the same run: no separate classifier pass.
-    decision = decide(out.probabilities[0], spec)
-    explained = decision.class_index if params.target is None else params.target
-    acts, grads, runs = gradients_for(model, batch, out, np.full((n,), explained, np.int64))
-    inference_s = time.perf_counter() - t0
-    metrics.inference.labels(graph="gradcam").observe(inference_s)
+    if params.method == OCCLUSION:
+        maps = _occlusion_maps(model, batch, params.target, decoded.size)
+        # Its own series: tens of classifier runs would skew the classifier's.
+        metrics.inference.labels(graph="occlusion").observe(maps.inference_s)
+    else:
+        maps = _gradcam_maps(model, batch, params, decoded.size)
+        metrics.inference.labels(graph="gradcam").observe(maps.inference_s)
+    decision, explained, cams = maps.decision, maps.explained, maps.cams
 
     t1 = time.perf_counter()
-    cams = compute_cam(params.method, acts, grads, size=decoded.size)
     cam = flip_smoothed(cams[0], cams[1]) if params.smooth else cams[0]
     t2 = time.perf_counter()
     heat = colorize(cam, params.colormap)
@@ -193,19 +264,19 @@ def explain(
         input=_input_info(decoded),
         target=Target(class_index=explained, label=spec.labels[explained]),
         method=params.method,
-        layer=spec.explanation.layer,
+        layer=maps.layer,
         colormap=params.colormap,
         alpha=params.alpha,
         smooth=params.smooth,
-        gradcam_runs=runs,
+        gradcam_runs=maps.gradcam_runs,
         overlay_png=overlay_png,
         heatmap_png=heatmap_png,
         panels_png=panels_png,
         timing_ms=ExplainTiming(
             decode=_ms(prepared.decode_s),
             preprocess=_ms(prepared.preprocess_s),
-            inference=_ms(inference_s),
-            cam=_ms(t2 - t1),
+            inference=_ms(maps.inference_s),
+            cam=_ms(maps.cam_s + t2 - t1),
             encode=_ms(t3 - t2),
             total=_ms(time.perf_counter() - started),
         ),
@@ -218,12 +289,13 @@ def warmup(model: OnnxModel) -> None:
     `OnnxModel.warmup` covers ONNX Runtime; this also pays OpenCV's one-off costs
     (codec and font initialisation: tens to hundreds of ms) before the first request.
     """
-    h, w, _ = model.spec.input_shape
+    h, w = model.spec.preprocessing.height, model.spec.preprocessing.width
     ramp = np.linspace(0, 255, h * w, dtype=np.float32).reshape(h, w).astype(np.uint8)
     data = encode_png(ramp)
     scratch = Metrics()  # not the app's: warm-up runs are not traffic
+    method = default_method(model.has_gradcam)
     params = ExplainParams(
-        None, "gradcam", "jet", 0.4, smooth=False, png_compression=1, images=frozenset(IMAGES)
+        None, method, "jet", 0.4, smooth=False, png_compression=1, images=frozenset(IMAGES)
     )
     predict(model, scratch, data, None, time.perf_counter())
     explain(model, scratch, data, None, params, time.perf_counter())

@@ -66,14 +66,18 @@ class ExplainResponse(PredictResponse):
     timing_ms: ExplainTiming
     target: Target = Field(description="the class the heatmap explains")
     method: str = Field(examples=["gradcam"])
-    layer: str = Field(examples=["conv2d_3"], description="the layer whose activations are used")
+    layer: str = Field(
+        examples=["conv2d_3"],
+        description="the layer whose activations are used ('image' for occlusion)",
+    )
     colormap: str = Field(examples=["jet"])
     alpha: float = Field(examples=[0.4])
     smooth: bool = Field(description="averaged with the horizontally flipped image's map")
     gradcam_runs: int = Field(
         examples=[1],
         description="runs of gradcam.onnx: 1, or 2 when the decided class had to be "
-        "re-explained (binary threshold overriding argmax, or a flip changing the class)",
+        "re-explained (binary threshold overriding argmax, or a flip changing the class); "
+        "0 for occlusion, which runs the classifier only",
     )
     # Each PNG is encoded only when asked for (`images`): encoding, not the model,
     # is the largest cost of /explain.

@@ -13,9 +13,11 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from braincam import DISCLAIMER
+from braincam.cam import default_method
 from braincam.dicom_results import build_results
 from braincam.errors import InputError, InvalidParameter, UndecodableImage
 from braincam.inference import OnnxModel
+from braincam.occlusion import OCCLUSION
 from braincam.overlay import DEFAULT_PNG_COMPRESSION, to_base64_png
 from braincam.series import Series, SeriesLimits, read_series
 from braincam.series_analysis import SERIES_RULE, SeriesResult, analyse
@@ -40,7 +42,7 @@ class SeriesParams:
     output: Output = "json"
     explain: bool = False  # /explain/series: the deciding slice's overlay
     slices: str = "deciding"  # overlays of: deciding, all, or indices "0,5,7"
-    method: str = "gradcam"
+    method: str | None = None  # None: the model's default (braincam.cam.default_method)
     colormap: str = "jet"
     alpha: float = 0.4
     png_compression: int = 1
@@ -115,18 +117,20 @@ def run_series(
             "output=dicom needs a DICOM series: a NIfTI volume has no study to add results to"
         )
     explain = parse_slices(params.slices, len(series.slices)) if params.explain else []
+    method = params.method or default_method(model.has_gradcam)
     result = analyse(
         model,
         series,
         explain=explain,
         explain_deciding=params.explain or params.output == "dicom",
-        method=params.method,
+        method=method,
         colormap=params.colormap,
         alpha=params.alpha,
     )
     metrics.inference.labels(graph="classifier").observe(result.inference_s)
     if result.overlays:
-        metrics.inference.labels(graph="gradcam").observe(result.explain_s)
+        graph = "occlusion" if method == OCCLUSION else "gradcam"
+        metrics.inference.labels(graph=graph).observe(result.explain_s)
     t1 = time.perf_counter()
     dicom = _dicom_objects(series, result, model) if params.output == "dicom" else None
     dicom_s = time.perf_counter() - t1

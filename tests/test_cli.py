@@ -212,6 +212,44 @@ def test_explain_writes_the_services_overlays(
         assert np.array_equal(written, expected)
 
 
+def test_explain_by_occlusion_writes_the_services_overlay(
+    folder: Path, tiny_model_dir: Path, model: OnnxModel, capsys: pytest.CaptureFixture[str]
+) -> None:
+    outdir = folder.parent / "occlusion"
+    image = sorted(folder.glob("glioma_*.png"))[0]
+    code, stdout, err = _predict(
+        capsys, str(image), "--model-dir", str(tiny_model_dir), "--explain", str(outdir),
+        "--method", "occlusion",
+    )
+    assert code == 0, err
+    (row,) = _csv(stdout)
+    params = pipeline.ExplainParams(None, "occlusion", "jet", 0.4, False, 1)
+    served = pipeline.explain(model, Metrics(), image.read_bytes(), None, params, 0.0)
+    assert served.label == row["label"]
+    expected = cv2.imdecode(
+        np.frombuffer(base64.b64decode(served.overlay_png or ""), np.uint8), cv2.IMREAD_COLOR
+    )
+    assert np.array_equal(cv2.imread(row["overlay"], cv2.IMREAD_COLOR), expected)
+
+
+def test_a_model_without_a_gradcam_graph_is_explained_by_occlusion(
+    folder: Path, tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model_dir = tmp_path / "classifier-only"
+    shutil.copytree(tiny_model_dir, model_dir)
+    spec = json.loads((model_dir / "model.json").read_text())
+    (model_dir / spec["graphs"]["gradcam"]["file"]).unlink()
+    spec["graphs"]["gradcam"] = None
+    (model_dir / "model.json").write_text(json.dumps(spec))
+    image = str(sorted(folder.glob("glioma_*.png"))[0])
+    args = [image, "--model-dir", str(model_dir), "--explain", str(tmp_path / "ov")]
+    code, _, err = _predict(capsys, *args, "--method", "gradcam")
+    assert code == 2 and "--method occlusion" in err
+    code, stdout, err = _predict(capsys, *args)  # the default method is then occlusion
+    assert code == 0, err
+    assert Path(_csv(stdout)[0]["overlay"]).is_file()
+
+
 def test_exit_codes(folder: Path, tiny_model_dir: Path, tmp_path: Path,
                     capsys: pytest.CaptureFixture[str]) -> None:
     model_dir = ["--model-dir", str(tiny_model_dir)]

@@ -85,6 +85,49 @@ def test_preprocessing_round_trips_through_json() -> None:
         Preprocessing.model_validate({**spec.model_dump(), "unknown": 1})
 
 
+def test_preprocess_mean_std_and_nchw_match_torchvision_normalize() -> None:
+    # torchvision: ToTensor() (x/255, CHW) then Normalize(mean, std).
+    rgb = _gradient_image(40, 30, 3)
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    spec = Preprocessing(height=40, width=30, channels=3, mean=mean, std=std, layout="nchw")
+    out = preprocess(rgb, spec)
+    expected = (rgb.astype(np.float32) / 255 - np.asarray(mean, np.float32)) / np.asarray(
+        std, np.float32
+    )
+    assert out.shape == spec.input_shape == (3, 40, 30) and out.flags.c_contiguous
+    np.testing.assert_allclose(out, expected.transpose(2, 0, 1), rtol=1e-6, atol=1e-6)
+    assert preprocess_batch([rgb, rgb], spec).shape == (2, 3, 40, 30)
+    assert spec.width_axis == 3 and Preprocessing().width_axis == 2
+    nhwc = preprocess(rgb, spec.model_copy(update={"layout": "nhwc"}))
+    assert np.array_equal(nhwc.transpose(2, 0, 1), out)
+
+
+@pytest.mark.parametrize("bad", [{"mean": (0.5,)}, {"mean": (0.5,) * 3, "std": (0.5,)},
+                                 {"mean": (0.5,) * 3, "std": (0.5, 0.0, 0.5)}])
+def test_preprocessing_rejects_bad_normalisation(bad: dict[str, object]) -> None:
+    with pytest.raises(ValueError):
+        Preprocessing(channels=3, **bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("interpolation,flag", [("area", cv2.INTER_AREA),
+                                                ("linear", cv2.INTER_LINEAR),
+                                                ("cubic", cv2.INTER_CUBIC),
+                                                ("nearest", cv2.INTER_NEAREST)])
+def test_preprocess_interpolation_filters(interpolation: str, flag: int) -> None:
+    gray = _gradient_image(97, 131, 1)
+    spec = Preprocessing(height=50, width=40, interpolation=interpolation)  # type: ignore[arg-type]
+    expected = cv2.resize(gray, (40, 50), interpolation=flag).astype(np.float32) / 255
+    np.testing.assert_allclose(preprocess(gray, spec)[:, :, 0], expected, atol=1e-7)
+
+
+def test_old_model_json_preprocessing_keeps_loading() -> None:
+    # A model.json written before mean/std/layout existed: the defaults change nothing.
+    old = {"height": 150, "width": 150, "channels": 1, "scale": "unit", "interpolation": "area"}
+    spec = Preprocessing.model_validate(old)
+    assert (spec.mean, spec.std, spec.layout) == (None, None, "nhwc")
+    assert spec.input_shape == (150, 150, 1)
+
+
 # --- one tensor for the trainer, the exporter and the service ---------------------------
 
 

@@ -101,7 +101,7 @@ def test_sequential_model_with_logits(tmp_path: Path, demo_data: Path) -> None:
         ("EfficientNetB0", 32, True, 4, "linear", False),
         ("ResNet50", 32, False, 1, "sigmoid", True),
         ("Xception", 71, True, 4, "softmax", False),
-        ("DenseNet121", 32, False, 4, "softmax", False),
+        ("DenseNet121", 32, True, 4, "softmax", False),
     ],
 )
 def test_keras_applications(

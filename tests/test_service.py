@@ -26,7 +26,7 @@ from hostile_inputs import dicom, nifti
 from prometheus_client.parser import text_string_to_metric_families
 
 from braincam import DISCLAIMER
-from braincam.cam import METHODS, compute_cam
+from braincam.cam import CLASSIFIER_METHODS, METHODS, compute_cam
 from braincam.decision import decide
 from braincam.decoding import decode_image
 from braincam.inference import OnnxModel
@@ -594,7 +594,7 @@ def test_openapi_documents_disclaimer_and_errors(service: TestClient) -> None:
         "colormap",
         "smooth",
     }
-    assert explain_form["properties"]["method"]["enum"] == list(METHODS)
+    assert explain_form["properties"]["method"]["enum"] == [*METHODS, *CLASSIFIER_METHODS]
     assert service.get("/docs").status_code == 200
 
 

@@ -175,7 +175,13 @@ def load_mask(path: Path, shape: tuple[int, int]) -> np.ndarray | None:
 
 
 def _chunked(model: OnnxModel, max_batch: int) -> Any:
+    """predict over [N,H,W,C] images (the pixel-deletion code's layout) in chunks,
+    transposed to [N,C,H,W] for a model that takes NCHW."""
+    nchw = model.spec.preprocessing.layout == "nchw"
+
     def predict(batch: np.ndarray) -> np.ndarray:
+        if nchw:
+            batch = batch.transpose(0, 3, 1, 2)
         return np.concatenate(
             [
                 model.predict(np.ascontiguousarray(batch[i : i + max_batch]))
@@ -300,6 +306,8 @@ def evaluate(
             continue
         x = np.stack([preprocess(p, pre) for p in pixels])
         out = model.gradcam(x, [s.target for s in chunk])
+        if pre.layout == "nchw":  # the deletion/insertion code perturbs [H,W,C] pixels
+            x = x.transpose(0, 2, 3, 1)
         layer_hw = (int(out.activations.shape[1]), int(out.activations.shape[2]))
         cams = {
             m: compute_cam(m, out.activations, out.gradients, size=(pre.width, pre.height))
@@ -635,6 +643,8 @@ def run(
 
     available = set(ort.get_available_providers())
     model = OnnxModel(model_dir, providers=[p for p in DEFAULT_PROVIDERS if p in available])
+    if not model.has_gradcam:
+        raise ValueError(f"{model_dir} has no Grad-CAM graph (gradcam.onnx) to evaluate")
     spec = model.spec
     samples = collect_samples(data, split, spec.task, spec.labels, limit)
     rows, grid, facts = evaluate(

@@ -28,7 +28,7 @@ from braincam.batch import (
     SliceChoice,
     find_inputs,
 )
-from braincam.cam import METHODS
+from braincam.cam import CLASSIFIER_METHODS, METHODS, available_methods, default_method
 from braincam.cli import UsageError
 from braincam.commands.common import add_model_arguments, load_model, model_notice
 from braincam.decoding import DEFAULT_MAX_PIXELS
@@ -89,7 +89,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="write a heatmap overlay PNG per row under OUTDIR",
     )
     p.add_argument(
-        "--method", choices=list(METHODS), default="gradcam", help="CAM method for --explain"
+        "--method",
+        choices=[*METHODS, *CLASSIFIER_METHODS],
+        help="explanation method for --explain (default: gradcam, or occlusion for a model "
+        "without a Grad-CAM graph; occlusion costs seconds per image)",
     )
     p.add_argument(
         "--colormap", choices=list(COLORMAPS), default="jet", metavar="NAME",
@@ -201,7 +204,12 @@ def run(args: argparse.Namespace) -> int:
             args.explain.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise UsageError(f"cannot create {args.explain}: {exc.strerror or exc}") from exc
-        explain = ExplainOptions(args.explain, args.method, args.colormap, args.alpha)
+        method = args.method or default_method(model.has_gradcam)
+        if method not in available_methods(model.has_gradcam, classifier_methods=True):
+            raise UsageError(
+                f"{model.model_dir} has no Grad-CAM graph: explain with --method occlusion"
+            )
+        explain = ExplainOptions(args.explain, method, args.colormap, args.alpha)
     predictor = BatchPredictor(
         model,
         batch_size=args.batch_size,

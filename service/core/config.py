@@ -58,6 +58,9 @@ class Settings(BaseSettings):
     batching: bool = False
     batch_max_size: int = Field(default=16, ge=1, le=1024)
     batch_max_wait_ms: float = Field(default=2.0, ge=0, le=1000)
+    # /explain method=occlusion for models that have a Grad-CAM graph too (models
+    # without one always offer it): one classifier run per 32 occluding windows.
+    occlusion: bool = False
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
     workers: int = Field(default=1, ge=1)

@@ -1,4 +1,5 @@
-"""POST /explain: the decision plus a class activation map, from one gradcam.onnx run."""
+"""POST /explain: the decision plus a class activation map, from one gradcam.onnx run
+(or, by occlusion, from classifier runs alone)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Form, Response
 
-from braincam.cam import METHODS, get_method
+from braincam.cam import CLASSIFIER_METHODS, METHODS
 from braincam.errors import InvalidParameter
 from braincam.overlay import COLORMAPS
 from service import pipeline
@@ -19,7 +20,6 @@ from service.uploads import read_upload
 
 router = APIRouter(tags=["inference"])
 
-DEFAULT_METHOD = "gradcam"
 DEFAULT_COLORMAP = "jet"
 DEFAULT_ALPHA = 0.4
 
@@ -45,12 +45,16 @@ async def explain(
         ),
     ] = None,
     method: Annotated[
-        str,
+        str | None,
         Form(
-            description="CAM method.",
-            json_schema_extra={"enum": list(METHODS)},
+            description="CAM method (default: gradcam, or occlusion for a model without a "
+            "Grad-CAM graph): the Grad-CAM family needs the model's Grad-CAM graph; "
+            "occlusion needs only the classifier (always offered for a model without a "
+            "Grad-CAM graph, for the others when BRAINCAM_OCCLUSION=true). /metadata's "
+            "cam_methods lists what the served model offers.",
+            json_schema_extra={"enum": [*METHODS, *CLASSIFIER_METHODS]},
         ),
-    ] = DEFAULT_METHOD,
+    ] = None,
     alpha: Annotated[
         float, Form(ge=0.0, le=1.0, description="Heatmap opacity in the overlay.")
     ] = DEFAULT_ALPHA,
@@ -84,12 +88,17 @@ async def explain(
     otherwise, or with `smooth` the mirrored image's argmax differs) and no `target`
     was given, the affected images are run once more with the decided class as target:
     `gradcam_runs` says how many runs there were.
+
+    `method=occlusion` needs no Grad-CAM graph: the classifier runs once for the
+    decision, then on copies of the image with a patch (1/8 of each side, stride half
+    of it) filled with the image's mean, 32 per run; the map is the drop in the
+    explained class's probability. Costlier: tens of runs per image.
     """
     started = time.perf_counter()
     # Parameters are checked before the upload is touched: a typo costs no inference.
     params = pipeline.ExplainParams(
         target=pipeline.resolve_target(target, model.spec),
-        method=get_method(method.strip().lower()[:64]).name,  # [:64]: bounded echo in errors
+        method=pipeline.resolve_method(method, model, settings.occlusion),
         colormap=_colormap(colormap),
         alpha=alpha,
         smooth=smooth,

@@ -7,11 +7,11 @@ from fastapi.responses import JSONResponse
 
 import braincam
 from braincam import DISCLAIMER
-from braincam.cam import METHODS
+from braincam.cam import available_methods, default_method
 from braincam.decoding import SUPPORTED_FORMATS
 from braincam.overlay import COLORMAPS
 from service.api.deps import MetricsDep, ModelDep, RuntimeDep, SettingsDep
-from service.api.routes.explain import DEFAULT_ALPHA, DEFAULT_COLORMAP, DEFAULT_METHOD
+from service.api.routes.explain import DEFAULT_ALPHA, DEFAULT_COLORMAP
 from service.errors import error_responses
 from service.inference_protocol import TensorSpec, find_model
 from service.metrics import CONTENT_TYPE_LATEST
@@ -37,15 +37,20 @@ router = APIRouter()
 )
 async def metadata(model: ModelDep, settings: SettingsDep) -> MetadataResponse:
     report = model.providers
+    methods = available_methods(model.has_gradcam, settings.occlusion)
     return MetadataResponse(
         model=model.spec.model_dump(mode="json"),
         providers=ProviderInfo(
             requested=report.requested, available=report.available, active=report.active
         ),
         gpu=report.gpu,
-        cam_methods=list(METHODS),
+        cam_methods=methods,
         colormaps=list(COLORMAPS),
-        defaults={"method": DEFAULT_METHOD, "alpha": DEFAULT_ALPHA, "colormap": DEFAULT_COLORMAP},
+        defaults={
+            "method": default_method(model.has_gradcam),
+            "alpha": DEFAULT_ALPHA,
+            "colormap": DEFAULT_COLORMAP,
+        },
         limits=Limits(
             max_upload_bytes=settings.max_upload_bytes,
             max_concurrency=settings.max_concurrency,

@@ -9,10 +9,11 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, File, Form, Response, UploadFile
 
-from braincam.cam import METHODS, get_method
+from braincam.cam import CLASSIFIER_METHODS, METHODS
 from braincam.errors import PayloadTooLarge
+from service import pipeline
 from service.api.deps import MetricsDep, ModelDep, RuntimeDep, SettingsDep
-from service.api.routes.explain import DEFAULT_ALPHA, DEFAULT_COLORMAP, DEFAULT_METHOD, _colormap
+from service.api.routes.explain import DEFAULT_ALPHA, DEFAULT_COLORMAP, _colormap
 from service.api.routes.predict import json_bytes
 from service.errors import error_responses
 from service.middleware import upload_limit_message
@@ -104,8 +105,13 @@ async def explain_series(
         ),
     ] = "deciding",
     method: Annotated[
-        str, Form(description="CAM method.", json_schema_extra={"enum": list(METHODS)})
-    ] = DEFAULT_METHOD,
+        str | None,
+        Form(
+            description="CAM method, as for /explain (default: gradcam, or occlusion for a "
+            "model without a Grad-CAM graph; occlusion costs seconds per overlay).",
+            json_schema_extra={"enum": [*METHODS, *CLASSIFIER_METHODS]},
+        ),
+    ] = None,
     alpha: Annotated[
         float, Form(ge=0.0, le=1.0, description="Heatmap opacity in the overlay.")
     ] = DEFAULT_ALPHA,
@@ -118,7 +124,7 @@ async def explain_series(
         output=output,
         explain=True,
         slices=slices[:4096],
-        method=get_method(method.strip().lower()[:64]).name,
+        method=pipeline.resolve_method(method, model, settings.occlusion),
         colormap=_colormap(colormap),
         alpha=alpha,
         png_compression=png_level(settings),

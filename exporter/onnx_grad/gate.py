@@ -1,0 +1,182 @@
+"""The numerical gate of the ONNX path, with no training framework.
+
+- gradcam.onnx's and classifier.onnx's probabilities against the source model's (ORT).
+- gradcam.onnx's gradients against central finite differences of the class score,
+  computed in float64 on a float64 copy of the head (explained tensor -> score) run by
+  onnx.reference: for a few random directions v per input, <G, v> must equal
+  (f(a + t v) - f(a - t v)) / 2t. Directions are zero where the activation is exactly
+  0: after a ReLU those are ties (max pooling over zeros, ReLU at 0) where a function
+  has no derivative and the rules follow PyTorch's convention instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import TensorProto, numpy_helper
+
+from braincam.model_spec import (
+    ACTIVATIONS_OUTPUT,
+    CLASS_OUTPUT,
+    GRADIENTS_OUTPUT,
+    IMAGE_INPUT,
+    PROBABILITIES_OUTPUT,
+    TARGET_INPUT,
+)
+from exporter.errors import ExportError
+from exporter.onnx_grad.anatomy import Found
+
+MIN_INPUTS = 16
+DIRECTIONS = 3
+GRADIENT_TOLERANCE = 1e-3  # |<G,v> - FD| / sum|G v|: float32 gradients vs a float64 FD
+PROBABILITY_TOLERANCE = 1e-5
+
+
+@dataclass
+class GateReport:
+    figures: dict[str, Any] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    def as_json(self) -> dict[str, Any]:
+        return {**self.figures, "passed": self.passed}
+
+
+def _session(model: onnx.ModelProto | Path) -> Any:
+    import onnxruntime as ort
+
+    source = str(model) if isinstance(model, Path) else model.SerializeToString()
+    return ort.InferenceSession(source, providers=["CPUExecutionProvider"])
+
+
+def source_probabilities(scores: np.ndarray, kind: str) -> np.ndarray:
+    """The source model's output as the contract's K-way probabilities."""
+    s = scores.astype(np.float64)
+    if kind == "sigmoid":
+        p = 1.0 / (1.0 + np.exp(-s[:, 0]))
+        return np.stack([1.0 - p, p], axis=1)
+    if kind in ("softmax", "probabilities"):
+        return s
+    e = np.exp(s - s.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def to_float64(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The same graph computing in float64 (initializers, constants, casts, I/O)."""
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    graph = model.graph
+    for i, init in enumerate(graph.initializer):
+        if init.data_type == TensorProto.FLOAT:
+            array = numpy_helper.to_array(init).astype(np.float64)
+            graph.initializer[i].CopyFrom(numpy_helper.from_array(array, init.name))
+    for value in [*graph.input, *graph.output, *graph.value_info]:
+        if value.type.tensor_type.elem_type == TensorProto.FLOAT:
+            value.type.tensor_type.elem_type = TensorProto.DOUBLE
+    for node in graph.node:
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.TENSOR and a.t.data_type == TensorProto.FLOAT:
+                a.t.CopyFrom(numpy_helper.from_array(
+                    numpy_helper.to_array(a.t).astype(np.float64), a.t.name))
+            if node.op_type == "Cast" and a.name == "to" and a.i == TensorProto.FLOAT:
+                a.i = TensorProto.DOUBLE
+    return model
+
+
+def _head(source: onnx.ModelProto, found: Found) -> tuple[Any, list[str]]:
+    """A float64 reference evaluator of explained -> score (plus the image if the
+    explained tensor is not a cut of the graph)."""
+    from onnx.reference import ReferenceEvaluator
+    from onnx.utils import Extractor
+
+    inferred = onnx.shape_inference.infer_shapes(source, data_prop=True)
+    # With the image as a second input, paths that bypass the explained tensor (a --layer
+    # inside a residual block) are computed from the image and held fixed, as the
+    # backward pass does; for a cut of the graph the image is simply unused.
+    head = Extractor(inferred).extract_model([found.image, found.explained], [found.score_tensor])
+    used = {i for node in head.graph.node for i in node.input}
+    return ReferenceEvaluator(to_float64(head)), [i for i in (found.image,) if i in used]
+
+
+def _score(out: np.ndarray, classes: np.ndarray, kind: str) -> np.ndarray:
+    """The explained score per row: the logit, or the log-probability."""
+    rows = np.arange(len(classes))
+    if kind == "sigmoid":  # logits [-z/2, z/2]
+        return np.where(classes == 1, 0.5, -0.5) * out[:, 0]
+    if kind == "probabilities":
+        return np.log(out[rows, classes])
+    return out[rows, classes]
+
+
+def run_gate(
+    source: onnx.ModelProto,
+    found: Found,
+    classifier: Path,
+    gradcam: Path,
+    x: np.ndarray,
+    seed: int = 0,
+) -> GateReport:
+    """`source` is the prepared source model (original tensor names, dynamic batch)."""
+    report = GateReport()
+    n = len(x)
+    if n < MIN_INPUTS:
+        raise ExportError(f"the gate needs >= {MIN_INPUTS} calibration images, found {n}")
+    try:
+        (scores,) = _session(source).run([found.output], {found.image: x})
+        (probs_cls,) = _session(classifier).run([PROBABILITIES_OUTPUT], {IMAGE_INPUT: x})
+        probs, classes, acts, grads = _session(gradcam).run(
+            [PROBABILITIES_OUTPUT, CLASS_OUTPUT, ACTIVATIONS_OUTPUT, GRADIENTS_OUTPUT],
+            {IMAGE_INPUT: x, TARGET_INPUT: np.full(n, -1, np.int64)},
+        )
+    except Exception as exc:  # ORT's errors: often a batch size fixed inside the graph
+        raise ExportError(
+            f"ONNX Runtime failed on a batch of {n} ({type(exc).__name__}: {exc}); if the model "
+            "was exported with a fixed batch size, export it with a dynamic batch axis"
+        ) from exc
+    if len(scores) != n or len(probs) != n or len(probs_cls) != n:
+        raise ExportError(f"a batch of {n} images gave {len(scores)} rows: the model's graph "
+                          "fixes the batch size; export it with a dynamic batch axis")
+    expected = source_probabilities(np.asarray(scores), found.kind)
+    report.figures["n_inputs"] = n
+    report.figures["probabilities_max_abs_diff"] = float(np.abs(probs - expected).max())
+    report.figures["classifier_max_abs_diff"] = float(np.abs(probs_cls - expected).max())
+    for key in ("probabilities_max_abs_diff", "classifier_max_abs_diff"):
+        if report.figures[key] > PROBABILITY_TOLERANCE:
+            report.failures.append(f"{key} {report.figures[key]:.3g} > {PROBABILITY_TOLERANCE}")
+
+    # Finite differences in float64, NHWC outputs back to the head's own layout.
+    to_native = (0, 3, 1, 2) if found.explained_layout == "nchw" else (0, 1, 2, 3)
+    a = acts.transpose(to_native).astype(np.float64)
+    g = grads.transpose(to_native).astype(np.float64)
+    evaluator, image_needed = _head(source, found)
+    rng = np.random.default_rng(seed)
+    v = rng.standard_normal((DIRECTIONS, *a.shape)) * (a != 0)[None]
+    rms = np.sqrt(np.mean(a**2, axis=(1, 2, 3), keepdims=True)) + 1e-12
+    step = 1e-6 * rms  # per input: small against the activations' own scale
+    stacked_a = np.concatenate([a + step * vi for vi in v] + [a - step * vi for vi in v])
+    feeds = {found.explained: stacked_a}
+    images = x.astype(np.float64) if image_needed else np.zeros((n, *x.shape[1:]))
+    feeds[found.image] = np.concatenate([images] * (2 * DIRECTIONS))
+    (out,) = evaluator.run(None, feeds)
+    cls = np.tile(classes, 2 * DIRECTIONS)
+    f = _score(np.asarray(out, np.float64), cls, found.kind).reshape(2, DIRECTIONS, n)
+    fd = (f[0] - f[1]) / (2 * step.reshape(1, n))
+    dot = (g[None] * v).sum(axis=(2, 3, 4))
+    scale = np.abs(g[None] * v).sum(axis=(2, 3, 4)) + 1e-12
+    rel = np.abs(dot - fd) / scale
+    report.figures["fd_directions"] = DIRECTIONS
+    report.figures["gradient_fd_max_rel_err"] = float(rel.max())
+    report.figures["gradient_fd_median_rel_err"] = float(np.median(rel))
+    if rel.max() > GRADIENT_TOLERANCE:
+        report.failures.append(
+            f"gradients differ from float64 finite differences: max relative error "
+            f"{rel.max():.3g} > {GRADIENT_TOLERANCE} ({int((rel > GRADIENT_TOLERANCE).sum())} "
+            f"of {rel.size} directional derivatives)"
+        )
+    return report

@@ -1,0 +1,157 @@
+"""Read-only facts about an ONNX graph: producers, consumers, static shapes, constants.
+
+Shapes come from `onnx.shape_inference` run on a copy whose image input has its
+real spatial size and a symbolic batch, so every spatial dimension the backward
+rules need is static and only the batch is left open.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from exporter.errors import ExportError
+
+Dim = int | None  # None: unknown or symbolic (the batch)
+Ties = Literal["pytorch", "tensorflow"]
+
+
+def tie_convention(model: onnx.ModelProto) -> Ties:
+    """Whose gradient convention at ties the model's ops follow: the framework that
+    wrote the graph (tf2onnx, which names its graphs "tf2onnx", also inside a braincam
+    Keras export: TensorFlow; anything else: PyTorch's)."""
+    tf = model.producer_name.startswith("tf2onnx") or model.graph.name == "tf2onnx"
+    return "tensorflow" if tf else "pytorch"
+
+
+def opset_of(model: onnx.ModelProto) -> int:
+    for entry in model.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            return int(entry.version)
+    raise ExportError("the model imports no default ONNX opset")
+
+
+def node_label(node: onnx.NodeProto) -> str:
+    """How an error names a node: its name, else its first output."""
+    return node.name or (node.output[0] if node.output else node.op_type)
+
+
+def _dims(value: onnx.ValueInfoProto) -> list[Dim] | None:
+    tensor = value.type.tensor_type
+    if not tensor.HasField("shape"):
+        return None
+    return [d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim]
+
+
+@dataclass
+class GraphInfo:
+    model: onnx.ModelProto
+    opset: int
+    producer: dict[str, onnx.NodeProto] = field(default_factory=dict)
+    consumers: dict[str, list[onnx.NodeProto]] = field(default_factory=dict)
+    shapes: dict[str, list[Dim]] = field(default_factory=dict)
+    dtypes: dict[str, int] = field(default_factory=dict)
+    constants: dict[str, np.ndarray] = field(default_factory=dict)
+    ties: Ties = "pytorch"
+
+    @classmethod
+    def of(cls, model: onnx.ModelProto) -> GraphInfo:
+        try:
+            inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+        except Exception as exc:  # InferenceError and friends: the model is inconsistent
+            raise ExportError(f"ONNX shape inference failed on the model: {exc}") from exc
+        info = cls(model=inferred, opset=opset_of(inferred), ties=tie_convention(model))
+        graph = inferred.graph
+        for init in graph.initializer:
+            info.constants[init.name] = numpy_helper.to_array(init)
+            info.shapes[init.name] = list(init.dims)
+            info.dtypes[init.name] = init.data_type
+        for value in [*graph.input, *graph.value_info, *graph.output]:
+            dims = _dims(value)
+            if dims is not None:
+                info.shapes[value.name] = dims
+            info.dtypes.setdefault(value.name, value.type.tensor_type.elem_type)
+        for node in graph.node:
+            for out in node.output:
+                if out:
+                    info.producer[out] = node
+            for inp in node.input:
+                if inp:
+                    info.consumers.setdefault(inp, []).append(node)
+            if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+                for attr in node.attribute:
+                    if attr.name == "value":
+                        info.constants[node.output[0]] = numpy_helper.to_array(attr.t)
+        return info
+
+    @property
+    def nodes(self) -> list[onnx.NodeProto]:
+        return list(self.model.graph.node)
+
+    def shape(self, name: str) -> list[Dim]:
+        if name not in self.shapes:
+            raise ExportError(f"ONNX shape inference gave no shape for tensor {name!r}")
+        return self.shapes[name]
+
+    def rank(self, name: str) -> int:
+        return len(self.shape(name))
+
+    def static_dims(self, name: str, axes: list[int], node: onnx.NodeProto) -> list[int]:
+        """The sizes of `axes` of a tensor, which a rule needs to be known."""
+        shape = self.shape(name)
+        out = [shape[a] for a in axes]
+        if any(d is None for d in out):
+            raise ExportError(
+                f"{node.op_type} node {node_label(node)!r}: the size of axes {axes} of "
+                f"{name!r} is not static ({shape}); the backward rule needs it"
+            )
+        return [int(d) for d in out if d is not None]
+
+    def const(self, name: str, node: onnx.NodeProto, what: str) -> np.ndarray:
+        """The value of an input that must be a constant (an initializer or Constant)."""
+        if name in self.constants:
+            return self.constants[name]
+        raise ExportError(
+            f"{node.op_type} node {node_label(node)!r}: its {what} ({name!r}) is computed at run "
+            "time; the backward rule needs it constant"
+        )
+
+    def optional_const(self, node: onnx.NodeProto, index: int, what: str) -> np.ndarray | None:
+        if len(node.input) <= index or not node.input[index]:
+            return None
+        return self.const(node.input[index], node, what)
+
+
+def attr(node: onnx.NodeProto, name: str, default: object = None) -> object:
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+def attr_ints(node: onnx.NodeProto, name: str, default: list[int] | None = None) -> list[int]:
+    value = attr(node, name)
+    if value is None:
+        return list(default or [])
+    return [int(v) for v in value]  # type: ignore[attr-defined]
+
+
+def attr_int(node: onnx.NodeProto, name: str, default: int) -> int:
+    value = attr(node, name)
+    return default if value is None else int(value)  # type: ignore[call-overload]
+
+
+def attr_float(node: onnx.NodeProto, name: str, default: float) -> float:
+    value = attr(node, name)
+    return default if value is None else float(value)  # type: ignore[arg-type]
+
+
+def attr_str(node: onnx.NodeProto, name: str, default: str) -> str:
+    value = attr(node, name)
+    if value is None:
+        return default
+    return value.decode() if isinstance(value, bytes) else str(value)
