@@ -54,7 +54,10 @@ class CliRun:
 def demo_images(data: Path, n: int) -> list[Path]:
     found = sorted((data / "Testing").glob("*/*.png")) + sorted((data / "Training").glob("*/*.png"))
     if len(found) < n:
-        sys.exit(f"need {n} PNGs under {data}/Testing and Training, found {len(found)}")
+        sys.exit(
+            f"need {n} PNGs under {data}/Testing and Training, found {len(found)} "
+            f"(build them: python -m trainer.demo_data --out {data})"
+        )
     return found[:n]
 
 
