@@ -1,12 +1,12 @@
 """The blocking work behind /predict and /explain (run in worker threads).
 
 Both start from the upload's bytes and go through the same contract functions as
-the trainer and the exporter: `decode_image` -> `preprocess` -> ORT -> `decide`.
+the trainer, the exporter and the batch CLI: `decode_image` -> `preprocess` -> ORT ->
+`decide` (the framework-free steps are in braincam/pipeline.py).
 """
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -15,14 +15,14 @@ import numpy as np
 
 from braincam.cam import METHODS, available_methods, compute_cam, default_method, flip_smoothed
 from braincam.decision import Decision, decide
-from braincam.decoding import DecodedImage, decode_image
-from braincam.errors import InputError, InvalidParameter, MethodUnavailable, UndecodableImage
+from braincam.decoding import DecodedImage
+from braincam.errors import InvalidParameter, MethodUnavailable
 from braincam.inference import OnnxModel
 from braincam.model_spec import IMAGE_INPUT, ModelSpec
 from braincam.occlusion import OCCLUSION, OcclusionSensitivity
 from braincam.ood import ood_verdict
 from braincam.overlay import blend, colorize, encode_png, panels, to_base64_png
-from braincam.preprocessing import preprocess
+from braincam.pipeline import Prepared, gradients_for, prepare
 from service.metrics import Metrics
 from service.schemas import (
     ExplainResponse,
@@ -33,8 +33,6 @@ from service.schemas import (
     PredictTiming,
     Target,
 )
-
-log = logging.getLogger(__name__)
 
 
 def _ms(seconds: float) -> float:
@@ -109,38 +107,6 @@ def resolve_target(value: str | None, spec: ModelSpec) -> int | None:
         f"'target' must be one of {', '.join(spec.labels)} "
         f"or an index 0..{len(spec.labels) - 1}, got {text[:64]!r}"
     )
-
-
-@dataclass
-class Prepared:
-    """One upload, decoded and preprocessed: what a batch needs from each request."""
-
-    decoded: DecodedImage
-    batch: np.ndarray  # [1, *spec.input_shape] float32 ([1,H,W,C] or [1,C,H,W])
-    decode_s: float
-    preprocess_s: float
-
-
-def prepare(data: bytes, slice_index: int | None, spec: ModelSpec) -> Prepared:
-    """Decode + preprocess; every failure here is the upload's (a 4xx, never a 500)."""
-    try:
-        t0 = time.perf_counter()
-        decoded = decode_image(data, slice_index)
-        t1 = time.perf_counter()
-        batch = preprocess(decoded.pixels, spec.preprocessing)[None]
-        t2 = time.perf_counter()
-    except InputError:
-        raise
-    except Exception as exc:
-        # The decoders parse arbitrary bytes with third-party readers (OpenCV,
-        # pydicom, nibabel) that raise all sorts of exceptions on damaged files, some
-        # of them lazily, after the file "opened". Whatever escapes is the upload's
-        # fault, so it is a 422, not a 500; logged in full in case it is a bug of ours.
-        log.warning("decoding failed with %s", type(exc).__name__, exc_info=True)
-        raise UndecodableImage(
-            f"could not decode the file: {type(exc).__name__} while reading it"
-        ) from exc
-    return Prepared(decoded, batch, t1 - t0, t2 - t1)
 
 
 def _input_info(decoded: DecodedImage) -> InputInfo:
@@ -231,22 +197,10 @@ def _gradcam_maps(
     t0 = time.perf_counter()
     requested = -1 if params.target is None else params.target
     out = model.gradcam(batch, np.full((n,), requested, dtype=np.int64))
-    runs = 1
     # The prediction comes from the same run: no separate classifier pass.
     decision = decide(out.probabilities[0], spec)
     explained = decision.class_index if params.target is None else params.target
-    acts, grads = out.activations, out.gradients
-    # Target -1 makes the graph explain argmax. A binary threshold can decide the
-    # other class, and a mirrored image can flip argmax: those items need the
-    # gradient of the decided class, i.e. one more run with an explicit target.
-    redo = np.flatnonzero(out.class_index != explained)
-    if redo.size:
-        again = model.gradcam(
-            np.ascontiguousarray(batch[redo]), np.full((redo.size,), explained, dtype=np.int64)
-        )
-        acts, grads = acts.copy(), grads.copy()
-        acts[redo], grads[redo] = again.activations, again.gradients
-        runs += 1
+    acts, grads, runs = gradients_for(model, batch, out, np.full((n,), explained, np.int64))
     t1 = time.perf_counter()
     cams = compute_cam(params.method, acts, grads, size=size)
     score = None if out.ood_score is None else float(out.ood_score[0])
