@@ -1,6 +1,6 @@
 """`python -m benchmarks`: every performance figure of the project, side by side, in one run.
 
-    python -m benchmarks --model-dir models/demo [--quick] [--no-keras] [--no-http]
+    python -m benchmarks --model-dir models/demo [--quick] [--no-keras] [--no-http] [--cli]
 
 Same model, same image (the first demo test image unless --image), medians and
 p95 over repeated runs, each measurement bounded in count and in time (the full
@@ -66,6 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clients", default="1,8,32", help="concurrent clients, comma-separated")
     p.add_argument("--no-sizes", action="store_true",
                    help="skip the 512/1024 PNG, JPEG and DICOM uploads (benchmarks/uploads.py)")
+    p.add_argument(
+        "--cli", action="store_true",
+        help="also `braincam predict` on 1,000 demo PNGs vs sequential /predict (bench_cli)",
+    )
     args = p.parse_args(argv)
 
     quick = args.quick
@@ -136,6 +140,16 @@ def main(argv: list[str] | None = None) -> int:
                 keras_path, spec, data, 10 if quick else 30, 2.0 if quick else 6.0
             )
 
+    cli_section: list[str] = []
+    if args.cli:
+        from benchmarks import bench_cli
+
+        print("braincam predict vs /predict ...", file=sys.stderr)
+        files = bench_cli.demo_images(ROOT / "data" / "demo", 200 if quick else 1000)
+        cli_results = bench_cli.measure(args.model_dir, files, rounds=1)
+        cli_section = ["", f"## braincam predict vs sequential /predict ({len(files)} demo PNGs)",
+                       "", *bench_cli.table(cli_results), ""]
+
     setup = {
         "model": f"{spec.name} v{spec.version}, input {spec.input_shape}, "
         f"{len(spec.labels)} classes, explained layer {spec.explanation.layer}",
@@ -158,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         clients,
         load_average(),
     )
+    report += "\n".join(cli_section)
     print(report)
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")

@@ -17,7 +17,7 @@ from __future__ import annotations
 import io
 import math
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -64,6 +64,22 @@ class DecodedImage:
     def size(self) -> tuple[int, int]:
         """(width, height) of the decoded slice."""
         return int(self.pixels.shape[1]), int(self.pixels.shape[0])
+
+
+@dataclass(frozen=True)
+class OpenedImage:
+    """A file parsed once (`open_image`): its slice count, any slice decoded on demand.
+
+    `n_slices` is None for a 2-D image; `slice(None)` is that image, or the middle
+    slice of a volume, as in `decode_image`.
+    """
+
+    format: str
+    n_slices: int | None
+    _decode: Callable[[int | None], DecodedImage]
+
+    def slice(self, index: int | None = None) -> DecodedImage:
+        return self._decode(index)
 
 
 def sniff_format(data: bytes) -> str:
@@ -128,6 +144,46 @@ def decode_image(
     if fmt == "dicom":
         return _decode_dicom(data, slice_index, budget)
     return _decode_nifti(data, slice_index, budget)
+
+
+def open_image(data: bytes, *, max_pixels: int | None = None) -> OpenedImage:
+    """Parse a file once; `.slice(k)` then equals `decode_image(data, k)`.
+
+    For every slice of a volume: `decode_image` per slice would parse (and for NIfTI
+    reorient) the whole file each time. The same checks and decoders: a DICOM's
+    frames come from one parsed dataset (pydicom keeps its pixel array), a NIfTI's
+    slices from one canonical volume; a 2-D image is decoded when asked for.
+    """
+    if not data:
+        raise UndecodableImage("the uploaded file is empty")
+    budget = _max_pixels.get() if max_pixels is None else max_pixels
+    fmt = sniff_format(data)
+    if fmt in RASTER_FORMATS:
+        return OpenedImage(fmt, None, lambda k: decode_image(data, k, max_pixels=budget))
+    if fmt == "dicom":
+        import pydicom
+
+        try:
+            ds = pydicom.dcmread(io.BytesIO(data), force=False)
+            _check_dicom_size(ds, budget)
+            frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+        except InputError:
+            raise
+        except Exception as exc:  # as in _decode_dicom: pydicom may raise anything
+            raise UndecodableImage(
+                f"could not decode the DICOM file: {type(exc).__name__}"
+            ) from exc
+        return OpenedImage(
+            "dicom", frames, lambda k: decode_dicom_dataset(ds, k, max_pixels=budget)
+        )
+    volume, bit_depth = _nifti_volume(data, budget)
+    n = int(volume.shape[2])
+
+    def nifti_slice(k: int | None) -> DecodedImage:
+        index = _pick_slice(n, k)
+        return DecodedImage(_nifti_axial(volume, index), "nifti", bit_depth, index, n)
+
+    return OpenedImage("nifti", n, nifti_slice)
 
 
 def check_pixels(width: int, height: int, max_pixels: int, what: str = "image") -> None:

@@ -42,6 +42,13 @@ class PayloadTooLarge(InputError):
     code = "payload_too_large"
 
 
+class OutOfDistribution(InputError):
+    """The out-of-distribution gate flagged the image and the policy is to refuse it."""
+
+    status_code = 422
+    code = "out_of_distribution"
+
+
 class ImageTooLarge(InputError):
     """The file is small but declares more pixels (or voxels) than the budget: refused
     from its header, before anything is decoded."""

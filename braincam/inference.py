@@ -20,6 +20,7 @@ from braincam.model_spec import (
     CLASS_OUTPUT,
     GRADIENTS_OUTPUT,
     IMAGE_INPUT,
+    OOD_SCORE_OUTPUT,
     PROBABILITIES_OUTPUT,
     TARGET_INPUT,
     ModelSpec,
@@ -41,6 +42,15 @@ class GradcamOutput:
     class_index: np.ndarray  # [N] int64, the explained class
     activations: np.ndarray  # [N, h, w, C]
     gradients: np.ndarray  # [N, h, w, C], d(pre-softmax score of class_index)/d(activations)
+    ood_score: np.ndarray | None = None  # [N], models with an out-of-distribution detector
+
+
+@dataclass(frozen=True)
+class Classified:
+    """What one run of classifier.onnx returns."""
+
+    probabilities: np.ndarray  # [N, K]
+    ood_score: np.ndarray | None  # [N], None for models without a detector
 
 
 @dataclass
@@ -119,6 +129,17 @@ class OnnxModel:
         self.providers = ProviderReport(
             requested=list(providers), available=available, active=active, warnings=warnings
         )
+        # model.json's `ood` names the score output; every graph must really have it.
+        self.has_ood = self.spec.ood is not None and all(
+            self.spec.ood.output in {o.name for o in s.get_outputs()}
+            for s in (self.classifier, self.gradcam_session)
+            if s is not None
+        )
+        if self.spec.ood is not None and not self.has_ood:
+            raise ValueError(
+                f"model.json describes an out-of-distribution detector but the graphs have "
+                f"no '{self.spec.ood.output}' output"
+            )
 
     @property
     def labels(self) -> list[str]:
@@ -132,6 +153,15 @@ class OnnxModel:
         """float32 [N,H,W,C] -> probabilities [N,K]."""
         (probs,) = self.classifier.run([PROBABILITIES_OUTPUT], {IMAGE_INPUT: batch})
         return np.asarray(probs)
+
+    def classify(self, batch: np.ndarray) -> Classified:
+        """Probabilities and, with a detector, the out-of-distribution score: one run."""
+        if not self.has_ood:
+            return Classified(self.predict(batch), None)
+        probs, score = self.classifier.run(
+            [PROBABILITIES_OUTPUT, OOD_SCORE_OUTPUT], {IMAGE_INPUT: batch}
+        )
+        return Classified(np.asarray(probs), np.asarray(score))
 
     def gradcam(
         self, batch: np.ndarray, targets: np.ndarray | Sequence[int] | None = None
@@ -147,12 +177,17 @@ class OnnxModel:
             if targets is None
             else np.asarray(targets, dtype=np.int64)
         )
-        probs, cls, acts, grads = self.gradcam_session.run(
-            [PROBABILITIES_OUTPUT, CLASS_OUTPUT, ACTIVATIONS_OUTPUT, GRADIENTS_OUTPUT],
-            {IMAGE_INPUT: batch, TARGET_INPUT: target},
-        )
+        names = [PROBABILITIES_OUTPUT, CLASS_OUTPUT, ACTIVATIONS_OUTPUT, GRADIENTS_OUTPUT]
+        if self.has_ood:
+            names.append(OOD_SCORE_OUTPUT)
+        out = self.gradcam_session.run(names, {IMAGE_INPUT: batch, TARGET_INPUT: target})
+        probs, cls, acts, grads = out[:4]
         return GradcamOutput(
-            np.asarray(probs), np.asarray(cls), np.asarray(acts), np.asarray(grads)
+            np.asarray(probs),
+            np.asarray(cls),
+            np.asarray(acts),
+            np.asarray(grads),
+            np.asarray(out[4]) if self.has_ood else None,
         )
 
     def warmup(self) -> None:

@@ -29,6 +29,8 @@ PROBABILITIES_OUTPUT = "probabilities"
 CLASS_OUTPUT = "class_index"
 ACTIVATIONS_OUTPUT = "activations"
 GRADIENTS_OUTPUT = "gradients"
+# Both graphs of a model with an out-of-distribution detector also output this [N].
+OOD_SCORE_OUTPUT = "ood_score"
 
 Task = Literal["multiclass", "binary"]
 
@@ -99,6 +101,44 @@ class Quantization(BaseModel):
     float_classifier_sha256: str
 
 
+class OodDetector(BaseModel):
+    """The out-of-distribution gate: the graphs output `output`, inputs above `threshold`
+    are flagged. Fitted at export on the model's penultimate features."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    detector: Literal["mahalanobis", "energy"]
+    threshold: float = Field(description="scores above it are out of distribution")
+    target_pass_rate: float = Field(default=0.95, gt=0.0, le=1.0)
+    held_out_pass_rate: float = Field(description="share of held-out images under the threshold")
+    fit_size: int = Field(ge=0, description="images the statistics were fitted on")
+    held_out_size: int = Field(ge=0, description="in-distribution images the threshold was set on")
+    fit_data: str = Field(default="", description="where the fit and held-out images came from")
+    output: str = OOD_SCORE_OUTPUT
+    features: str = Field(default="", description="graph tensor of the penultimate features")
+    feature_dim: int | None = None
+    logits: str = Field(default="", description="graph tensor of the pre-softmax scores")
+    gaussians: int | None = Field(default=None, description="class-conditional means (Mahalanobis)")
+    shrinkage: float | None = Field(default=None, description="Ledoit-Wolf shrinkage")
+    rank: int | None = Field(
+        default=None, description="covariance directions weighted on their own (the rest share one)"
+    )
+
+
+class Calibration(BaseModel):
+    """Temperature scaling: the graphs' probabilities are softmax(logits / temperature)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: Literal["temperature"] = "temperature"
+    temperature: float = Field(gt=0.0)
+    fit_size: int = Field(ge=0)
+    fit_data: str = ""
+    at_bound: bool = Field(default=False, description="the fit stopped at the search bound")
+    # On the fit set, before (T = 1) and after: ECE (15 bins), Brier score, NLL.
+    figures: dict[str, float] = Field(default_factory=dict)
+
+
 class ModelSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -125,6 +165,9 @@ class ModelSpec(BaseModel):
     disclaimer: str = DISCLAIMER
     # None: both graphs float32, as exported.
     quantization: Quantization | None = None
+    # Optional (older model.json files have neither): see OodDetector, Calibration.
+    ood: OodDetector | None = None
+    calibration: Calibration | None = None
 
     @model_validator(mode="after")
     def _check(self) -> ModelSpec:

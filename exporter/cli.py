@@ -47,7 +47,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     onnx_only.add_argument("--interpolation", choices=("area", "linear", "cubic", "nearest"))
     p.add_argument("--opset", type=int, default=17)
     p.add_argument(
-        "--calibration", type=Path, help="images for the parity gate (default: data/demo/Testing)"
+        "--calibration",
+        type=Path,
+        help="real images for the parity gate (default: data/demo/Testing); for a model "
+        "without a trainer run also the images the out-of-distribution detector and the "
+        "temperature are fitted on (class folders named like the labels give labels)",
+    )
+    p.add_argument(
+        "--ood-detector",
+        choices=("mahalanobis", "energy", "none"),
+        default="mahalanobis",
+        help="out-of-distribution score written into the graphs (default: mahalanobis)",
+    )
+    p.add_argument(
+        "--ood-features",
+        choices=("grid", "pooled"),
+        default="grid",
+        help="what the Mahalanobis detector reads: the explained layer's activations "
+        "averaged on a 2x2 grid (default), or the globally pooled penultimate vector",
+    )
+    p.add_argument(
+        "--no-calibrate",
+        action="store_true",
+        help="skip temperature scaling (probabilities as the model gives them)",
     )
     p.add_argument("--task", choices=("multiclass", "binary"))
     p.add_argument(
@@ -109,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
             version=args.version,
             task=args.task,
             threshold=args.threshold,
+            ood_detector=args.ood_detector,
+            ood_features=args.ood_features,
+            calibrate=not args.no_calibrate,
         )
     except (ExportError, ValueError) as exc:
         print(f"export failed: {exc}", file=sys.stderr)
@@ -122,6 +147,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     for file in spec.graphs.files():
         print(f"  {file.file}: {file.size_bytes / 2**20:.2f} MiB  sha256 {file.sha256[:12]}")
+    if spec.ood is not None:
+        o = spec.ood
+        print(
+            f"  out-of-distribution: {o.detector}, threshold {o.threshold:.4g} "
+            f"({o.held_out_pass_rate:.1%} of {o.held_out_size} held-out images pass; "
+            f"fitted on {o.fit_size})"
+        )
+    if spec.calibration is not None:
+        c = spec.calibration
+        f = c.figures
+        print(
+            f"  temperature {c.temperature:.3g} on {c.fit_size} images: ECE "
+            f"{f.get('ece_before', float('nan')):.3f} -> {f.get('ece_after', float('nan')):.3f}"
+        )
     print(
         f"  parity on {parity['n_inputs']} inputs: "
         + ", ".join(f"{k}={v:.2g}" for k, v in parity.items() if isinstance(v, float))

@@ -12,6 +12,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from braincam.calibration import calibrated_threshold
 from braincam.model_spec import (
     CLASSIFIER_ONNX,
     GRADCAM_ONNX,
@@ -21,7 +22,10 @@ from braincam.model_spec import (
     ModelSpec,
     save_spec,
 )
+from braincam.ood import MAHALANOBIS
 from braincam.preprocessing import Preprocessing
+from exporter import fit_data, ood_graph, trust
+from exporter.graphs import FEATURES_TENSOR, GRID_FEATURES_TENSOR, LOGITS_TENSOR
 from exporter.model_dir import (
     CALIBRATION_IMAGES,
     calibration_inputs,
@@ -31,6 +35,7 @@ from exporter.model_dir import (
     versions,
 )
 from exporter.model_split import ExportError, split_model
+from exporter.ood_fit import TrustFit
 
 __all__ = ["CALIBRATION_IMAGES", "ExportResult", "calibration_inputs", "export_model"]
 
@@ -39,6 +44,9 @@ log = logging.getLogger(__name__)
 RUN_JSON = "run.json"
 DEFAULT_OPSET = 17
 DEFAULT_CALIBRATION = Path("data/demo/Testing")
+# Chosen by measurement on the demo model (trainer.ood_eval; README, "Out of distribution").
+DEFAULT_DETECTOR = MAHALANOBIS
+NO_DETECTOR = "none"
 
 
 @dataclass
@@ -118,8 +126,17 @@ def export_model(
     version: str | None = None,
     task: str | None = None,
     threshold: float | None = None,
+    ood_detector: str = DEFAULT_DETECTOR,
+    calibrate: bool = True,
+    ood_features: str = "grid",
 ) -> ExportResult:
-    """Export, gate on parity, and only then move the model directory into place."""
+    """Export, gate on parity, and only then move the model directory into place.
+
+    `ood_detector` (mahalanobis, energy or none), `ood_features` (grid: the explained
+    layer's activations on a 2x2 grid, or pooled: the head's first vector) and
+    `calibrate` (temperature scaling when the fit images carry labels): see
+    exporter/trust.py.
+    """
     started = time.perf_counter()
     model_path, out_dir = Path(model_path), Path(out_dir)
     model = load_keras(model_path)
@@ -137,7 +154,8 @@ def export_model(
         decision = decision.model_copy(
             update={"threshold": threshold, "threshold_method": "manual"}
         )
-    x = calibration_inputs(Path(calibration) if calibration else DEFAULT_CALIBRATION, prep)
+    calibration_dir = Path(calibration) if calibration else DEFAULT_CALIBRATION
+    x = calibration_inputs(calibration_dir, prep)
 
     from exporter.convert import check, to_onnx, write_with_shared_weights
     from exporter.graphs import build_functions
@@ -151,10 +169,17 @@ def export_model(
             CLASSIFIER_ONNX: to_onnx(classifier_fn, opset),
             GRADCAM_ONNX: to_onnx(gradcam_fn, opset),
         }
+        fit = _add_trust(
+            protos, run, calibration_dir, prep, label_list, ood_detector, calibrate, ood_features
+        )
+        if fit is not None and fit.calibration_size and task == "binary":
+            decision = _calibrated_decision(decision, run, fit.temperature)
         weights = write_with_shared_weights(protos, staging)
         for filename, proto in protos.items():
             check(proto, staging / filename)
-        report = check_parity(model, split, staging / CLASSIFIER_ONNX, staging / GRADCAM_ONNX, x)
+        report = check_parity(
+            model, split, staging / CLASSIFIER_ONNX, staging / GRADCAM_ONNX, x, trust=fit
+        )
         if not report.passed:
             raise ExportError(
                 "parity gate failed, nothing written:\n  "
@@ -162,6 +187,9 @@ def export_model(
                 + "\nfigures: "
                 + json.dumps(report.figures, indent=1)
             )
+        ood, calibration_spec = (
+            trust.spec_sections(fit, logits=LOGITS_TENSOR) if fit is not None else (None, None)
+        )
         spec = ModelSpec(
             name=name or run.get("name") or out_dir.name,
             version=version or str(run.get("version", "1")),
@@ -187,6 +215,8 @@ def export_model(
                 "trainer_run": bool(run),
                 "arch": run.get("arch"),
             },
+            ood=ood,
+            calibration=calibration_spec,
         )
         save_spec(spec, staging)
         for extra in ("MODEL_CARD.md",):  # the card travels with the model
@@ -197,3 +227,53 @@ def export_model(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return ExportResult(spec=spec, out_dir=out_dir, seconds=time.perf_counter() - started)
+
+
+def _add_trust(
+    protos: dict[str, Any],
+    run: dict[str, Any],
+    calibration_dir: Path,
+    prep: Preprocessing,
+    labels: list[str],
+    detector: str,
+    calibrate: bool,
+    ood_features: str = "grid",
+) -> TrustFit | None:
+    """Fit the detector and the temperature and edit both graphs; None: no detector."""
+    helpers = [GRID_FEATURES_TENSOR, FEATURES_TENSOR, LOGITS_TENSOR]
+    images = None
+    if detector != NO_DETECTOR:
+        images = fit_data.collect(run, calibration_dir, prep, labels)
+    if images is None:
+        for proto in protos.values():
+            ood_graph.remove_outputs(proto, helpers)
+        return None
+    run_t = (run.get("calibration") or {}).get("temperature")
+    # The grid of the explained layer first (measured: it catches rotated, cropped and
+    # blurred scans that the globally pooled vector lets through), else the pooled vector.
+    candidates = [GRID_FEATURES_TENSOR, FEATURES_TENSOR]
+    if ood_features == "pooled":
+        candidates.reverse()
+    fit = trust.fit_on_graph(
+        protos[CLASSIFIER_ONNX], images, features=candidates, logits=LOGITS_TENSOR,
+        detector=detector, calibrate=calibrate, temperature=run_t,
+    )
+    trust.apply_to_graphs(protos.values(), fit, logits=LOGITS_TENSOR, remove=helpers)
+    log.info(
+        "out-of-distribution detector %s: threshold %.4g (%d fit / %d held-out images); "
+        "temperature %.4g", fit.detector, fit.threshold, fit.fit_size, fit.held_out_size,
+        fit.temperature,
+    )
+    return fit
+
+
+def _calibrated_decision(decision: Decision, run: dict[str, Any], temperature: float) -> Decision:
+    """A binary threshold tuned on uncalibrated probabilities, moved to the calibrated
+    scale (the same images pass). A trainer run that calibrated tuned it there already."""
+    if decision.threshold is None or (run.get("calibration") or {}).get("temperature"):
+        return decision
+    method = f"{decision.threshold_method or 'given'}, moved to calibrated probabilities"
+    return decision.model_copy(update={
+        "threshold": calibrated_threshold(decision.threshold, temperature),
+        "threshold_method": method,
+    })

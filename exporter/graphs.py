@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from braincam.model_spec import (
@@ -18,6 +19,37 @@ from braincam.model_spec import (
 )
 from exporter.backward import Backward, rule_for
 from exporter.model_split import ModelSplit
+
+# Internal tensors both graphs expose to the trust edits (exporter/ood_graph.py): the
+# penultimate features (the head's first vector, after global pooling), the explained
+# layer's activations averaged over a GRID x GRID grid, and the pre-softmax scores.
+# They are graph outputs only until those edits consume them.
+FEATURES_TENSOR = "features"
+GRID_FEATURES_TENSOR = "grid_features"
+LOGITS_TENSOR = "logits"
+GRID = 2
+
+
+def grid_pool(acts: tf.Tensor, grid: int = GRID) -> tf.Tensor:
+    """[N,h,w,C] -> [N, g·g·C]: the mean of each cell of a g x g grid (rows first).
+
+    Global pooling forgets where things are, so a rotated or cropped scan keeps the
+    statistics of a normal one; a coarse grid keeps the layout (trainer.ood_eval
+    measures the difference). Rows and columns beyond a multiple of g are left out.
+    One MatMul with a constant [g·g, h·w] averaging matrix: in ONNX Runtime a third
+    of the time of a ReduceMean over a 6-D reshape.
+    """
+    h, w, c = (int(d) for d in acts.shape[1:])
+    g = max(1, min(grid, h, w))
+    bh, bw = h // g, w // g
+    weights = np.zeros((g * g, h * w), np.float32)
+    for cell in range(g * g):
+        r, q = divmod(cell, g)
+        mask = np.zeros((h, w), np.float32)
+        mask[r * bh : (r + 1) * bh, q * bw : (q + 1) * bw] = 1.0 / (bh * bw)
+        weights[cell] = mask.reshape(-1)
+    flat = tf.reshape(acts, [-1, h * w, c])
+    return tf.reshape(tf.matmul(tf.constant(weights), flat), [-1, g * g * c])
 
 
 def _logits(split: ModelSplit, y: tf.Tensor) -> tf.Tensor:
@@ -48,11 +80,24 @@ def _spatial_prefix(split: ModelSplit) -> list[tuple[keras.layers.Layer, Backwar
     return prefix
 
 
-def forward_logits(split: ModelSplit, x: tf.Tensor) -> tf.Tensor:
-    y = split.features(x)
+def forward(split: ModelSplit, x: tf.Tensor) -> dict[str, tf.Tensor]:
+    """The trust tensors: penultimate features [N,D] (the head's first vector), grid
+    features of the explained layer, logits [N,K]."""
+    y = acts = split.features(x)
+    features = None
     for layer in split.head:
         y = layer(y, training=False)
-    return _logits(split, y)
+        if features is None and len(y.shape) == 2:
+            features = y
+    return {
+        FEATURES_TENSOR: y if features is None else features,
+        GRID_FEATURES_TENSOR: grid_pool(acts),
+        LOGITS_TENSOR: _logits(split, y),
+    }
+
+
+def forward_logits(split: ModelSplit, x: tf.Tensor) -> tf.Tensor:
+    return forward(split, x)[LOGITS_TENSOR]
 
 
 def gradcam_outputs(
@@ -77,11 +122,14 @@ def head_gradients(
         inputs.append(z)
         z = layer(z, training=False)
     rest = split.head[len(prefix) :]
+    features = z if len(z.shape) == 2 else None
     with tf.GradientTape() as tape:
         tape.watch(z)
         y = z
         for layer in rest:
             y = layer(y, training=False)
+            if features is None and len(y.shape) == 2:
+                features = y
         logits = _logits(split, y)
     k = split.num_classes
     cls = tf.where(target < 0, tf.argmax(logits, axis=1, output_type=tf.int64), target)
@@ -95,6 +143,9 @@ def head_gradients(
         CLASS_OUTPUT: cls,
         ACTIVATIONS_OUTPUT: acts,
         GRADIENTS_OUTPUT: grad,
+        FEATURES_TENSOR: y if features is None else features,
+        GRID_FEATURES_TENSOR: grid_pool(acts),
+        LOGITS_TENSOR: logits,
     }
 
 
@@ -112,7 +163,8 @@ def build_functions(
 
     @tf.function(input_signature=_signature(input_shape, False), autograph=False)
     def classifier(image: tf.Tensor) -> dict[str, tf.Tensor]:
-        return {PROBABILITIES_OUTPUT: tf.nn.softmax(forward_logits(split, image), axis=-1)}
+        trust = forward(split, image)
+        return {PROBABILITIES_OUTPUT: tf.nn.softmax(trust[LOGITS_TENSOR], axis=-1), **trust}
 
     @tf.function(input_signature=_signature(input_shape, True), autograph=False)
     def gradcam(image: tf.Tensor, target: tf.Tensor) -> dict[str, tf.Tensor]:

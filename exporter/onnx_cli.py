@@ -32,6 +32,7 @@ def export_onnx(args: argparse.Namespace) -> int:
             version=args.version,
             task=args.task,
             threshold=args.threshold,
+            ood_detector=args.ood_detector,
         )
     except (ExportError, ValueError) as exc:
         print(f"export failed: {exc}", file=sys.stderr)

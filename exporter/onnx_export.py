@@ -4,6 +4,7 @@ model.json), the same as a Keras export, with no training framework installed.""
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import tempfile
 import time
@@ -21,6 +22,7 @@ from braincam.model_spec import (
     Explanation,
     Graphs,
     ModelSpec,
+    OodDetector,
     save_spec,
 )
 from braincam.preprocessing import Layout, Preprocessing
@@ -30,6 +32,8 @@ from exporter.onnx_grad.anatomy import GraphAnatomy
 from exporter.onnx_grad.builder import build_graphs, prepare_model
 from exporter.onnx_grad.gate import run_gate
 from exporter.onnx_io import check, write_with_shared_weights
+
+log = logging.getLogger(__name__)
 
 DEFAULT_CALIBRATION = Path("data/demo/Testing")
 
@@ -119,8 +123,14 @@ def export_onnx_model(
     version: str | None = None,
     task: str | None = None,
     threshold: float | None = None,
+    ood_detector: str = "mahalanobis",
 ) -> OnnxExportResult:
-    """Build both graphs, gate them, and only then move the model directory into place."""
+    """Build both graphs, gate them, and only then move the model directory into place.
+
+    With `ood_detector` (mahalanobis or energy; none: without) the graphs also output
+    `ood_score`, fitted on the `calibration` images (exporter/trust.py). No temperature
+    here: the gate compares the probabilities with the source model's own.
+    """
     started = time.perf_counter()
     model_path, out_dir = Path(model_path), Path(out_dir)
     source = load_onnx(model_path)
@@ -142,12 +152,14 @@ def export_onnx_model(
     if threshold is not None:
         decision = decision.model_copy(update={"threshold": threshold,
                                                "threshold_method": "manual"})
-    x = calibration_inputs(Path(calibration) if calibration else DEFAULT_CALIBRATION, prep)
+    calibration_dir = Path(calibration) if calibration else DEFAULT_CALIBRATION
+    x = calibration_inputs(calibration_dir, prep)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         protos = {CLASSIFIER_ONNX: built.classifier, GRADCAM_ONNX: built.gradcam}
+        ood = _add_detector(protos, built.anatomy, calibration_dir, prep, labels, ood_detector)
         weights = write_with_shared_weights(protos, staging)
         for filename, proto in protos.items():
             check(proto, staging / filename)
@@ -186,6 +198,7 @@ def export_onnx_model(
                 "logits": built.anatomy.logits,
                 "pooled_features": built.anatomy.pooled_features,
             },
+            ood=ood,
         )
         save_spec(spec, staging)
         replace_dir(staging, out_dir)
@@ -193,3 +206,34 @@ def export_onnx_model(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return OnnxExportResult(spec, out_dir, time.perf_counter() - started, built.anatomy)
+
+
+def _add_detector(
+    protos: dict[str, onnx.ModelProto],
+    anatomy: GraphAnatomy,
+    calibration_dir: Path,
+    prep: Preprocessing,
+    labels: list[str],
+    detector: str,
+) -> OodDetector | None:
+    """The out-of-distribution score on the penultimate features (else the energy of the
+    logits), written into both graphs; None without enough calibration images."""
+    from exporter import fit_data, trust
+
+    if detector == "none":
+        return None
+    images = fit_data.collect({}, calibration_dir, prep, labels)
+    if images is None:
+        return None
+    features = [anatomy.pooled_features] if anatomy.pooled_features else []
+    try:
+        fit = trust.fit_on_graph(protos[CLASSIFIER_ONNX], images, features=features,
+                                 logits=anatomy.logits, detector=detector, calibrate=False)
+    except Exception as exc:  # ORT's own errors: a graph the gate below explains (fixed batch)
+        log.warning("no out-of-distribution detector: running the graph failed (%s)",
+                    str(exc).splitlines()[0][:200])
+        return None
+    trust.apply_to_graphs(protos.values(), fit, logits=anatomy.logits,
+                          probabilities=anatomy.probabilities)
+    ood, _ = trust.spec_sections(fit, logits=anatomy.logits)
+    return ood

@@ -9,21 +9,27 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+from braincam.calibration import softmax
 from braincam.cam import compute_cam
 from braincam.model_spec import (
     ACTIVATIONS_OUTPUT,
     CLASS_OUTPUT,
     GRADIENTS_OUTPUT,
     IMAGE_INPUT,
+    OOD_SCORE_OUTPUT,
     PROBABILITIES_OUTPUT,
     TARGET_INPUT,
 )
-from exporter.graphs import gradcam_outputs, head_gradients
+from exporter.graphs import LOGITS_TENSOR, forward, gradcam_outputs, head_gradients
 from exporter.model_split import ModelSplit, keras_probabilities
+from exporter.ood_fit import TrustFit, score
 
 PROBABILITY_TOLERANCE = 1e-4  # max |p_onnx - p_keras|
 RELATIVE_TOLERANCE = 1e-4  # max |a_onnx - a_keras| / max |a_keras|, same for gradients
 CAM_TOLERANCE = 1e-3  # max |cam_onnx - cam_keras| of the [0,1]-normalised Grad-CAM map
+# max |s_onnx - s_ref| / max |s_ref| of the out-of-distribution score: a Mahalanobis
+# distance amplifies float32 rounding of the features along low-variance directions.
+OOD_TOLERANCE = 1e-3
 MIN_INPUTS = 16
 
 
@@ -44,6 +50,7 @@ class ParityReport:
                 "probabilities_abs": PROBABILITY_TOLERANCE,
                 "relative": RELATIVE_TOLERANCE,
                 "cam_abs": CAM_TOLERANCE,
+                "ood_rel": OOD_TOLERANCE,
             },
             **{k: float(v) for k, v in self.figures.items()},
             "passed": self.passed,
@@ -53,6 +60,8 @@ class ParityReport:
 def _limit(figure: str) -> float | None:
     if figure.endswith("_end_to_end"):
         return None  # reported, not gated (see check_parity)
+    if figure.endswith("_ood_rel"):
+        return OOD_TOLERANCE
     if figure.endswith("_cam_max_abs"):
         return CAM_TOLERANCE
     if figure.endswith("_max_abs"):
@@ -70,9 +79,19 @@ def _relative(a: np.ndarray, ref: np.ndarray) -> float:
 
 
 def check_parity(
-    model: Any, split: ModelSplit, classifier_path: Path, gradcam_path: Path, x: np.ndarray
+    model: Any,
+    split: ModelSplit,
+    classifier_path: Path,
+    gradcam_path: Path,
+    x: np.ndarray,
+    trust: TrustFit | None = None,
 ) -> ParityReport:
-    """Compare both ONNX graphs (ORT, CPU) with Keras on real preprocessed inputs."""
+    """Compare both ONNX graphs (ORT, CPU) with Keras on real preprocessed inputs.
+
+    With `trust`, the graphs' probabilities are softmax(logits / T): they are compared
+    with that of TensorFlow's logits (whose T = 1 softmax is checked against Keras's
+    own prediction), and `ood_score` with the NumPy score of TensorFlow's features.
+    """
     import onnxruntime as ort
 
     report = ParityReport(n_inputs=int(x.shape[0]))
@@ -84,10 +103,25 @@ def check_parity(
     gradcam = ort.InferenceSession(str(gradcam_path), providers=cpu)
 
     keras_probs = keras_probabilities(model, x, split.output_kind)
+    tf_trust = {k: v.numpy() for k, v in forward(split, tf.constant(x)).items()}
+    tf_logits = tf_trust[LOGITS_TENSOR]
+    ref_probs = keras_probs
+    ref_score = None
+    if trust is not None:
+        report.figures["logits_probabilities_max_abs"] = float(
+            np.abs(softmax(tf_logits) - keras_probs).max()
+        )
+        ref_probs = softmax(tf_logits, trust.temperature)
+        features = tf_trust.get(trust.features, tf_logits)
+        ref_score = score(trust.detector, features.reshape(len(x), -1), tf_logits,
+                          trust.gaussians)
     (onnx_probs,) = classifier.run([PROBABILITIES_OUTPUT], {IMAGE_INPUT: x})
     report.figures["classifier_probabilities_max_abs"] = float(
-        np.abs(onnx_probs - keras_probs).max()
+        np.abs(onnx_probs - ref_probs).max()
     )
+    if ref_score is not None:
+        (onnx_score,) = classifier.run([OOD_SCORE_OUTPUT], {IMAGE_INPUT: x})
+        report.figures["classifier_ood_rel"] = _relative(onnx_score, ref_score)
 
     k = split.num_classes
     predicted = np.argmax(keras_probs, axis=1)
@@ -107,7 +141,10 @@ def check_parity(
         # either side of zero flips the same way).
         given = _numpy(head_gradients(split, tf.constant(acts), t, hand_written=False))
         f = report.figures
-        f[f"gradcam_{tag}_probabilities_max_abs"] = float(np.abs(probs - keras_probs).max())
+        f[f"gradcam_{tag}_probabilities_max_abs"] = float(np.abs(probs - ref_probs).max())
+        if ref_score is not None:
+            (g_score,) = gradcam.run([OOD_SCORE_OUTPUT], {IMAGE_INPUT: x, TARGET_INPUT: t.numpy()})
+            f[f"gradcam_{tag}_ood_rel"] = _relative(g_score, ref_score)
         f[f"gradcam_{tag}_activations_rel"] = _relative(acts, ref[ACTIVATIONS_OUTPUT])
         f[f"gradcam_{tag}_gradients_rel"] = _relative(grads, given[GRADIENTS_OUTPUT])
         f[f"gradcam_{tag}_gradients_rel_end_to_end"] = _relative(grads, ref[GRADIENTS_OUTPUT])

@@ -235,7 +235,10 @@ class ModelBatchers:
             return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
 
         def classifier(image: np.ndarray) -> Arrays:
-            return (model.predict(image),)
+            out = model.classify(image)
+            if out.ood_score is None:
+                return (out.probabilities,)
+            return (out.probabilities, out.ood_score)
 
         self.classifier = MicroBatcher(
             "classifier", classifier, run_batch, BatchMetrics(metrics), max_size, max_wait_s
@@ -249,8 +252,7 @@ class ModelBatchers:
 
         def predict(batch: np.ndarray) -> np.ndarray:
             future = asyncio.run_coroutine_threadsafe(self.classifier.submit(batch), loop)
-            (probabilities,) = future.result()
-            return probabilities
+            return future.result()[0]  # the probabilities (an OOD score may follow)
 
         return predict
 

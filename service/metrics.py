@@ -55,6 +55,12 @@ class Metrics:
             "Requests holding an inference slot (bounded by BRAINCAM_MAX_CONCURRENCY)",
             registry=r,
         )
+        self.out_of_distribution = Counter(
+            "braincam_out_of_distribution",
+            "Inputs the out-of-distribution gate flagged, by endpoint and policy",
+            ["endpoint", "policy"],
+            registry=r,
+        )
         self.model_ready = Gauge(
             "braincam_model_ready", "1 once the model is loaded and warm", registry=r
         )

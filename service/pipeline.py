@@ -1,13 +1,13 @@
 """The blocking work behind /predict and /explain (run in worker threads).
 
 Both start from the upload's bytes and go through the same contract functions as
-the trainer and the exporter: `decode_image` -> `preprocess` -> ORT -> `decide`.
+the trainer, the exporter and the batch CLI: `decode_image` -> `preprocess` -> ORT ->
+`decide` (the framework-free steps are in braincam/pipeline.py).
 """
 
 from __future__ import annotations
 
 import base64
-import logging
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -16,11 +16,12 @@ import numpy as np
 
 from braincam.cam import METHODS, available_methods, compute_cam, default_method, flip_smoothed
 from braincam.decision import Decision, decide
-from braincam.decoding import DecodedImage, decode_image
-from braincam.errors import InputError, InvalidParameter, MethodUnavailable, UndecodableImage
+from braincam.decoding import DecodedImage
+from braincam.errors import InvalidParameter, MethodUnavailable
 from braincam.inference import OnnxModel
 from braincam.model_spec import IMAGE_INPUT, ModelSpec
 from braincam.occlusion import OCCLUSION, OcclusionSensitivity
+from braincam.ood import ood_verdict
 from braincam.overlay import (
     IMAGE_FORMATS,
     ImageFormat,
@@ -31,7 +32,7 @@ from braincam.overlay import (
     panels,
     to_base64,
 )
-from braincam.preprocessing import preprocess
+from braincam.pipeline import Prepared, gradients_for, prepare
 from service.metrics import Metrics
 from service.schemas import (
     ExplainResponse,
@@ -43,8 +44,6 @@ from service.schemas import (
     RawCam,
     Target,
 )
-
-log = logging.getLogger(__name__)
 
 
 def _ms(seconds: float) -> float:
@@ -154,38 +153,6 @@ def resolve_target(value: str | None, spec: ModelSpec) -> int | None:
     )
 
 
-@dataclass
-class Prepared:
-    """One upload, decoded and preprocessed: what a batch needs from each request."""
-
-    decoded: DecodedImage
-    batch: np.ndarray  # [1, *spec.input_shape] float32 ([1,H,W,C] or [1,C,H,W])
-    decode_s: float
-    preprocess_s: float
-
-
-def prepare(data: bytes, slice_index: int | None, spec: ModelSpec) -> Prepared:
-    """Decode + preprocess; every failure here is the upload's (a 4xx, never a 500)."""
-    try:
-        t0 = time.perf_counter()
-        decoded = decode_image(data, slice_index)
-        t1 = time.perf_counter()
-        batch = preprocess(decoded.pixels, spec.preprocessing)[None]
-        t2 = time.perf_counter()
-    except InputError:
-        raise
-    except Exception as exc:
-        # The decoders parse arbitrary bytes with third-party readers (OpenCV,
-        # pydicom, nibabel) that raise all sorts of exceptions on damaged files, some
-        # of them lazily, after the file "opened". Whatever escapes is the upload's
-        # fault, so it is a 422, not a 500; logged in full in case it is a bug of ours.
-        log.warning("decoding failed with %s", type(exc).__name__, exc_info=True)
-        raise UndecodableImage(
-            f"could not decode the file: {type(exc).__name__} while reading it"
-        ) from exc
-    return Prepared(decoded, batch, t1 - t0, t2 - t1)
-
-
 def _input_info(decoded: DecodedImage) -> InputInfo:
     width, height = decoded.size
     return InputInfo(
@@ -198,13 +165,17 @@ def _input_info(decoded: DecodedImage) -> InputInfo:
     )
 
 
-def _decision_fields(decision: Decision, spec: ModelSpec) -> dict[str, Any]:
+def _decision_fields(
+    decision: Decision, spec: ModelSpec, ood_score: np.ndarray | float | None = None
+) -> dict[str, Any]:
+    verdict = ood_verdict(ood_score, spec)
     return {
         "label": decision.label,
         "class_index": decision.class_index,
         "confidence": decision.confidence,
         "probabilities": decision.probabilities,
         "model": ModelRef(name=spec.name, version=spec.version),
+        **(verdict.as_dict() if verdict is not None else {}),
     }
 
 
@@ -219,10 +190,11 @@ def predict(
     spec = model.spec
     prepared = prepare(data, slice_index, spec)
     t0 = time.perf_counter()
-    probs = model.predict(prepared.batch)[0]
+    out = model.classify(prepared.batch)
     inference_s = time.perf_counter() - t0
     metrics.inference.labels(graph="classifier").observe(inference_s)
-    return predict_response(spec, prepared, probs, inference_s, started)
+    score = None if out.ood_score is None else out.ood_score[0]
+    return predict_response(spec, prepared, out.probabilities[0], inference_s, started, score)
 
 
 def predict_response(
@@ -231,11 +203,12 @@ def predict_response(
     probabilities: np.ndarray,
     inference_s: float,
     started: float,
+    ood_score: np.ndarray | float | None = None,
 ) -> PredictResponse:
     """The response for one image's probabilities [K] (cheap: fine on the event loop)."""
     decision = decide(probabilities, spec)
     return PredictResponse(
-        **_decision_fields(decision, spec),
+        **_decision_fields(decision, spec, ood_score),
         input=_input_info(prepared.decoded),
         timing_ms=PredictTiming(
             decode=_ms(prepared.decode_s),
@@ -253,11 +226,12 @@ class _Maps:
     decision: Decision
     explained: int  # the class the maps explain
     cams: np.ndarray  # [n, H, W] in [0, 1], at the upload's size
-    small: np.ndarray | None  # the same at the layer's (grid's) resolution, for heatmap=raw
     layer: str  # the explained layer, or the input for occlusion
     gradcam_runs: int
     inference_s: float
     cam_s: float
+    ood_score: float | None = None  # of the uploaded image (row 0), not of its mirror
+    small: np.ndarray | None = None  # the maps at the layer's (grid's) size, for heatmap=raw
 
 
 def _gradcam_maps(
@@ -268,34 +242,17 @@ def _gradcam_maps(
     t0 = time.perf_counter()
     requested = -1 if params.target is None else params.target
     out = model.gradcam(batch, np.full((n,), requested, dtype=np.int64))
-    runs = 1
     # The prediction comes from the same run: no separate classifier pass.
     decision = decide(out.probabilities[0], spec)
     explained = decision.class_index if params.target is None else params.target
-    acts, grads = out.activations, out.gradients
-    # Target -1 makes the graph explain argmax. A binary threshold can decide the
-    # other class, and a mirrored image can flip argmax: those items need the
-    # gradient of the decided class, i.e. one more run with an explicit target.
-    redo = np.flatnonzero(out.class_index != explained)
-    if redo.size:
-        again = model.gradcam(
-            np.ascontiguousarray(batch[redo]), np.full((redo.size,), explained, dtype=np.int64)
-        )
-        acts, grads = acts.copy(), grads.copy()
-        acts[redo], grads[redo] = again.activations, again.gradients
-        runs += 1
+    acts, grads, runs = gradients_for(model, batch, out, np.full((n,), explained, np.int64))
     t1 = time.perf_counter()
     cams = compute_cam(params.method, acts, grads, size=size)
     small = compute_cam(params.method, acts, grads) if params.heatmap != "image" else None
+    score = None if out.ood_score is None else float(out.ood_score[0])
     return _Maps(
-        decision,
-        explained,
-        cams,
-        small,
-        spec.explanation.layer,
-        runs,
-        t1 - t0,
-        time.perf_counter() - t1,
+        decision, explained, cams, spec.explanation.layer, runs, t1 - t0,
+        time.perf_counter() - t1, score, small,
     )
 
 
@@ -305,7 +262,8 @@ def _occlusion_maps(
     """Occlusion sensitivity from the classifier alone: one run for the decision, then
     one per 32 occluded copies (of the image, and of its mirror with `smooth`)."""
     t0 = time.perf_counter()
-    probs = model.predict(batch)
+    first = model.classify(batch)
+    probs = first.probabilities
     decision = decide(probs[0], model.spec)
     explained = decision.class_index if params.target is None else params.target
     method = OcclusionSensitivity()
@@ -314,8 +272,11 @@ def _occlusion_maps(
     t1 = time.perf_counter()
     cams = method.maps(drops, size)
     small = method.maps(drops) if params.heatmap != "image" else None
-    cam_s = time.perf_counter() - t1
-    return _Maps(decision, explained, cams, small, IMAGE_INPUT, 0, t1 - t0, cam_s)
+    score = None if first.ood_score is None else float(first.ood_score[0])
+    return _Maps(
+        decision, explained, cams, IMAGE_INPUT, 0, t1 - t0, time.perf_counter() - t1, score,
+        small,
+    )
 
 
 def explain(
@@ -372,7 +333,7 @@ def explain(
     t3 = time.perf_counter()
 
     return ExplainResponse(
-        **_decision_fields(decision, spec),
+        **_decision_fields(decision, spec, maps.ood_score),
         input=_input_info(decoded),
         target=Target(class_index=explained, label=spec.labels[explained]),
         method=params.method,

@@ -55,6 +55,23 @@ class PredictResponse(BaseModel):
     model: ModelRef
     timing_ms: PredictTiming
     input: InputInfo
+    # The out-of-distribution gate (model.json `ood`); null for models exported without.
+    ood_score: float | None = Field(
+        default=None,
+        examples=[12.3],
+        description="how unlike the training images the input is (higher = more unusual)",
+    )
+    ood_threshold: float | None = Field(
+        default=None,
+        examples=[41.7],
+        description="scores above it are out of distribution (95 % of held-out "
+        "in-distribution images score below it)",
+    )
+    in_distribution: bool | None = Field(
+        default=None,
+        description="false: the input is unlike what the model was trained on, and its "
+        "answer should not be trusted (BRAINCAM_OOD_POLICY=reject refuses such inputs)",
+    )
 
 
 class Target(BaseModel):
@@ -163,8 +180,28 @@ class BatchingInfo(BaseModel):
     max_wait_ms: float
 
 
+class OodInfo(BaseModel):
+    """The served model's out-of-distribution gate."""
+
+    detector: str = Field(examples=["mahalanobis"])
+    threshold: float
+    policy: Literal["warn", "reject"] = Field(description="BRAINCAM_OOD_POLICY")
+    target_pass_rate: float = Field(description="share of in-distribution images meant to pass")
+    held_out_pass_rate: float = Field(description="share of held-out images that passed")
+    fit_size: int
+    held_out_size: int
+    fit_data: str
+    description: str
+
+
 class MetadataResponse(BaseModel):
     model: dict[str, Any] = Field(description="model.json of the served model")
+    out_of_distribution: OodInfo | None = Field(
+        default=None, description="null: the model was exported without a detector"
+    )
+    temperature: float | None = Field(
+        default=None, description="temperature scaling applied inside the graphs (1: none)"
+    )
     providers: ProviderInfo
     gpu: bool
     batching: BatchingInfo | None = None

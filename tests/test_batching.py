@@ -19,7 +19,7 @@ from clients import ready_client
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from braincam.inference import OnnxModel
+from braincam.inference import Classified, OnnxModel
 from service.batching import BatchMetrics, MicroBatcher
 from service.core.config import Settings
 from service.metrics import Metrics
@@ -290,10 +290,10 @@ def test_an_inference_failure_is_a_json_error_for_that_batch_only(
     ) as client:
         runtime = client.app.state.runtime  # type: ignore[attr-defined]
         model: OnnxModel = runtime.model
-        real = model.predict
+        real = model.classify  # the batcher's one classifier run (probabilities, score)
         calls = 0
 
-        def fails_once(batch: np.ndarray) -> np.ndarray:
+        def fails_once(batch: np.ndarray) -> Classified:
             nonlocal calls
             calls += 1
             if calls == 1:
@@ -301,7 +301,7 @@ def test_an_inference_failure_is_a_json_error_for_that_batch_only(
                 raise RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION")
             return real(batch)
 
-        monkeypatch.setattr(model, "predict", fails_once)
+        monkeypatch.setattr(model, "classify", fails_once)
         failed = _post_all(client, uploads[:2])
         assert [status for status, _ in failed] == [500, 500]
         for _, body in failed:
@@ -395,8 +395,9 @@ def test_oip_classifier_calls_join_the_predict_batches(
     assert runs - runs0 == 1, "OIP and /predict calls did not share one run"
 
     _, body = oip.result()
-    (output,) = body["outputs"]  # type: ignore[index]
-    assert output["name"] == "probabilities" and output["shape"] == [2, len(model.labels)]
+    outputs = {o["name"]: o for o in body["outputs"]}  # type: ignore[attr-defined]
+    output = outputs["probabilities"]  # (models with an OOD detector add ood_score)
+    assert output["shape"] == [2, len(model.labels)]
     np.testing.assert_allclose(
         np.array(output["data"]).reshape(2, -1), model.predict(two_rows), atol=1e-5
     )

@@ -70,7 +70,10 @@ def test_trainer_model_export(tiny_model_dir: Path, tiny_run: Path) -> None:
     assert spec.parity["passed"] and spec.parity["gradcam_predicted_gradients_rel"] <= 1e-4
     g = spec.graphs.gradcam
     assert set(g.inputs) == {"image", "target"}
-    assert set(g.outputs) == {"probabilities", "class_index", "activations", "gradients"}
+    assert set(g.outputs) == {
+        "probabilities", "class_index", "activations", "gradients", "ood_score"
+    }
+    assert set(spec.graphs.classifier.outputs) == {"probabilities", "ood_score"}
     assert g.outputs["activations"][1:] == spec.explanation.activation_shape
     assert {"tensorflow", "tf2onnx", "onnx", "onnxruntime"} <= {
         k.replace("-cpu", "") for k in spec.versions

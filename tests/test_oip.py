@@ -75,12 +75,16 @@ def test_infer_equals_predict(client: TestClient, model: OnnxModel, pngs: list[b
         body = res.json()
         assert body["model_name"] == name and body["model_version"] == model.spec.version
         assert body["id"] == "a1"
-        (out,) = body["outputs"]
-        assert out["name"] == "probabilities" and out["datatype"] == "FP32"
+        # Every output of the graph: the probabilities and the out-of-distribution score.
+        assert [o["name"] for o in body["outputs"]] == ["probabilities", "ood_score"]
+        out = body["outputs"][0]
+        assert out["datatype"] == "FP32"
         assert out["shape"] == [1, len(model.labels)]
         predicted = client.post("/predict", files={"file": ("x.png", png)}).json()
         # Same graph, same tensor: the very same floats, not merely close ones.
         assert out["data"] == [predicted["probabilities"][label] for label in model.labels]
+        score = body["outputs"][1]
+        assert score["shape"] == [1] and score["data"][0] == pytest.approx(predicted["ood_score"])
 
 
 def test_batch_nested_data_and_versioned_route(
@@ -131,8 +135,10 @@ def test_gradcam_model(client: TestClient, model: OnnxModel, pngs: list[bytes]) 
         "class_index",
         "activations",
         "gradients",
+        "ood_score",
     }
     assert {o["name"]: o["datatype"] for o in body["outputs"]}["class_index"] == "INT64"
+    np.testing.assert_allclose(_output(body, "ood_score"), want.ood_score, rtol=1e-5)  # type: ignore[arg-type]
     np.testing.assert_array_equal(_output(body, "class_index"), want.class_index)
     assert _output(body, "class_index")[1] == len(model.labels) - 1
     for key in ("probabilities", "activations", "gradients"):

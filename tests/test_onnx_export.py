@@ -245,7 +245,10 @@ def test_a_torch_model_trained_on_the_demo_data_serves_like_torch(demo_data: Pat
                 {"name": "image", "shape": list(x.shape), "datatype": "FP32",
                  "data": x.ravel().tolist()}]})
             assert res.status_code == 200, res.text
-            (oip,) = res.json()["outputs"]
+            # probabilities, and the out-of-distribution score fitted on the calibration images
+            outputs = {o["name"]: o for o in res.json()["outputs"]}
+            assert set(outputs) == {"probabilities", "ood_score"}
+            oip = outputs["probabilities"]
             np.testing.assert_allclose(oip["data"], expected, atol=1e-5)
     # Triton takes the NCHW model as it is: image dims [3, H, W], verified in ORT.
     from exporter import triton

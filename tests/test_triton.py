@@ -111,8 +111,9 @@ def test_configs_match_the_graphs(repo: Path, tiny_model_dir: Path) -> None:
         assert sha256_file(written) == sha256_file(tiny_model_dir / graph)
         assert json.loads((repo / name / "model.json").read_text())["name"] == spec.name
     classifier = _config(repo / spec.name / CONFIG_FILE)
-    (probs,) = classifier.output
-    assert probs.label_filename == LABELS_FILE
+    probs, score = classifier.output  # the probabilities and the out-of-distribution score
+    assert (probs.name, score.name) == ("probabilities", "ood_score")
+    assert probs.label_filename == LABELS_FILE and not score.label_filename
     labels = (repo / spec.name / LABELS_FILE).read_text().splitlines()
     assert labels == spec.labels  # Triton's classification extension: one label per class
 

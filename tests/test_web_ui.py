@@ -519,3 +519,16 @@ def test_api_key_is_asked_for(
         answer = opened.upload(glioma_image)
         assert answer["label"] == opened.text("#label")
         opened.close()
+
+
+def test_out_of_distribution_warning(page: Page, glioma_image: Path, tmp_path: Path) -> None:
+    """A flagged image is answered (policy warn) under a warning; a scan that passes is not."""
+    noise = tmp_path / "noise.png"
+    cv2.imwrite(str(noise), np.random.default_rng(0).integers(0, 256, (64, 64), dtype=np.uint8))
+    answer = page.upload(noise)
+    assert answer["in_distribution"] is False
+    assert page.visible("#ood-warning") and page.visible("#label")
+    assert "unlike the images the model was trained on" in page.text("#ood-warning")
+    assert f"{answer['ood_threshold']:.4g}"[:4] in page.text("#ood-detail")
+    answer = page.upload(glioma_image)
+    assert page.visible("#ood-warning") == (answer["in_distribution"] is False)

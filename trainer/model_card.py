@@ -96,6 +96,26 @@ def _metrics_section(metrics: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _calibration_section(metrics: dict[str, Any]) -> str:
+    cal = metrics.get("calibration")
+    if not cal:
+        return "No temperature scaling was applied."
+    rows = [[split, f["ece_before"], f["ece_after"], f["brier_before"], f["brier_after"]]
+            for split, f in (("validation (fit)", cal["validation"]), ("test", cal["test"]))]
+    bound = (" (the validation split is classified perfectly, so it cannot say how sharp "
+             "the probabilities should be: the model's own scale is kept)") if (
+        cal.get("at_bound")) else ""
+    return "\n".join([
+        f"Temperature scaling on the validation split ({cal['fit_size']} images): "
+        f"T = {cal['temperature']:.3f}{bound}. Expected calibration error "
+        f"({cal['ece_bins']} bins) and Brier score, before and after:",
+        "",
+        _table(["split", "ECE before", "ECE after", "Brier before", "Brier after"], rows),
+        "",
+        "Reliability diagram (test set): `reliability.png`.",
+    ])
+
+
 _POOLING = {"gap": "global average pooling", "max": "global max pooling"}
 
 
@@ -140,11 +160,15 @@ LIMITS = """\
   near-duplicates across splits, and are neither population-representative nor
   balanced by scanner, age or sex. Test-set accuracy on such data overestimates
   performance elsewhere.
-- **Calibration.** Softmax outputs are not calibrated probabilities; no temperature
-  scaling was applied. A binary model's threshold is tuned on a small validation
-  split.
-- **Out of distribution.** Non-brain images, other modalities or orientations still get
-  one of the labels; the model cannot say "none of these"."""
+- **Calibration.** Temperature scaling (one scalar fitted on the validation split)
+  makes the confidence match the accuracy *on data like the validation split*; it
+  says nothing about images unlike it. A binary model's threshold is tuned on a small
+  validation split.
+- **Out of distribution.** The exported model carries a detector fitted on its own
+  penultimate features (`ood_score`, `in_distribution` in every answer): it flags
+  inputs unlike the training images, but only as well as measured
+  (`python -m trainer.ood_eval`); an image that looks like the training data in
+  feature space passes whatever it really is."""
 
 
 def render(run: dict[str, Any], metrics: dict[str, Any]) -> str:
@@ -167,6 +191,9 @@ def render(run: dict[str, Any], metrics: dict[str, Any]) -> str:
         "",
         "## Metrics",
         _metrics_section(metrics),
+        "",
+        "## Calibration",
+        _calibration_section(metrics),
         "",
         "## Known limits",
         LIMITS,

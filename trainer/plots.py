@@ -87,3 +87,32 @@ def roc(y_true: np.ndarray, probs: np.ndarray, labels: list[str], path: Path,
     ax.legend(loc="lower right")
     ax.grid(alpha=0.3)
     return _save(fig, path)
+
+
+def reliability(calibration: dict[str, Any], path: Path) -> Path:
+    """Reliability diagram of the test set: accuracy vs confidence per bin, before and
+    after temperature scaling (bar width = bin, the diagonal = perfect calibration)."""
+    fig, axes = plt.subplots(1, 2, figsize=(9, 4.2), sharey=True)
+    test = calibration["test"]
+    titles = {
+        "before": f"uncalibrated (ECE {test['ece_before']:.3f})",
+        "after": f"T = {calibration['temperature']:.2f} (ECE {test['ece_after']:.3f})",
+    }
+    for ax, key in zip(axes, ("before", "after"), strict=True):
+        bins = calibration["reliability_test"][key]
+        lows = [b["low"] for b in bins]
+        width = bins[0]["high"] - bins[0]["low"] if bins else 1.0
+        ax.bar(lows, [b["accuracy"] for b in bins], width=width, align="edge",
+               edgecolor="black", alpha=0.75, label="accuracy")
+        # The bin's mean confidence over its bar: the gap to the bar top is the error.
+        ax.plot([(b["low"] + b["high"]) / 2 for b in bins], [b["confidence"] for b in bins],
+                "_", color="C3", markersize=12, markeredgewidth=2, label="mean confidence")
+        ax.plot([0, 1], [0, 1], "--", color="gray", label="perfect calibration")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("confidence (probability of the predicted class)")
+        ax.set_title(titles[key])
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("accuracy")
+    axes[0].legend(loc="upper left", fontsize=8)
+    return _save(fig, path)

@@ -21,6 +21,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from braincam.calibration import softmax
 from braincam.datasets import (
     POSITIVE_LABEL,
     LoadedSplit,
@@ -32,7 +33,7 @@ from braincam.datasets import (
     scan_split,
 )
 from braincam.preprocessing import Preprocessing
-from trainer import evaluate, model_card, pipeline, plots
+from trainer import calibrate, evaluate, model_card, pipeline, plots
 from trainer.callbacks import RecalibrateBatchNorm
 from trainer.demo_data import DATASET_JSON
 from trainer.errors import ConfigError
@@ -184,10 +185,6 @@ def _fit(config: TrainConfig, model: keras.Model, run_dir: Path, loaded: LoadedS
     )
 
 
-def _predict(model: keras.Model, x: np.ndarray, batch_size: int) -> np.ndarray:
-    return np.asarray(model.predict(x, batch_size=batch_size, verbose=0), dtype=np.float64)
-
-
 def train(config: TrainConfig) -> TrainResult:
     """Load, split, train, evaluate on Testing/, write the run directory, optionally export."""
     config.validate()
@@ -217,20 +214,26 @@ def train(config: TrainConfig) -> TrainResult:
     model_path = run_dir / "model.keras"
     model.save(model_path)  # the best epoch's weights (restored by EarlyStopping)
 
+    log.info("evaluating on %d test images", len(testing.paths))
+    test = load_split(testing, prep)
+    # Temperature scaling fitted on the validation split; every figure below is of the
+    # calibrated probabilities the exported graphs serve (argmax and AUCs are unchanged).
+    val_logits = calibrate.model_logits(model, explain_layer, loaded.x[val_idx],
+                                        config.batch_size)
+    test_logits = calibrate.model_logits(model, explain_layer, test.x, config.batch_size)
+    calibration = calibrate.calibrate(val_logits, loaded.y[val_idx], test_logits, test.y)
+    temperature = calibration["temperature"]
+    val_probs = softmax(val_logits, temperature)
+    probs = softmax(test_logits, temperature)
     decision = None
-    val_probs = _predict(model, loaded.x[val_idx], config.batch_size)
     threshold = None
     if config.task == "binary":
         pos = labels.index(POSITIVE_LABEL)
         threshold = evaluate.youden_threshold(loaded.y[val_idx] == pos, val_probs[:, pos])
         decision = {"positive_label": POSITIVE_LABEL, "threshold": threshold,
-                    "threshold_method": evaluate.YOUDEN}
+                    "threshold_method": evaluate.YOUDEN}  # on calibrated probabilities
     val_acc = float(np.mean(evaluate.predict_labels(val_probs, labels, threshold)
                             == loaded.y[val_idx]))
-
-    log.info("evaluating on %d test images", len(testing.paths))
-    test = load_split(testing, prep)
-    probs = _predict(model, test.x, config.batch_size)
     metrics = evaluate.compute_metrics(test.y, probs, labels, config.task, threshold)
     val_losses = np.asarray(history.get("val_loss") or [np.nan], dtype=float)
     best_epoch = int(np.nanargmin(val_losses)) + 1 if np.isfinite(val_losses).any() else 0
@@ -241,10 +244,11 @@ def train(config: TrainConfig) -> TrainResult:
         "epochs_run": len(history.get("loss", [])),
         "training_time_seconds": round(fit_seconds, 2),
         "versions": evaluate.versions(),
+        "calibration": calibration,
     })
 
     run = _run_record(config, model, explain_layer, decision, loaded, test, train_idx, val_idx,
-                      labels, metrics["versions"])
+                      labels, metrics["versions"], temperature)
     artefacts = _write_artefacts(run_dir, model_path, run, metrics, history, test.y, probs)
     model_dir = None
     if config.export is not None:
@@ -258,7 +262,7 @@ def train(config: TrainConfig) -> TrainResult:
 def _run_record(config: TrainConfig, model: keras.Model, explain_layer: str,
                 decision: dict[str, Any] | None, loaded: LoadedSplit, test: LoadedSplit,
                 train_idx: np.ndarray, val_idx: np.ndarray, labels: list[str],
-                versions: dict[str, str]) -> dict[str, Any]:
+                versions: dict[str, str], temperature: float) -> dict[str, Any]:
     """run.json: what the exporter and the model card need to know about this run."""
     return {
         "name": config.out.name,
@@ -282,6 +286,8 @@ def _run_record(config: TrainConfig, model: keras.Model, explain_layer: str,
         "params": int(model.count_params()),
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()},
         "augmentation": pipeline.augmentation_summary(),
+        "calibration": {"method": "temperature", "temperature": temperature,
+                        "fit_size": len(val_idx)},
         "versions": versions,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
@@ -299,6 +305,8 @@ def _write_artefacts(run_dir: Path, model_path: Path, run: dict[str, Any],
     artefacts["confusion_matrix"] = plots.confusion(
         metrics["confusion_matrix"]["matrix"], labels, run_dir / "confusion_matrix.png")
     artefacts["roc"] = plots.roc(y_test, probs, labels, run_dir / "roc.png", metrics)
+    artefacts["reliability"] = plots.reliability(metrics["calibration"],
+                                                 run_dir / "reliability.png")
     artefacts["model_card"] = run_dir / model_card.FILENAME
     artefacts["model_card"].write_text(model_card.render(run, metrics))
     return artefacts

@@ -68,6 +68,9 @@ class Settings(BaseSettings):
     # /explain method=occlusion for models that have a Grad-CAM graph too (models
     # without one always offer it): one classifier run per 32 occluding windows.
     occlusion: bool = False
+    # What happens to an input the out-of-distribution gate flags: answered with
+    # `in_distribution: false` (warn), or refused with a 422 `out_of_distribution`.
+    ood_policy: Literal["warn", "reject"] = "warn"
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
     workers: int = Field(default=1, ge=1)
@@ -92,7 +95,7 @@ class Settings(BaseSettings):
             return "on" if text in _TRUE else "off" if text in _FALSE else text
         return value
 
-    @field_validator("log_level", mode="before")
+    @field_validator("log_level", "ood_policy", mode="before")
     @classmethod
     def _lower(cls, value: Any) -> Any:
         return value.strip().lower() if isinstance(value, str) else value

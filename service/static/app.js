@@ -13,6 +13,7 @@
     unsupported_media_type:
       "This file type is not supported: send PNG, JPEG, BMP, TIFF, DICOM or NIfTI (.nii, .nii.gz).",
     undecodable_image: "The file could not be decoded: it may be truncated or corrupt.",
+    out_of_distribution: "The image is unlike the images the model was trained on, so it was not classified.",
     image_too_large: "The image has too many pixels for this service.",
     invalid_input: "The input was not accepted.",
     invalid_parameter: "A setting was not accepted.",
@@ -344,6 +345,15 @@
     for (const url of state.urls) URL.revokeObjectURL(url);
     state.urls = urls;
 
+    // Above the answer: an input the out-of-distribution gate flagged (policy `warn`).
+    const foreign = r.in_distribution === false;
+    $("ood-warning").hidden = !foreign;
+    $("ood-detail").textContent = foreign
+      ? `Out-of-distribution score ${r.ood_score.toPrecision(4)} is above the threshold ` +
+        `${r.ood_threshold.toPrecision(4)} that 95 % of held-out training-like images stay under. ` +
+        "The prediction below is shown but should not be trusted."
+      : "";
+    $("result").classList.toggle("untrusted", foreign);
     $("label").textContent = r.label;
     $("confidence").textContent = pct(r.confidence);
     renderProbabilities(r.probabilities, r.label);

@@ -15,6 +15,7 @@ from service import pipeline
 from service.api.deps import MetricsDep, ModelDep, RuntimeDep, SettingsDep
 from service.api.routes.predict import FileField, SliceField, json_bytes
 from service.errors import error_responses
+from service.ood_gate import apply_policy
 from service.schemas import ExplainResponse
 from service.uploads import read_upload
 
@@ -130,6 +131,7 @@ async def explain(
     data = await read_upload(file, settings.max_upload_bytes)
     metrics.upload_bytes.observe(len(data))
     result = await runtime.run(pipeline.explain, model, metrics, data, slice_index, params, started)
+    apply_policy(result, settings, metrics, "/explain")
     return json_bytes(result)
 
 

@@ -20,6 +20,7 @@ from service.schemas import (
     Limits,
     MetadataResponse,
     ModelMetadataV2,
+    OodInfo,
     ProviderInfo,
     ReadyResponse,
     ServerMetadataV2,
@@ -27,6 +28,13 @@ from service.schemas import (
 )
 
 router = APIRouter()
+
+OOD_DESCRIPTIONS = {
+    "mahalanobis": "Mahalanobis distance of the image's features (graph tensor {features}, "
+    "{dim} values) to the nearest class mean, under a Ledoit-Wolf-shrunk covariance "
+    "fitted on in-distribution images",
+    "energy": "energy score: minus the log-sum-exp of the pre-softmax class scores",
+}
 
 
 @router.get(
@@ -40,9 +48,28 @@ async def metadata(
     model: ModelDep, runtime: RuntimeDep, settings: SettingsDep
 ) -> MetadataResponse:
     report = model.providers
+    spec = model.spec
+    ood = None
+    if spec.ood is not None:
+        o = spec.ood
+        ood = OodInfo(
+            detector=o.detector,
+            threshold=o.threshold,
+            policy=settings.ood_policy,
+            target_pass_rate=o.target_pass_rate,
+            held_out_pass_rate=o.held_out_pass_rate,
+            fit_size=o.fit_size,
+            held_out_size=o.held_out_size,
+            fit_data=o.fit_data,
+            description=OOD_DESCRIPTIONS.get(o.detector, o.detector).format(
+                features=o.features, dim=o.feature_dim
+            ),
+        )
     methods = available_methods(model.has_gradcam, settings.occlusion)
     return MetadataResponse(
-        model=model.spec.model_dump(mode="json"),
+        model=spec.model_dump(mode="json"),
+        out_of_distribution=ood,
+        temperature=spec.calibration.temperature if spec.calibration else None,
         providers=ProviderInfo(
             requested=report.requested, available=report.available, active=report.active
         ),

@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse
 
 from braincam.errors import InputError
 from braincam.inference import OnnxModel
-from braincam.model_spec import IMAGE_INPUT, PROBABILITIES_OUTPUT
+from braincam.model_spec import IMAGE_INPUT, OOD_SCORE_OUTPUT, PROBABILITIES_OUTPUT
 from service.api.deps import MetricsDep, RuntimeDep
 from service.batching import ModelBatchers
 from service.errors import ServiceError, error_responses
@@ -29,6 +29,10 @@ from service.inference_protocol import (
 from service.runtime import ModelRuntime
 
 router = APIRouter(tags=["open inference protocol"])
+
+# What the classifier's micro-batcher returns; a call asking for another output of the
+# graph runs on its own.
+BATCHED_OUTPUTS = frozenset({PROBABILITIES_OUTPUT, OOD_SCORE_OUTPUT})
 
 _EXAMPLE = {
     "id": "42",
@@ -123,10 +127,11 @@ async def _batched(
     """Classifier calls share the micro-batcher's runs with /predict; the Grad-CAM
     graph runs alone, as /explain's does."""
     prepared = await runtime.run(prepare_inference, model, name, version, body, headers)
-    if prepared.target.graph != "classifier":
+    wanted = {out.name for out in prepared.requested}
+    if prepared.target.graph != "classifier" or not wanted <= BATCHED_OUTPUTS:
         return await runtime.run(run_prepared, model, runtime.metrics, prepared)
-    (probabilities,) = await batchers.classifier.submit(prepared.feeds[IMAGE_INPUT])
-    produced = {PROBABILITIES_OUTPUT: probabilities}
+    outputs = await batchers.classifier.submit(prepared.feeds[IMAGE_INPUT])
+    produced = dict(zip((PROBABILITIES_OUTPUT, OOD_SCORE_OUTPUT), outputs, strict=False))
     arrays = [produced[out.name] for out in prepared.requested]
     return await runtime.run(encode_outputs, prepared, arrays)
 

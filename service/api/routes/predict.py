@@ -12,6 +12,7 @@ from pydantic import BaseModel
 from service import pipeline
 from service.api.deps import MetricsDep, ModelDep, RuntimeDep, SettingsDep
 from service.errors import error_responses
+from service.ood_gate import apply_policy
 from service.schemas import PredictResponse
 from service.uploads import read_upload
 
@@ -59,7 +60,10 @@ async def predict(
     """Label, confidence and per-class probabilities of one image.
 
     Binary models apply the decision threshold stored in their model.json (so
-    `label` may differ from the class of highest probability).
+    `label` may differ from the class of highest probability). Models with an
+    out-of-distribution detector add `ood_score`, `ood_threshold` and
+    `in_distribution`; with BRAINCAM_OOD_POLICY=reject a flagged image is a 422
+    `out_of_distribution` instead.
     """
     started = time.perf_counter()
     data = await read_upload(file, settings.max_upload_bytes)
@@ -67,12 +71,16 @@ async def predict(
     batchers = runtime.batchers
     if batchers is None:
         result = await runtime.run(pipeline.predict, model, metrics, data, slice_index, started)
+        apply_policy(result, settings, metrics, "/predict")
         return json_bytes(result)
     # Batched: decode alone (a bad upload fails alone), then share an ORT run.
     prepared = await runtime.run(pipeline.prepare, data, slice_index, model.spec)
     t0 = time.perf_counter()
-    (probabilities,) = await batchers.classifier.submit(prepared.batch)
+    outputs = await batchers.classifier.submit(prepared.batch)
     inference_s = time.perf_counter() - t0  # the wait for the batch included
-    return json_bytes(
-        pipeline.predict_response(model.spec, prepared, probabilities[0], inference_s, started)
+    score = outputs[1][0] if len(outputs) > 1 else None
+    result = pipeline.predict_response(
+        model.spec, prepared, outputs[0][0], inference_s, started, score
     )
+    apply_policy(result, settings, metrics, "/predict")
+    return json_bytes(result)
