@@ -14,7 +14,7 @@ import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -24,6 +24,7 @@ from braincam.decoding import DEFAULT_MAX_PIXELS, MAX_VOLUME_BYTES, OpenedImage,
 from braincam.errors import InputError, PayloadTooLarge
 from braincam.inference import OnnxModel
 from braincam.occlusion import OCCLUSION, OcclusionSensitivity
+from braincam.ood import OodVerdict, ood_verdict
 from braincam.overlay import blend, colorize, encode_png
 from braincam.pipeline import Prepared, gradients_for, input_errors, prepare_slice
 
@@ -100,6 +101,8 @@ class Row:
     probabilities: dict[str, float] | None = None
     error: str | None = None
     overlay: str | None = None  # the overlay PNG written for it (--explain)
+    # The out-of-distribution gate's verdict (models exported with a detector).
+    ood: OodVerdict | None = None
 
     @property
     def ok(self) -> bool:
@@ -237,12 +240,13 @@ class BatchPredictor:
     def _run(self, ready: list[_Ready]) -> list[Row]:
         batch = np.ascontiguousarray(np.concatenate([r.prepared.batch for r in ready]))
         if self.explain is None:
-            probabilities = self.model.predict(batch)
-            return [self._row(r, p) for r, p in zip(ready, probabilities, strict=True)]
+            classified = self.model.classify(batch)
+            return self._rows(ready, classified.probabilities, classified.ood_score)
         method = self.explain.method
         if method == OCCLUSION:  # the classifier alone, as the service's /explain
-            probabilities = self.model.predict(batch)
-            rows = [self._row(r, p) for r, p in zip(ready, probabilities, strict=True)]
+            classified = self.model.classify(batch)
+            probabilities = classified.probabilities
+            rows = self._rows(ready, probabilities, classified.ood_score)
             targets = self._targets(rows)
             occlusion = OcclusionSensitivity()
             base = probabilities[np.arange(len(rows)), targets]
@@ -253,7 +257,7 @@ class BatchPredictor:
             ]
         else:
             out = self.model.gradcam(batch)
-            rows = [self._row(r, p) for r, p in zip(ready, out.probabilities, strict=True)]
+            rows = self._rows(ready, out.probabilities, out.ood_score)
             acts, grads, _ = gradients_for(self.model, batch, out, self._targets(rows))
             cams = [
                 compute_cam(method, acts[i], grads[i], size=r.prepared.decoded.size)[0]
@@ -267,7 +271,15 @@ class BatchPredictor:
         """The decided class of each row: what its map explains."""
         return np.array([self.spec.label_index(str(row.label)) for row in rows], np.int64)
 
-    def _row(self, entry: _Ready, probabilities: np.ndarray) -> Row:
+    def _rows(
+        self, ready: list[_Ready], probabilities: np.ndarray, ood_scores: np.ndarray | None
+    ) -> list[Row]:
+        scores = [None] * len(ready) if ood_scores is None else list(ood_scores)
+        return [
+            self._row(r, p, s) for r, p, s in zip(ready, probabilities, scores, strict=True)
+        ]
+
+    def _row(self, entry: _Ready, probabilities: np.ndarray, ood_score: Any) -> Row:
         decision = decide(probabilities, self.spec)
         return Row(
             str(entry.file.path),
@@ -275,6 +287,7 @@ class BatchPredictor:
             label=decision.label,
             confidence=decision.confidence,
             probabilities=decision.probabilities,
+            ood=ood_verdict(ood_score, self.spec),
         )
 
     def _write_overlay(self, entry: _Ready, cam: np.ndarray) -> Path:

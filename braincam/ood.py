@@ -41,6 +41,10 @@ def energy_score(logits: np.ndarray) -> np.ndarray:
     return np.asarray(-(m + np.log(np.exp(z - m[:, None]).sum(axis=1))))
 
 
+# The three fields every consumer reports, in this order.
+OOD_FIELDS = ("ood_score", "ood_threshold", "in_distribution")
+
+
 @dataclass(frozen=True)
 class OodVerdict:
     """What /predict, /explain and the batch CLI report about one input."""

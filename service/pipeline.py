@@ -174,7 +174,7 @@ def _decision_fields(
         "class_index": decision.class_index,
         "confidence": decision.confidence,
         "probabilities": decision.probabilities,
-        "model": ModelRef(name=spec.name, version=spec.version),
+        "model": ModelRef(name=spec.name, version=spec.version, notice=spec.notice),
         **(verdict.as_dict() if verdict is not None else {}),
     }
 

@@ -17,6 +17,11 @@ class ErrorResponse(BaseModel):
 class ModelRef(BaseModel):
     name: str = Field(examples=["demo"])
     version: str = Field(examples=["1"])
+    notice: str | None = Field(
+        default=None,
+        description="what the model's training data means for its answers (model.json "
+        "`notice`; the demo model: trained on synthetic lesions, never saw a real scan)",
+    )
 
 
 class InputInfo(BaseModel):

@@ -201,7 +201,7 @@ def _response(
         probabilities=decision.probabilities,
         deciding_slice=result.deciding_slice,
         rule=SERIES_RULE,
-        model=ModelRef(name=spec.name, version=spec.version),
+        model=ModelRef(name=spec.name, version=spec.version, notice=spec.notice),
         series=SeriesInfo(
             format=series.format,
             n_slices=len(series.slices),

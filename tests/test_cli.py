@@ -86,7 +86,8 @@ def test_predict_folder_rows_match_the_service(
     rows = _csv(out.read_text())
     labels = model.spec.labels
     assert list(rows[0]) == [
-        "path", "slice", "label", "confidence", *(f"p_{x}" for x in labels), "error"
+        "path", "slice", "label", "confidence", *(f"p_{x}" for x in labels),
+        "ood_score", "ood_threshold", "in_distribution", "error"
     ]
     by_name: dict[str, list[dict[str, str]]] = {}
     for row in rows:
@@ -123,6 +124,10 @@ def test_predict_folder_rows_match_the_service(
             assert res.status_code == 200, res.text
             body = res.json()
             assert row["label"] == body["label"]
+            # The out-of-distribution verdict is the service's too.
+            assert float(row["ood_score"]) == pytest.approx(body["ood_score"], rel=1e-5)
+            assert float(row["ood_threshold"]) == body["ood_threshold"]
+            assert row["in_distribution"] == str(body["in_distribution"])
             for label in labels:
                 assert float(row[f"p_{label}"]) == pytest.approx(
                     body["probabilities"][label], abs=TOL
@@ -131,6 +136,7 @@ def test_predict_folder_rows_match_the_service(
     assert "skipped: 2 file(s)" in err
     assert "Research use only" in err
     assert f"{len(good)} image(s) classified from 7 file(s)" in err
+    assert "unlike the training data (out-of-distribution gate" in err
 
 
 def test_jsonl_and_batch_size_give_the_same_rows(

@@ -170,7 +170,9 @@ def test_predict_every_format_equals_the_model_on_the_same_tensor(
     assert body["label"] == decision.label
     assert body["class_index"] == decision.class_index
     assert body["confidence"] == decision.confidence
-    assert body["model"] == {"name": model.spec.name, "version": model.spec.version}
+    assert body["model"] == {
+        "name": model.spec.name, "version": model.spec.version, "notice": model.spec.notice
+    }
     width, height = decoded.size
     assert body["input"] == {
         "format": sample.fmt,
@@ -531,7 +533,9 @@ def test_health_and_ready(service: TestClient, model: OnnxModel) -> None:
     assert health.status_code == 200
     body = health.json()
     assert body["status"] == "ok" and body["ready"] is True and body["error"] is None
-    assert body["model"] == {"name": model.spec.name, "version": model.spec.version}
+    assert body["model"] == {
+        "name": model.spec.name, "version": model.spec.version, "notice": model.spec.notice
+    }
     assert body["providers"] == [CPU]
     assert body["execution_providers"]["requested"] == [CPU]
     assert body["execution_providers"]["active"] == [CPU]

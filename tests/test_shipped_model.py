@@ -48,6 +48,7 @@ def test_records_how_it_was_made() -> None:
                 "explanation_quality"):
         assert key in made, key
     assert made["dataset"]["synthetic"] is True
+    assert spec.notice and "never seen a real scan" in spec.notice
     assert 0.0 < made["test_metrics"]["accuracy"] <= 1.0
     assert set(made["explanation_quality"]["methods"]) >= {"gradcam"}
     for name in ("MODEL_CARD.md", "run/metrics.json", "run/training_curves.png",
@@ -88,6 +89,8 @@ def test_reaches_its_recorded_test_accuracy_through_the_service() -> None:
                 )
                 r = client.post("/predict", files={"file": ("x.png", encode_png(image))})
                 assert r.status_code == 200, r.text
+                # Every answer says the model never saw a real scan.
+                assert r.json()["model"]["notice"] == spec.notice
                 correct += r.json()["label"] == cls
                 total += 1
     recorded = spec.provenance["test_metrics"]

@@ -33,6 +33,7 @@ from braincam.cli import UsageError
 from braincam.commands.common import add_model_arguments, load_model, model_notice
 from braincam.decoding import DEFAULT_MAX_PIXELS
 from braincam.inference import OnnxModel
+from braincam.ood import OOD_FIELDS
 from braincam.overlay import COLORMAPS
 
 FORMATS = ("csv", "jsonl")
@@ -122,13 +123,15 @@ def _output_format(args: argparse.Namespace) -> str:
 
 
 class CsvRows:
-    """path, slice, label, confidence, p_<label>..., error (, overlay with --explain)."""
+    """path, slice, label, confidence, p_<label>..., ood_score, ood_threshold,
+    in_distribution (empty for models without a detector), error (, overlay)."""
 
     def __init__(self, stream: IO[str], labels: list[str], overlays: bool) -> None:
         self.labels = labels
         self.overlays = overlays
         self.writer = csv.writer(stream)
-        header = ["path", "slice", "label", "confidence", *(f"p_{x}" for x in labels), "error"]
+        header = ["path", "slice", "label", "confidence", *(f"p_{x}" for x in labels),
+                  *OOD_FIELDS, "error"]
         self.writer.writerow([*header, "overlay"] if overlays else header)
 
     def write(self, row: Row) -> None:
@@ -139,6 +142,7 @@ class CsvRows:
             row.label or "",
             "" if row.confidence is None else row.confidence,
             *(probs.get(label, "") for label in self.labels),
+            *(row.ood.as_dict()[k] if row.ood else "" for k in OOD_FIELDS),
             row.error or "",
         ]
         self.writer.writerow([*cells, row.overlay or ""] if self.overlays else cells)
@@ -158,6 +162,7 @@ class JsonlRows:
             "label": row.label,
             "confidence": row.confidence,
             "probabilities": row.probabilities,
+            **(row.ood.as_dict() if row.ood else dict.fromkeys(OOD_FIELDS)),
             "error": row.error,
         }
         if self.overlays:
@@ -302,6 +307,10 @@ def _summary(
     width = max(len(label) for label in spec.labels)
     for label in spec.labels:
         print(f"  {label:<{width}}  {counts.get(label, 0)}", file=out)
+    foreign = sum(r.ood is not None and not r.ood.in_distribution for r in predicted)
+    if spec.ood is not None:
+        print(f"unlike the training data (out-of-distribution gate, {spec.ood.detector}): "
+              f"{foreign} of {len(predicted)}", file=out)
     if failed:
         skipped_files = {r.path for r in failed if r.slice is None} - {r.path for r in predicted}
         bad_slices = sum(r.slice is not None for r in failed)

@@ -214,6 +214,9 @@
     $("providers").textContent = `${active.join(", ")}${meta.gpu ? " (GPU)" : ""}`;
     $("providers").title = `requested: ${meta.providers.requested.join(", ")}`;
     if (meta.disclaimer) $("disclaimer").textContent = meta.disclaimer;
+    // What the model's training data means for its answers (the demo model's: synthetic).
+    $("model-notice").hidden = !model.notice;
+    $("model-notice-text").textContent = model.notice || "";
     $("formats-hint").textContent =
       `PNG, JPEG, BMP, TIFF, DICOM or NIfTI (.nii, .nii.gz), up to ${mib(meta.limits.max_upload_bytes)}`;
 

@@ -39,7 +39,7 @@ async def health(runtime: RuntimeDep) -> HealthResponse:
     return HealthResponse(
         status="ok",
         ready=True,
-        model=ModelRef(name=model.spec.name, version=model.spec.version),
+        model=ModelRef(name=model.spec.name, version=model.spec.version, notice=model.spec.notice),
         providers=list(report.active),
         execution_providers=ProviderInfo(
             requested=report.requested, available=report.available, active=report.active
