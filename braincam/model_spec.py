@@ -97,6 +97,9 @@ class Quantization(BaseModel):
     top1_agreement: float = Field(description="decisions equal to the float model's, 0..1")
     max_probability_diff: float
     min_top1_agreement: float = Field(description="the gate the export passed")
+    ood_flag_agreement: float | None = Field(
+        default=None, description="OOD flags equal to the float model's (models with a gate)"
+    )
     gradcam: str = Field(description="what the Grad-CAM graph runs in, and why")
     float_classifier_sha256: str
 

@@ -38,6 +38,8 @@ def test_int8_classifier_is_recorded_and_served(
     assert spec.graphs.classifier.sha256 != float_spec.graphs.classifier.sha256
     assert spec.graphs.gradcam == float_spec.graphs.gradcam  # Grad-CAM stays float
     assert "float32" in q.gradcam
+    # A model with an out-of-distribution gate is also gated on its flags.
+    assert (q.ood_flag_agreement is None) == (float_spec.ood is None)
 
     import onnx
 
