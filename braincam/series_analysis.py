@@ -22,9 +22,10 @@ import numpy as np
 
 from braincam.cam import compute_cam, resize_cam
 from braincam.decision import Decision, decide
-from braincam.inference import OnnxModel
+from braincam.inference import Classified, OnnxModel
 from braincam.model_spec import ModelSpec
 from braincam.occlusion import OCCLUSION, OcclusionSensitivity
+from braincam.ood import OodVerdict, ood_verdict
 from braincam.overlay import blend, colorize
 from braincam.preprocessing import preprocess_batch
 from braincam.series import Series
@@ -59,6 +60,8 @@ class SeriesResult:
     batches: int
     overlays: dict[int, np.ndarray] = field(default_factory=dict)  # slice -> RGB uint8
     explain_s: float = 0.0
+    # Per slice, the out-of-distribution gate's verdict (None: the model has no detector).
+    ood: list[OodVerdict | None] = field(default_factory=list)
 
 
 def series_decision(decisions: Sequence[Decision], spec: ModelSpec) -> tuple[Decision, int]:
@@ -84,15 +87,18 @@ def analyse(
     colormap: str = "jet",
     alpha: float = 0.4,
     explain_deciding: bool = False,
-    predict: Callable[[np.ndarray], np.ndarray] | None = None,
+    classify: Callable[[np.ndarray], Classified] | None = None,
 ) -> SeriesResult:
     """Predict every slice; with `explain_deciding` (and for the slices in `explain`)
     also the overlay of the slice's decided class, from one batched Grad-CAM run.
 
-    `predict` runs the classifier on a batch (default `model.predict`; the service
-    passes its micro-batcher's, so a series shares runs with concurrent requests)."""
+    `classify` runs the classifier on a batch (default `model.classify`; the service
+    passes its micro-batcher's, so a series shares runs with concurrent requests).
+    Slices the out-of-distribution gate flags still count in the series rule: each
+    slice's verdict is reported beside it."""
     spec = model.spec
     probs = []
+    scores: list[np.ndarray] = []
     preprocess_s = inference_s = 0.0
     batches = 0
     for start in range(0, len(series.slices), batch_size):
@@ -100,7 +106,10 @@ def analyse(
         t0 = time.perf_counter()
         x = preprocess_batch([s.pixels for s in chunk], spec.preprocessing)
         t1 = time.perf_counter()
-        probs.append((predict or model.predict)(x))
+        out = (classify or model.classify)(x)
+        probs.append(out.probabilities)
+        if out.ood_score is not None:
+            scores.append(out.ood_score)
         inference_s += time.perf_counter() - t1
         preprocess_s += t1 - t0
         batches += 1
@@ -108,6 +117,8 @@ def analyse(
     decisions = [decide(p, spec) for p in all_probs]
     decision, deciding = series_decision(decisions, spec)
     result = SeriesResult(decisions, decision, deciding, inference_s, preprocess_s, batches)
+    all_scores = np.concatenate(scores) if scores else [None] * len(decisions)
+    result.ood = [ood_verdict(s, spec) for s in all_scores]
     wanted = sorted({*explain, *([deciding] if explain_deciding else [])})
     if wanted:
         t0 = time.perf_counter()

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from prometheus_client import Counter, Histogram
 
-from braincam.inference import OnnxModel
+from braincam.inference import Classified, OnnxModel
 from service.errors import ServiceError
 from service.metrics import INFERENCE_BUCKETS, Metrics
 
@@ -244,17 +244,18 @@ class ModelBatchers:
             "classifier", classifier, run_batch, BatchMetrics(metrics), max_size, max_wait_s
         )
 
-    def blocking_predict(
+    def blocking_classify(
         self, loop: asyncio.AbstractEventLoop
-    ) -> Callable[[np.ndarray], np.ndarray]:
+    ) -> Callable[[np.ndarray], Classified]:
         """The classifier for work running in a worker thread: each call queues its
         rows with the event loop's batcher and waits for them."""
 
-        def predict(batch: np.ndarray) -> np.ndarray:
+        def classify(batch: np.ndarray) -> Classified:
             future = asyncio.run_coroutine_threadsafe(self.classifier.submit(batch), loop)
-            return future.result()[0]  # the probabilities (an OOD score may follow)
+            out = future.result()  # the probabilities, and the OOD score if any
+            return Classified(out[0], out[1] if len(out) > 1 else None)
 
-        return predict
+        return classify
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

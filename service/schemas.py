@@ -257,6 +257,15 @@ class SliceResult(BaseModel):
     overlay_png: str | None = Field(
         default=None, description="base64 PNG overlay (/explain/series, requested slices)"
     )
+    ood_score: float | None = Field(
+        default=None, description="out-of-distribution score (models with a detector)"
+    )
+    ood_threshold: float | None = None
+    in_distribution: bool | None = Field(
+        default=None,
+        description="false: the slice is unlike the training images (it still counts in "
+        "the series rule)",
+    )
 
 
 class SeriesInfo(BaseModel):

@@ -18,7 +18,7 @@ from braincam import DISCLAIMER
 from braincam.cam import default_method
 from braincam.dicom_results import build_results
 from braincam.errors import InputError, InvalidParameter, UndecodableImage
-from braincam.inference import OnnxModel
+from braincam.inference import Classified, OnnxModel
 from braincam.occlusion import OCCLUSION
 from braincam.overlay import to_base64
 from braincam.series import Series, SeriesLimits, read_series
@@ -109,7 +109,7 @@ def run_series(
     limits: SeriesLimits,
     params: SeriesParams,
     started: float,
-    predict: Callable[[np.ndarray], np.ndarray] | None = None,
+    classify: Callable[[np.ndarray], Classified] | None = None,
 ) -> SeriesResponse:
     t0 = time.perf_counter()
     series = read(files, limits)
@@ -128,7 +128,7 @@ def run_series(
         method=method,
         colormap=params.colormap,
         alpha=params.alpha,
-        predict=predict,
+        classify=classify,
     )
     metrics.inference.labels(graph="classifier").observe(result.inference_s)
     if result.overlays:
@@ -189,8 +189,13 @@ def _response(
             sop_instance_uid=s.sop_instance_uid,
             frame=s.frame,
             overlay_png=to_base64(result.overlays[i], "png", level) if i in shown else None,
+            ood_score=v.ood_score if v else None,
+            ood_threshold=v.ood_threshold if v else None,
+            in_distribution=v.in_distribution if v else None,
         )
-        for i, (d, s) in enumerate(zip(result.decisions, series.slices, strict=True))
+        for i, (d, s, v) in enumerate(
+            zip(result.decisions, series.slices, result.ood, strict=True)
+        )
     ]
     first = series.datasets[0] if series.datasets else None
     decision = result.decision

@@ -62,6 +62,10 @@ def test_predict_series_matches_single_predictions(service: TestClient, syntheti
         single = service.post("/predict", files={"file": ("x.dcm", synthetic.files[k][1])}).json()
         for label, p in single["probabilities"].items():
             assert body["slices"][k]["probabilities"][label] == pytest.approx(p, abs=1e-6)
+        # ... and the out-of-distribution verdict too (the tiny model has a detector).
+        assert single["ood_score"] is not None
+        assert body["slices"][k]["ood_score"] == pytest.approx(single["ood_score"], rel=1e-5)
+        assert body["slices"][k]["in_distribution"] == single["in_distribution"]
 
 
 def test_series_throughput_vs_single_calls(service: TestClient, synthetic) -> None:  # type: ignore[no-untyped-def]

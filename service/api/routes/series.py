@@ -147,8 +147,8 @@ async def _run(
     limits = limits_from(settings)
     # With micro-batching on, the slices' classifier runs queue with /predict's.
     batchers = runtime.batchers
-    predict = batchers.blocking_predict(asyncio.get_running_loop()) if batchers else None
+    classify = batchers.blocking_classify(asyncio.get_running_loop()) if batchers else None
     result = await runtime.run(
-        run_series, model, metrics, data, limits, params, started, predict
+        run_series, model, metrics, data, limits, params, started, classify
     )
     return json_bytes(result)
