@@ -26,13 +26,13 @@ log = logging.getLogger(__name__)
 
 
 @contextmanager
-def input_errors() -> Iterator[None]:
+def input_errors(what: str = "the file") -> Iterator[None]:
     """Whatever escapes a decoder on damaged bytes is the input's fault, not a crash.
 
     The decoders parse arbitrary bytes with third-party readers (OpenCV, pydicom,
-    nibabel) that raise all sorts of exceptions on damaged files, some of them
-    lazily, after the file "opened". Those become `UndecodableImage` (a 422);
-    logged in full in case it is a bug of ours.
+    nibabel, zipfile) that raise all sorts of exceptions on damaged files, some of
+    them lazily, after the file "opened". Those become `UndecodableImage` (a 422)
+    naming `what` was read; logged in full in case it is a bug of ours.
     """
     try:
         yield
@@ -41,7 +41,7 @@ def input_errors() -> Iterator[None]:
     except Exception as exc:
         log.warning("decoding failed with %s", type(exc).__name__, exc_info=True)
         raise UndecodableImage(
-            f"could not decode the file: {type(exc).__name__} while reading it"
+            f"could not decode {what}: {type(exc).__name__} while reading it"
         ) from exc
 
 

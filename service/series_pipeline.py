@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import io
-import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -17,10 +16,11 @@ import numpy as np
 from braincam import DISCLAIMER
 from braincam.cam import default_method
 from braincam.dicom_results import build_results
-from braincam.errors import InputError, InvalidParameter, UndecodableImage
+from braincam.errors import InvalidParameter
 from braincam.inference import Classified, OnnxModel
 from braincam.occlusion import OCCLUSION
 from braincam.overlay import to_base64
+from braincam.pipeline import input_errors
 from braincam.series import Series, SeriesLimits, read_series
 from braincam.series_analysis import SERIES_RULE, SeriesResult, analyse
 from service.core.config import Settings
@@ -33,8 +33,6 @@ from service.schemas import (
     SeriesTiming,
     SliceResult,
 )
-
-log = logging.getLogger(__name__)
 
 Output = Literal["json", "dicom"]
 
@@ -89,17 +87,8 @@ def parse_slices(value: str, n: int) -> list[int]:
 
 
 def read(files: Sequence[tuple[str, bytes]], limits: SeriesLimits) -> Series:
-    try:
+    with input_errors("the series"):
         return read_series(files, limits)
-    except InputError:
-        raise
-    except Exception as exc:
-        # Third-party readers (zipfile, pydicom, nibabel) raise all sorts on damaged
-        # files; whatever escapes is the upload's (422), logged in case it is ours.
-        log.warning("reading a series failed with %s", type(exc).__name__, exc_info=True)
-        raise UndecodableImage(
-            f"could not read the series: {type(exc).__name__} while reading it"
-        ) from exc
 
 
 def run_series(
