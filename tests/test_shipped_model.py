@@ -96,3 +96,30 @@ def test_reaches_its_recorded_test_accuracy_through_the_service() -> None:
     recorded = spec.provenance["test_metrics"]
     assert total == recorded["test_size"]
     assert abs(correct / total - recorded["accuracy"]) <= 0.005
+
+
+def test_make_model_records_provenance(
+    tiny_run: Path, tiny_model_dir: Path, demo_data: Path, tmp_path: Path
+) -> None:
+    """The last step of `make model` (trainer.build_demo) on the tests' tiny run: what
+    the shipped model's model.json and run/ folder were written by."""
+    import shutil
+
+    from trainer.build_demo import DEMO_NOTICE, RUN_FILES, record_provenance
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    record_provenance(model_dir, tiny_run, demo_data, epochs=2)
+    spec = load_spec(model_dir)  # graphs untouched: their sha256s still match
+    assert spec.notice == DEMO_NOTICE
+    made = spec.provenance
+    run = json.loads((tiny_run / "run.json").read_text())
+    metrics = json.loads((tiny_run / "metrics.json").read_text())
+    assert made["seed"] == run["seed"] and made["epochs"] == 2
+    assert made["test_metrics"]["accuracy"] == metrics["accuracy"]
+    assert made["dataset"]["size"] == json.loads((demo_data / "dataset.json").read_text())["size"]
+    quality = made["explanation_quality"]["methods"]["gradcam"]
+    assert 0.0 <= quality["pointing_game"] <= 1.0
+    json.dumps(made, allow_nan=False)  # strict JSON: no NaN
+    for name in RUN_FILES:
+        assert (model_dir / "run" / name).is_file(), name
