@@ -282,6 +282,7 @@ def test_upload_shows_prediction_and_three_panels(
     assert page.text("#model-name") == f"{spec['name']} v{spec['version']}"
     assert page.text("#providers") == "CPU"
     assert page.text("#disclaimer") == DISCLAIMER
+    assert not page.visible("#model-notice")  # the tiny model's model.json has no notice
     assert page.visible("#empty") and not page.visible("#result")
 
     answer = page.upload(glioma_image)
@@ -491,6 +492,17 @@ def test_keyboard_and_layout(
         assert box is not None and box["width"] >= 150 and box["x"] + box["width"] <= width
     assert len({round(box["y"]) for box in boxes if box}) == 1  # side by side
     opened.close()
+
+
+def test_the_models_notice_is_shown(chromium: Any, tmp_path: Path) -> None:
+    """The shipped demo model says on the page that it never saw a real scan."""
+    shipped = Path(__file__).resolve().parents[1] / "models" / "demo"
+    notice = json.loads((shipped / "model.json").read_text())["notice"]
+    with _live_server(shipped, tmp_path / "server.log") as url:
+        opened = Page(chromium, url)
+        assert opened.visible("#model-notice")
+        assert opened.text("#model-notice-text") == notice
+        opened.close()
 
 
 def test_api_key_is_asked_for(
