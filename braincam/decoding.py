@@ -278,12 +278,9 @@ def _decode_dicom(data: bytes, slice_index: int | None, max_pixels: int) -> Deco
     try:
         # force=False: a file without the DICM preamble is not guessed at.
         ds = pydicom.dcmread(io.BytesIO(data), force=False)
-        _check_dicom_size(ds, max_pixels)
-        return _dicom_slice(ds, slice_index)
-    except InputError:
-        raise
-    except Exception as exc:  # pydicom parses values lazily: any field may raise, any type
+    except Exception as exc:  # damaged bytes raise any type
         raise UndecodableImage(f"could not decode the DICOM file: {type(exc).__name__}") from exc
+    return decode_dicom_dataset(ds, slice_index, max_pixels=max_pixels)
 
 
 def decode_dicom_dataset(
