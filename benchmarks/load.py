@@ -59,19 +59,24 @@ def multipart_request(host: str, port: int, path: str, data: bytes) -> bytes:
     return head + body
 
 
+def _status_and_length(head: bytes) -> tuple[int, int]:
+    """An HTTP/1.1 response head -> (status, Content-Length; 0 when absent)."""
+    lines = head.decode("latin-1").split("\r\n")
+    length = 0
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        if name.strip().lower() == "content-length":
+            length = int(value)
+    return int(lines[0].split()[1]), length
+
+
 async def _exchange(
     reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes
 ) -> tuple[int, bytes]:
     writer.write(request)
     await writer.drain()
     head = await reader.readuntil(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    status = int(lines[0].split()[1])
-    length = 0
-    for line in lines[1:]:
-        name, _, value = line.partition(":")
-        if name.strip().lower() == "content-length":
-            length = int(value)
+    status, length = _status_and_length(head)
     body = await reader.readexactly(length)
     return status, body
 
@@ -159,13 +164,7 @@ class BlockingClient:
         data = bytearray(self._pending)
         while (end := data.find(b"\r\n\r\n")) < 0:
             data += self._recv()
-        lines = bytes(data[:end]).decode("latin-1").split("\r\n")
-        status = int(lines[0].split()[1])
-        length = 0
-        for line in lines[1:]:
-            name, _, value = line.partition(":")
-            if name.strip().lower() == "content-length":
-                length = int(value)
+        status, length = _status_and_length(bytes(data[:end]))
         start = end + 4
         while len(data) < start + length:
             data += self._recv()
