@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import sys
 import tempfile
 import time
@@ -26,7 +25,7 @@ import cv2
 
 from benchmarks import direct, serving
 from benchmarks.machine import load_average, machine_info
-from benchmarks.report import render
+from benchmarks.report import render, save_report
 from benchmarks.stats import Timing
 from benchmarks.uploads import benchmark_uploads
 from braincam.decoding import decode_image
@@ -174,11 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     report += "\n".join(cli_section)
     print(report)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    out = args.out / f"{stamp}-{socket.gethostname()}{'-quick' if quick else ''}.md"
-    out.write_text(report)
-    print(f"written to {os.path.relpath(out)}", file=sys.stderr)
+    save_report(report, args.out, "-quick" if quick else "")
     return 0
 
 

@@ -23,7 +23,6 @@ import json
 import os
 import re
 import resource
-import socket
 import statistics
 import subprocess
 import sys
@@ -34,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from benchmarks.machine import load_average, machine_info
+from benchmarks.report import save_report
 from benchmarks.server import Server
 from braincam.model_spec import ModelSpec, load_spec
 from service.local_server import serve
@@ -259,10 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     lines += ["", *table(results), "", f"Load average at the end: {load_average()}.", ""]
     report = "\n".join(lines)
     print(report)
-    args.out.mkdir(parents=True, exist_ok=True)
-    target = args.out / f"{time.strftime('%Y%m%d-%H%M%S')}-{socket.gethostname()}-cli.md"
-    target.write_text(report)
-    print(f"written to {os.path.relpath(target)}", file=sys.stderr)
+    save_report(report, args.out, "-cli")
     return 0
 
 

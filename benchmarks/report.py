@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import math
+import os
+import socket
+import sys
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from benchmarks.serving import ServingResults, UploadFigures
 from benchmarks.stats import Timing
@@ -326,3 +331,13 @@ def render(
         ],
     )
     return "\n".join(lines) + "\n"
+
+
+def save_report(report: str, out_dir: Path, suffix: str = "") -> Path:
+    """benchmarks/results/<timestamp>-<host><suffix>.md; says where on stderr."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    target = out_dir / f"{stamp}-{socket.gethostname()}{suffix}.md"
+    target.write_text(report)
+    print(f"written to {os.path.relpath(target)}", file=sys.stderr)
+    return target
