@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -856,8 +857,9 @@ def health_server() -> Iterator[tuple[str, type[_HealthHandler]]]:
         server.server_close()
 
 
-def _probe(url: str, expect: str = "") -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "HEALTHCHECK_EXPECT_PROVIDER": expect, "HEALTHCHECK_TIMEOUT": "3"}
+def _probe(url: str, expect: str = "", wait: float = 0.0) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "HEALTHCHECK_EXPECT_PROVIDER": expect, "HEALTHCHECK_TIMEOUT": "3",
+           "HEALTHCHECK_WAIT": str(wait)}
     return subprocess.run(
         [sys.executable, str(DOCKER_DIR / "healthcheck.py"), url],
         capture_output=True,
@@ -888,6 +890,33 @@ def test_healthcheck_script(health_server: tuple[str, type[_HealthHandler]]) -> 
         sock.bind(("127.0.0.1", 0))
         closed = f"http://127.0.0.1:{sock.getsockname()[1]}/health"
     assert _probe(closed).returncode == 1
+
+
+def test_healthcheck_waits_for_a_starting_service_but_not_for_a_broken_one(
+    health_server: tuple[str, type[_HealthHandler]],
+) -> None:
+    """A probe that finds the model loading asks again within its budget, so the
+    container turns healthy when the model is ready, not one probe interval later."""
+    url, handler = health_server
+    handler.body = {"status": "loading", "ready": False}
+
+    def ready_soon() -> None:
+        time.sleep(0.8)
+        handler.body = {"status": "ok", "providers": ["CPUExecutionProvider"]}
+
+    threading.Thread(target=ready_soon, daemon=True).start()
+    started = time.monotonic()
+    waited = _probe(url, wait=5)
+    assert waited.returncode == 0, waited.stderr
+    assert 0.7 < time.monotonic() - started < 4.5
+    handler.body = {"status": "loading", "ready": False}
+    gave_up = _probe(url, wait=0.6)
+    assert gave_up.returncode == 1 and "starting" in gave_up.stderr
+    handler.body = {"status": "error", "ready": False, "error": "no model.json"}
+    started = time.monotonic()
+    broken = _probe(url, wait=5)
+    assert broken.returncode == 1 and "no model.json" in broken.stderr
+    assert time.monotonic() - started < 3, "a failed model load is not worth waiting for"
 
 
 def _verify(directory: Path) -> subprocess.CompletedProcess[str]:
