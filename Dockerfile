@@ -122,7 +122,7 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PATH=/opt/venv/bin:$PATH
 RUN python -m venv /opt/venv
 WORKDIR /src
 COPY pyproject.toml README.md* ./
-COPY docker/pip_install.sh docker/check_env.py /opt/braincam/
+COPY docker/pip_install.sh docker/slim_venv.sh docker/check_env.py /opt/braincam/
 RUN --mount=type=secret,id=pip_cert --mount=type=cache,id=braincam-wheels-cpu,target=/wheels \
     mkdir braincam service \
  && touch braincam/__init__.py service/__init__.py \
@@ -131,20 +131,11 @@ RUN --mount=type=secret,id=pip_cert --mount=type=cache,id=braincam-wheels-cpu,ta
 # Only the runtime packages: trainer/ and exporter/ stay out of the service image.
 COPY braincam ./braincam
 COPY service ./service
-# Then slimmed for the runtime: no pip/setuptools (nothing is installed at run time),
-# no test suites, type stubs or C headers of the dependencies, none of ONNX Runtime's
-# offline model tools (transformers, quantization) nor numpy's f2py, and bytecode
-# only for the modules the service imports (check_env.py imports every braincam and
-# service module; the root file system is read-only at run time, so these .pyc
-# files are what start-up reads).
+# Then slimmed for the runtime (docker/slim_venv.sh): no pip, no tests, stubs or
+# headers of the dependencies, bytecode only for the modules the service imports.
 RUN --mount=type=secret,id=pip_cert --mount=type=cache,id=braincam-wheels-cpu,target=/wheels \
     /opt/braincam/pip_install.sh project \
- && pip uninstall --yes --quiet pip setuptools \
- && cd /opt/venv/lib/python3*/site-packages \
- && rm -rf onnxruntime/transformers onnxruntime/quantization onnxruntime/tools numpy/f2py \
- && find . -depth \( -type d \( -name tests -o -name __pycache__ -o -name include \) \
-    -o -type f -name "*.pyi" \) -exec rm -rf {} + \
- && python /opt/braincam/check_env.py imports
+ && /opt/braincam/slim_venv.sh
 
 FROM ${PYTHON_IMAGE} AS cpu
 RUN groupadd --system --gid 10001 braincam \
@@ -193,7 +184,7 @@ COPY pyproject.toml README.md* ./
 # onnxruntime-gpu in one environment, where they overwrite each other. The `cuda`
 # and `cudnn` extras bring NVIDIA's libraries; the plain requirement with the same
 # bounds keeps pip's resolver from fetching releases outside them first.
-COPY docker/pip_install.sh docker/check_env.py /opt/braincam/
+COPY docker/pip_install.sh docker/slim_venv.sh docker/check_env.py /opt/braincam/
 RUN --mount=type=secret,id=pip_cert --mount=type=cache,id=braincam-wheels-gpu,target=/wheels \
     mkdir braincam service \
  && touch braincam/__init__.py service/__init__.py \
@@ -205,12 +196,7 @@ COPY service ./service
 # Slimmed as in cpu-venv.
 RUN --mount=type=secret,id=pip_cert --mount=type=cache,id=braincam-wheels-gpu,target=/wheels \
     /opt/braincam/pip_install.sh project \
- && pip uninstall --yes --quiet pip setuptools \
- && cd /opt/venv/lib/python3*/site-packages \
- && rm -rf onnxruntime/transformers onnxruntime/quantization onnxruntime/tools numpy/f2py \
- && find . -depth \( -type d \( -name tests -o -name __pycache__ -o -name include \) \
-    -o -type f -name "*.pyi" \) -exec rm -rf {} + \
- && python /opt/braincam/check_env.py imports
+ && /opt/braincam/slim_venv.sh
 
 FROM ${PYTHON_IMAGE} AS gpu
 COPY --from=gpu-venv /opt/venv /opt/venv
@@ -221,7 +207,7 @@ RUN groupadd --system --gid 10001 braincam \
  && useradd --system --uid 10001 --gid braincam --no-log-init --create-home braincam \
  && mkdir -p /models \
  && chown braincam:braincam /models \
- && find /opt/venv -type d -path "*/site-packages/nvidia/*/lib" | sort \
+ && find /opt/venv -type d -path "*/site-packages/nvidia/*/lib" \
     > /etc/ld.so.conf.d/braincam-nvidia-wheels.conf \
  && ldconfig
 COPY docker/healthcheck.py docker/check_env.py docker/verify_model.py /opt/braincam/

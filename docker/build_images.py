@@ -29,6 +29,7 @@ Environment passed through as build arguments when set: ORT_SPEC, MODEL_DIR, MOD
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import json
 import os
@@ -333,28 +334,58 @@ def build_argv(target: Target, cli: str, base: str, cert: str | None) -> list[st
     return [*argv, str(target.context)]
 
 
+# BuildKit loses a build's client session now and then on a loaded machine (the step
+# that mounts the secret then fails); the next attempt resumes from the layer cache.
+TRANSIENT = re.compile(r"no active session for \S+: context deadline exceeded")
+ATTEMPTS = 3
+
+
 def build_one(target: Target, cli: str, env: dict[str, str], base: str, cert: str | None,
               log_dir: Path) -> float:
     log_path = log_dir / f"{target.name}.log"
     say(f"{target.tag}: building (log: {log_path}) ...")
     started = time.perf_counter()
-    with log_path.open("w") as log:
-        result = subprocess.run(build_argv(target, cli, base, cert), stdout=log,
-                                stderr=subprocess.STDOUT, env={**os.environ, **env}, check=False)
+    log_path.write_text("")
+    for attempt in range(1, ATTEMPTS + 1):
+        with log_path.open("a") as log:
+            result = subprocess.run(build_argv(target, cli, base, cert), stdout=log,
+                                    stderr=subprocess.STDOUT, env={**os.environ, **env},
+                                    check=False)
+        text = log_path.read_text(errors="replace")
+        if result.returncode == 0 or attempt == ATTEMPTS or not TRANSIENT.search(text[-5000:]):
+            break
+        say(f"{target.tag}: BuildKit lost the build's session; again from the cache "
+            f"(attempt {attempt + 1} of {ATTEMPTS})")
     seconds = time.perf_counter() - started
     if result.returncode != 0:
-        tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-60:])
+        tail = "\n".join(text.splitlines()[-60:])
         raise BuildError(f"{target.tag}: docker build failed after {seconds:.0f} s:\n{tail}")
     say(f"{target.tag}: built in {seconds:.0f} s ({image_size_mb(target.tag):.0f} MB)")
     return seconds
 
 
+LOCK = Path(tempfile.gettempdir()) / "braincam-build-images.lock"
+
+
 def build(targets: Sequence[str], base_mode: str = "auto", jobs: int = 3,
           log_dir: Path | None = None) -> dict[str, float]:
-    """Build the named targets; returns seconds per target (and `base`)."""
+    """Build the named targets; returns seconds per target (and `base`, `total`).
+    One run at a time on this machine (a lock file): a second one waits, then finds
+    the layers in the cache."""
     unknown = set(targets) - set(TARGETS)
     if unknown:
         raise BuildError(f"unknown target(s) {sorted(unknown)}: choose from {sorted(TARGETS)}")
+    with LOCK.open("a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            say(f"another image build is running ({LOCK}): waiting for it ...")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        return _build(targets, base_mode, jobs, log_dir)
+
+
+def _build(targets: Sequence[str], base_mode: str, jobs: int,
+           log_dir: Path | None) -> dict[str, float]:
     cli, env = buildkit_cli()
     started = time.perf_counter()
     base = resolve_base(base_mode)
