@@ -200,8 +200,10 @@ class Project:
                              f"logs:\n{self.logs(service)[-3000:]}")
 
     def logs(self, service: str) -> str:
-        out = run(["docker", "logs", self.container(service)])
-        return out.stdout + out.stderr
+        """stdout and stderr of the container, interleaved as written."""
+        out = subprocess.run(["docker", "logs", self.container(service)], stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, timeout=60, check=False)
+        return out.stdout
 
     def exec(self, service: str, *argv: str) -> subprocess.CompletedProcess[str]:
         return run(["docker", "exec", self.container(service), *argv], timeout=60)

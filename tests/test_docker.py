@@ -882,16 +882,20 @@ SERVICES = ("braincam", "braincam-cpu", "braincam-gpu-fallback")
 
 
 def test_compose_file_works_with_compose_v1_too() -> None:
-    """Compose v1 (Debian 12's docker-compose 1.29) rejects a top-level `name:` and
-    the healthcheck's start_interval; `mem_limit` works in both (deploy limits would
-    need --compatibility in v1)."""
+    """Compose v1 (Debian 12's docker-compose 1.29) rejects a top-level `name:`, the
+    healthcheck's start_interval and a GPU count from a variable; `mem_limit` works in
+    both (deploy limits would need --compatibility in v1)."""
     data = yaml.safe_load(COMPOSE.read_text())
     assert set(data) <= {"services", "volumes", "networks"} | {
         k for k in data if k.startswith("x-")
     }, sorted(data)
     assert not re.search(r"^\s*start_interval:", COMPOSE.read_text(), re.M)
     for name, svc in data["services"].items():
-        assert "limits" not in svc.get("deploy", {}).get("resources", {}), name
+        resources = svc.get("deploy", {}).get("resources", {})
+        assert "limits" not in resources, name
+        for device in resources.get("reservations", {}).get("devices", []):
+            # v1 takes an integer or "all" here, never an interpolated string
+            assert isinstance(device.get("count", 1), int) or device["count"] == "all", name
 
 
 @pytest.mark.parametrize("name", SERVICES)
