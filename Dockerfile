@@ -86,15 +86,17 @@ RUN groupadd --system --gid 10001 braincam \
  && mkdir -p /models /runs /work \
  && chown braincam:braincam /models /runs /work
 WORKDIR /src
-# Dependencies first, from pyproject.toml alone (empty package stubs), so that a
-# code change does not reinstall TensorFlow. README.md* : optional (readme field).
+# Dependencies first, from pyproject.toml alone (empty package stubs, and an empty
+# README.md for its readme field: an edit of the real one must not reinstall anything),
+# so that a code change does not reinstall TensorFlow.
 # docker/pip_install.sh: wheels only, from a download folder that is a BuildKit cache
 # mount (never in a layer); versions are bounded by pyproject.toml and ORT_SPEC.
-COPY pyproject.toml README.md* ./
+COPY pyproject.toml ./
 COPY docker/pip_install.sh /opt/braincam/
 RUN --mount=type=secret,id=pip_cert --mount=type=cache,id=braincam-wheels-train,target=/wheels \
     mkdir braincam service trainer exporter \
- && touch braincam/__init__.py service/__init__.py trainer/__init__.py exporter/__init__.py \
+ && touch README.md braincam/__init__.py service/__init__.py trainer/__init__.py \
+    exporter/__init__.py \
  && /opt/braincam/pip_install.sh deps ".[cpu,train]" "onnxruntime${ORT_SPEC}" \
  && rm -rf braincam service trainer exporter build ./*.egg-info \
  && python -m compileall -q -j 0 /opt/venv/lib
@@ -121,11 +123,11 @@ ARG ORT_SPEC
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PATH=/opt/venv/bin:$PATH
 RUN python -m venv /opt/venv
 WORKDIR /src
-COPY pyproject.toml README.md* ./
+COPY pyproject.toml ./
 COPY docker/pip_install.sh docker/slim_venv.sh docker/check_env.py /opt/braincam/
 RUN --mount=type=secret,id=pip_cert --mount=type=cache,id=braincam-wheels-cpu,target=/wheels \
     mkdir braincam service \
- && touch braincam/__init__.py service/__init__.py \
+ && touch README.md braincam/__init__.py service/__init__.py \
  && /opt/braincam/pip_install.sh deps ".[cpu]" "onnxruntime${ORT_SPEC}" \
  && rm -rf braincam service build ./*.egg-info
 # Only the runtime packages: trainer/ and exporter/ stay out of the service image.
@@ -179,7 +181,7 @@ ARG ORT_SPEC
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PATH=/opt/venv/bin:$PATH
 RUN python -m venv /opt/venv
 WORKDIR /src
-COPY pyproject.toml README.md* ./
+COPY pyproject.toml ./
 # Only the `gpu` extra: installing `cpu` too would put onnxruntime and
 # onnxruntime-gpu in one environment, where they overwrite each other. The `cuda`
 # and `cudnn` extras bring NVIDIA's libraries; the plain requirement with the same
@@ -187,7 +189,7 @@ COPY pyproject.toml README.md* ./
 COPY docker/pip_install.sh docker/slim_venv.sh docker/check_env.py /opt/braincam/
 RUN --mount=type=secret,id=pip_cert --mount=type=cache,id=braincam-wheels-gpu,target=/wheels \
     mkdir braincam service \
- && touch braincam/__init__.py service/__init__.py \
+ && touch README.md braincam/__init__.py service/__init__.py \
  && /opt/braincam/pip_install.sh deps ".[gpu]" "onnxruntime-gpu${ORT_SPEC}" \
     "onnxruntime-gpu[cuda,cudnn]${ORT_SPEC}" \
  && rm -rf braincam service build ./*.egg-info
