@@ -5,13 +5,16 @@
 Both serve the shipped demo model (models/demo) on the CPU with the service's default
 settings: the container is the compose service braincam-cpu (image braincam:cpu,
 built first as `make docker-images` builds it; quick when the layer cache has it),
-the host server is `python -m service` of this checkout. One client (benchmarks.load:
-one keep-alive connection, one request at a time) times /predict and /explain through
-the container's published port (127.0.0.1, through Docker's port proxy) and on the
-host server's port, in alternating rounds (container, host, container, ...) so that
-background load hits both alike. Then cold starts of a fresh compose project: `up` ->
-the first /predict answer (polled every 50 ms) and `up` -> healthy (Docker's health
-status). Prints a Markdown report and writes it to benchmarks/results/<date>-<host>-docker.md.
+the host server is `python -m service` of this checkout. One keep-alive client per
+side (benchmarks.load.BlockingClient) times /predict and /explain through the
+container's published port (127.0.0.1, through Docker's port proxy) and on the host
+server's port, called in alternation request by request, so that background load
+weighs on both alike; a client inside the container (`docker exec`, its own loopback:
+no port proxy) then sends as many, and every answer's `timing_ms.total` (the
+service's own time) separates the server's work from the way there and back. Then
+cold starts of a fresh compose project: `up` -> the first /predict answer (polled
+every 50 ms) and `up` -> healthy (Docker's health status). Prints a Markdown report
+and writes it to benchmarks/results/<date>-<host>-docker.md.
 
 Ratios measured in one run, never absolute gates: the container runs other versions
 of Python and of some wheels (the image's) than the host, which the report lists.
@@ -35,7 +38,7 @@ from benchmarks.containers import (
     run,
     running,
 )
-from benchmarks.load import fetch, run_load
+from benchmarks.load import BlockingClient, fetch, multipart_request
 from benchmarks.machine import load_average, machine_info
 from benchmarks.report import save_report
 from benchmarks.server import serve
@@ -82,22 +85,82 @@ def cold_start(project: Project, data: bytes, timeout: float = 120) -> tuple[flo
     return first, healthy
 
 
-def measure(data: bytes, rounds: int, requests: int, seconds: float, starts: int,
+# A client inside the container (`docker exec`), on its own loopback: the container
+# without Docker's port proxy. Standard library only; the request comes on stdin.
+INSIDE_CLIENT = """
+import http.client, json, sys, time
+path, n = sys.argv[1], int(sys.argv[2])
+head, _, body = sys.stdin.buffer.read().partition(b"\\r\\n\\r\\n")
+lines = head.decode("latin-1").split("\\r\\n")
+ctype = [v for k, _, v in (x.partition(": ") for x in lines) if k.lower() == "content-type"][0]
+conn = http.client.HTTPConnection("127.0.0.1", 8000, timeout=60)
+out = []
+for k in range(n + 3):
+    t = time.perf_counter()
+    conn.request("POST", path, body=body, headers={"Content-Type": ctype})
+    r = conn.getresponse()
+    answer = r.read()
+    if r.status != 200:
+        sys.exit(f"HTTP {r.status}")
+    if k >= 3:  # warm-up
+        out.append([(time.perf_counter() - t) * 1000.0, json.loads(answer)["timing_ms"]["total"]])
+print(json.dumps(out))
+"""
+
+
+def _server_ms(bodies: list[bytes]) -> list[float]:
+    """The service's own time per request (`timing_ms.total`), from its answers."""
+    return [float(json.loads(b)["timing_ms"]["total"]) for b in bodies]
+
+
+def measure(data: bytes, requests: int, seconds: float, starts: int,
             log: Path) -> dict[str, object]:
+    """Per route: the host server and the container through its published port, one
+    keep-alive client each, called in alternation request by request (the order
+    swapping each time) so that background load weighs on both alike; then a client
+    inside the container (no port proxy) for as many requests. Client latencies and the
+    service's own `timing_ms.total`."""
     tool = compose_tools()[0]
-    latencies: dict[tuple[str, str], list[float]] = {}
+    client: dict[tuple[str, str], list[float]] = {}
+    server: dict[tuple[str, str], list[float]] = {}
     with running(tool, "braincam-cpu") as project, \
             serve(MODEL_DIR.resolve(), {"BRAINCAM_PROVIDERS": "CPUExecutionProvider"}, log) as host:
         container_versions = _versions_in(project)
-        sides = {"container": ("127.0.0.1", project.port), "host": (host.host, host.port)}
-        for _ in range(rounds):
-            for path in ("/predict", "/explain"):
-                for side, (address, port) in sides.items():
-                    result = run_load(address, port, path, data, clients=1,
-                                      max_requests=requests, max_seconds=seconds, warmup=3)
-                    if result.errors:
-                        raise RuntimeError(f"{side} {path}: {result.errors} failed requests")
-                    latencies.setdefault((side, path), []).extend(result.latencies_ms)
+        sides = {"host": (host.host, host.port), "container": ("127.0.0.1", project.port)}
+        for path in ("/predict", "/explain"):
+            # Fresh connections per route: uvicorn closes idle keep-alive ones after 5 s.
+            connections = {side: BlockingClient(*address) for side, address in sides.items()}
+            try:
+                bodies = {side: multipart_request(*address, path, data)
+                          for side, address in sides.items()}
+                for side in sides:  # warm-up
+                    for _ in range(3):
+                        connections[side].exchange(bodies[side])
+                deadline = time.perf_counter() + seconds
+                for k in range(requests):
+                    if time.perf_counter() > deadline and k >= 20:
+                        break
+                    for side in list(sides)[:: 1 if k % 2 == 0 else -1]:
+                        t = time.perf_counter()
+                        status, body = connections[side].exchange(bodies[side])
+                        elapsed = (time.perf_counter() - t) * 1000.0
+                        if status != 200:
+                            raise RuntimeError(f"{side} {path}: HTTP {status}")
+                        client.setdefault((side, path), []).append(elapsed)
+                        server.setdefault((side, path), []).extend(_server_ms([body]))
+            finally:
+                for connection in connections.values():
+                    connection.close()
+            n = len(client[("host", path)])
+            request = multipart_request("127.0.0.1", 8000, path, data)
+            inside = run(["docker", "exec", "-i", project.container("braincam-cpu"),
+                          "python", "-c", INSIDE_CLIENT, path, str(n)],
+                         timeout=600, input=request.decode("latin-1"), encoding="latin-1")
+            if inside.returncode != 0:
+                raise RuntimeError(f"client in the container: {inside.stderr[-2000:]}")
+            pairs = json.loads(inside.stdout)
+            client[("inside", path)] = [p[0] for p in pairs]
+            server[("inside", path)] = [p[1] for p in pairs]
     starts_measured = []
     for _ in range(starts):
         project = Project(tool, ("cpu",))
@@ -107,7 +170,8 @@ def measure(data: bytes, rounds: int, requests: int, seconds: float, starts: int
             project.down()
     return {
         "compose": f"{' '.join(tool.argv)} {tool.version}",
-        "timings": {f"{side} {path}": Timing.of(v) for (side, path), v in latencies.items()},
+        "timings": {f"{side} {path}": Timing.of(v) for (side, path), v in client.items()},
+        "server": {f"{side} {path}": Timing.of(v) for (side, path), v in server.items()},
         "starts": starts_measured,
         "versions": {"container": container_versions, "host": _host_versions()},
     }
@@ -132,21 +196,33 @@ def render(results: dict[str, object], image_note: str, build: dict[str, float],
         f"Image {image_note}. Container: compose service braincam-cpu (braincam:cpu, "
         f"{_image_info()}), {results['compose']}; host: `python -m service` of this "
         "checkout. Same model (models/demo), CPU, the service's default settings; one "
-        "client, one keep-alive connection, sequential requests, alternating rounds.",
+        "keep-alive connection per side, host and container called in alternation, "
+        f"request by request ({timings['host /predict'].n} requests per route and side).",
         "",
         "| | Python, onnxruntime, numpy, opencv |",
         "|---|---|",
         f"| container | {versions['container']} |",
         f"| host | {versions['host']} |",
         "",
-        "| route | container p50 ms | host p50 ms | container / host (p50) "
-        "| container p95 ms | host p95 ms | n |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "p50 (p95) in ms: the client's latency, and the service's own time per request",
+        "(`timing_ms.total`: decode, model, encode). *container* is the user's path, a host",
+        "client through the published port (Docker's port proxy); *inside* a client in the",
+        "container on its own loopback (no proxy).",
+        "",
+        "| route | host | container | inside | container / host | inside / host "
+        "| server: host | server: container |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    server = results["server"]
+    assert isinstance(server, dict)
     for path in ("/predict", "/explain"):
-        c, h = timings[f"container {path}"], timings[f"host {path}"]
-        lines.append(f"| {path} | {c.p50:.1f} | {h.p50:.1f} | {c.p50 / h.p50:.2f}x "
-                     f"| {c.p95:.1f} | {h.p95:.1f} | {c.n}/{h.n} |")
+        h, c, i = (timings[f"{side} {path}"] for side in ("host", "container", "inside"))
+        sh, sc = server[f"host {path}"], server[f"container {path}"]
+        lines.append(
+            f"| {path} | {h.p50:.1f} ({h.p95:.1f}) | {c.p50:.1f} ({c.p95:.1f}) "
+            f"| {i.p50:.1f} ({i.p95:.1f}) | **{c.p50 / h.p50:.2f}x** | {i.p50 / h.p50:.2f}x "
+            f"| {sh.p50:.1f} | {sc.p50:.1f} |"
+        )
     lines += ["", "| cold start of a fresh compose project | seconds |", "|---|---:|"]
     for k, (first, healthy) in enumerate(starts, 1):
         lines.append(f"| start {k}: `up` -> first /predict answer | {first:.1f} |")
@@ -178,9 +254,9 @@ def main(argv: list[str] | None = None) -> int:
     load_before = load_average()
     with tempfile.TemporaryDirectory() as tmp:
         build = {} if args.no_build else build_images(("cpu",), Path(tmp))
-        rounds, requests, seconds = (2, 20, 5.0) if args.quick else (4, 100, 20.0)
-        print(f"{rounds} rounds of {requests} requests per route and side ...", file=sys.stderr)
-        results = measure(data, rounds, requests, seconds, 1 if args.quick else args.starts,
+        requests, seconds = (40, 10.0) if args.quick else (400, 60.0)
+        print(f"up to {requests} requests per route and side ...", file=sys.stderr)
+        results = measure(data, requests, seconds, 1 if args.quick else args.starts,
                           Path(tmp) / "host-server.log")
     report = render(results, f"{image.name} ({len(data) / 1024:.1f} KiB)", build, load_before)
     print(report)
