@@ -7,6 +7,7 @@ the client; unexpected exceptions are caught by `middleware.RequestMiddleware`.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -115,8 +116,33 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     return error_json(422, "validation_error", describe_validation_errors(exc.errors()))
 
 
+# Starlette's multipart parser refuses a form with too many parts as a 400 with this
+# message; it is a bound on the request's size, so it is answered as one (413).
+_TOO_MANY_PARTS = re.compile(r"Too many (files|fields)\. Maximum number of \w+ is (\d+)")
+
+
+def _too_many_parts(request: Request, exc: StarletteHTTPException) -> str | None:
+    match = _TOO_MANY_PARTS.match(exc.detail) if isinstance(exc.detail, str) else None
+    if exc.status_code != 400 or match is None:
+        return None
+    what, limit = match.groups()
+    if what == "fields":
+        return f"the form has more than {limit} fields, the limit of one request"
+    settings = getattr(request.app.state, "settings", None)
+    zip_limit = getattr(settings, "max_zip_entries", None)
+    return (
+        f"the upload has more than {limit} files, the limit of one multipart request; "
+        "send a series of more files as one zip"
+        + (f" (up to {zip_limit} files, BRAINCAM_MAX_ZIP_ENTRIES)" if zip_limit else "")
+    )
+
+
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
+    too_many = _too_many_parts(request, exc)
+    if too_many is not None:
+        _count(request, 413, "payload_too_large")
+        return error_json(413, "payload_too_large", too_many)
     code = getattr(exc, "code", None) or _HTTP_CODES.get(exc.status_code, "http_error")
     detail = exc.detail if isinstance(exc.detail, str) else "request failed"
     _count(request, exc.status_code, code)
