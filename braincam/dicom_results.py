@@ -432,12 +432,15 @@ def structured_report(
             f"normal), confidence {decision.confidence:.4f}.",
         )
     ]
-    if spec.notice:
-        texts.append(
+    notice = (
+        [
             hd.sr.TextContentItem(
                 name=_concept(MODEL_NOTICE), value=spec.notice, relationship_type=contains
             )
-        )
+        ]
+        if spec.notice
+        else []
+    )
     observer = hd.sr.ObserverContext(
         observer_type=codes.cid270.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
@@ -451,13 +454,15 @@ def structured_report(
         name=hd.sr.CodedConcept("18748-4", "LN", "Diagnostic imaging report"),
     )
     root.ContentSequence = hd.sr.ContentSequence(
+        # What a reader must weigh the finding by comes right after it.
         [
             *observer,
             finding,
             *series_verdict,
+            *warning_items(warnings),
+            *notice,
             *probabilities,
             overlay_image,
-            *warning_items(warnings),
             *texts,
         ]
     )
