@@ -55,7 +55,6 @@ SERIES_IN_DISTRIBUTION: Concept = ("OOD-SERIES", CODING_SCHEME, "Series like the
 SLICE_IN_DISTRIBUTION: Concept = ("OOD-SLICE", CODING_SCHEME, "Slice like the training data")
 OOD_SCORE: Concept = ("OOD-SCORE", CODING_SCHEME, "Out-of-distribution score")
 FLAGGED_SLICES: Concept = ("OOD-FLAGGED", CODING_SCHEME, "Slices unlike the training data")
-ANALYSED_SLICES: Concept = ("SLICES", CODING_SCHEME, "Slices analysed")
 MODEL_NOTICE: Concept = ("NOTICE", CODING_SCHEME, "Model notice")
 WARNING: Concept = ("WARNING", CODING_SCHEME, "Warning")
 # The SR concept of each warning the JSON answers carry, by their machine code; a
@@ -301,18 +300,17 @@ def _verdict_item(concept: Concept, in_distribution: bool, relationship: Any) ->
 
 
 def slice_verdict_item(verdict: OodVerdict, spec: ModelSpec) -> Any:
-    """The gate's verdict on one referenced slice: Yes/No, with the detector (TID 4019),
-    the slice's score and the threshold as properties."""
+    """The gate's verdict on one referenced slice: Yes/No, with the detector (TID 4019:
+    name and version; how it was fitted is in model.json), the slice's score and the
+    threshold as properties. Every item costs 1.5-4 ms through highdicom and pydicom
+    (built, copied, re-read, searched, written): the tree holds what a reader needs."""
     import highdicom as hd
 
     properties = hd.sr.RelationshipTypeValues.HAS_PROPERTIES
     item = _verdict_item(SLICE_IN_DISTRIBUTION, verdict.in_distribution, properties)
     detector = spec.ood.detector if spec.ood is not None else "unknown"
     algorithm = hd.sr.AlgorithmIdentification(
-        name=f"{detector} out-of-distribution detector",
-        version=spec.version,
-        parameters=_detector_parameters(spec),
-        manufacturer=MANUFACTURER,
+        name=f"{detector} out-of-distribution detector", version=spec.version
     )
     item.ContentSequence = hd.sr.ContentSequence(
         [
@@ -325,31 +323,16 @@ def slice_verdict_item(verdict: OodVerdict, spec: ModelSpec) -> Any:
 
 
 def series_verdict_item(gate: SeriesGate) -> Any:
-    """The series-level verdict, with how many slices the gate flagged of how many."""
+    """The series-level verdict, with how many slices the gate flagged (of the slices
+    the evidence lists)."""
     import highdicom as hd
 
     properties = hd.sr.RelationshipTypeValues.HAS_PROPERTIES
     item = _verdict_item(
         SERIES_IN_DISTRIBUTION, gate.in_distribution, hd.sr.RelationshipTypeValues.CONTAINS
     )
-    item.ContentSequence = hd.sr.ContentSequence(
-        [
-            _num(FLAGGED_SLICES, gate.flagged, properties),
-            _num(ANALYSED_SLICES, gate.n_slices, properties),
-        ]
-    )
+    item.ContentSequence = hd.sr.ContentSequence([_num(FLAGGED_SLICES, gate.flagged, properties)])
     return item
-
-
-def _detector_parameters(spec: ModelSpec) -> list[str]:
-    ood = spec.ood
-    if ood is None:
-        return []
-    return [
-        f"threshold {ood.threshold:.6g}: {ood.target_pass_rate:.0%} target pass rate "
-        f"({ood.held_out_pass_rate:.2%} of {ood.held_out_size} held-out images passed)",
-        f"fitted on {ood.fit_size} images ({ood.fit_data})"[:1024],
-    ]
 
 
 def _calibration_parameter(spec: ModelSpec) -> str:
@@ -385,7 +368,8 @@ def structured_report(
     algorithm = hd.sr.AlgorithmIdentification(
         name=spec.name,
         version=spec.version,
-        parameters=[*parameters, _calibration_parameter(spec), f"series rule: {SERIES_RULE}"],
+        # The series rule is stated once, in the Comment on the deciding slice.
+        parameters=[*parameters, _calibration_parameter(spec)],
         manufacturer=MANUFACTURER,
     )
     finding = hd.sr.CodeContentItem(
@@ -446,7 +430,6 @@ def structured_report(
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
             uid=generate_uid(),
             name=MANUFACTURER,
-            manufacturer_name=MANUFACTURER,
             model_name=f"{spec.name} v{spec.version}"[:64],
         ),
     )

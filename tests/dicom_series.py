@@ -161,7 +161,8 @@ def find_items(items: Any, code_value: str) -> list[Any]:
 
 def read_verdict(sr: Any) -> dict[str, Any]:
     """The out-of-distribution verdict as a reader finds it in the SR's content tree:
-    series and deciding slice (Yes/No), the slice's score and threshold, the counts."""
+    series and deciding slice (Yes/No), the slice's score and threshold, the flagged
+    count, the detector's name, and the TEXT items by concept code."""
 
     def yes(code: str) -> bool | None:
         found = find_items(sr.ContentSequence, code)
@@ -177,9 +178,9 @@ def read_verdict(sr: Any) -> dict[str, Any]:
         "series_in_distribution": yes("OOD-SERIES"),
         "slice_in_distribution": yes("OOD-SLICE"),
         "flagged": int(number(series, "OOD-FLAGGED")),
-        "n_slices": int(number(series, "SLICES")),
         "ood_score": number(deciding, "OOD-SCORE"),
         "ood_threshold": number(deciding, "122411"),
+        "detector": find_items(deciding.ContentSequence, "111001")[0].TextValue,
         "texts": {
             item.ConceptNameCodeSequence[0].CodeValue: item.TextValue
             for item in sr.ContentSequence
