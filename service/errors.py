@@ -116,18 +116,17 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     return error_json(422, "validation_error", describe_validation_errors(exc.errors()))
 
 
-# Starlette's multipart parser refuses a form with too many parts as a 400 with this
-# message; it is a bound on the request's size, so it is answered as one (413).
-_TOO_MANY_PARTS = re.compile(r"Too many (files|fields)\. Maximum number of \w+ is (\d+)")
+# Starlette's multipart parser refuses more files than its limit as a 400 with this
+# message; that bounds the upload's size, so it is answered as one (413). Too many
+# plain form fields stay a 400: no upload is that large, the form is malformed.
+_TOO_MANY_FILES = re.compile(r"Too many files\. Maximum number of files is (\d+)")
 
 
-def _too_many_parts(request: Request, exc: StarletteHTTPException) -> str | None:
-    match = _TOO_MANY_PARTS.match(exc.detail) if isinstance(exc.detail, str) else None
+def _too_many_files(request: Request, exc: StarletteHTTPException) -> str | None:
+    match = _TOO_MANY_FILES.match(exc.detail) if isinstance(exc.detail, str) else None
     if exc.status_code != 400 or match is None:
         return None
-    what, limit = match.groups()
-    if what == "fields":
-        return f"the form has more than {limit} fields, the limit of one request"
+    (limit,) = match.groups()
     settings = getattr(request.app.state, "settings", None)
     zip_limit = getattr(settings, "max_zip_entries", None)
     return (
@@ -139,7 +138,7 @@ def _too_many_parts(request: Request, exc: StarletteHTTPException) -> str | None
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
-    too_many = _too_many_parts(request, exc)
+    too_many = _too_many_files(request, exc)
     if too_many is not None:
         _count(request, 413, "payload_too_large")
         return error_json(413, "payload_too_large", too_many)
