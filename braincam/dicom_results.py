@@ -113,12 +113,13 @@ def build_results(
     result: SeriesResult,
     spec: ModelSpec,
     overlay: np.ndarray,
-    warnings: Sequence[ResultWarning] = (),
+    warnings: Sequence[ResultWarning] | None = None,
 ) -> DicomResults:
     """The SR and the Secondary Capture of one analysed DICOM series.
 
     `overlay` is the RGB uint8 heatmap overlay of the deciding slice; `warnings` are
-    the answer's warnings besides the out-of-distribution one (derived here).
+    every warning of the JSON answer these objects go with (None: the series' own,
+    `ood_warnings(result.gate)`), each written into both objects.
     """
     from braincam.errors import InvalidParameter
 
@@ -128,7 +129,7 @@ def build_results(
         )
     deciding = series.slices[result.deciding_slice]
     source = _with_type2(deciding.dataset)
-    every = [*ood_warnings(result.gate), *warnings]
+    every = ood_warnings(result.gate) if warnings is None else list(warnings)
     sc = secondary_capture(source, overlay, result, spec, every)
     evidence = [_with_type2(ds) for ds in series.datasets]
     sr = structured_report(evidence, source, deciding.frame, sc, result, spec, every)

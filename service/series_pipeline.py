@@ -139,9 +139,7 @@ def _dicom_objects(
     series: Series, result: SeriesResult, model: OnnxModel, warnings: Sequence[ResultWarning]
 ) -> list[DicomObject]:
     overlay = result.overlays[result.deciding_slice]
-    # build_results derives the out-of-distribution warning itself (as for DICOMweb).
-    others = [w for w in warnings if w.code != "out_of_distribution"]
-    results = build_results(series, result, model.spec, overlay, others)
+    results = build_results(series, result, model.spec, overlay, warnings)
     return [
         _dicom_object("sr", results.sr),
         _dicom_object("secondary_capture", results.secondary_capture),

@@ -328,3 +328,19 @@ def test_banner_only_on_a_flagged_series(analysed, flagged_series) -> None:  # t
     red = np.all(top == (176, 0, 32), axis=1).mean()
     lighter = (top.min(axis=1) > 40).mean()  # text pixels: white blended into the red
     assert red > 0.5 and lighter > 0.02  # a red band with text on it
+
+
+def test_every_warning_of_the_answer_reaches_the_sr(model: OnnxModel, flagged_series) -> None:  # type: ignore[no-untyped-def]
+    """A caller's warnings (the JSON answer's) are written as they are; a code without a
+    concept of its own becomes a generic Warning item, in the SC's comments too."""
+    from braincam.dicom_results import ResultWarning, build_results, ood_warnings
+
+    series, result, _ = flagged_series
+    warnings = [*ood_warnings(result.gate), ResultWarning("new_kind", "Something to know.")]
+    results = build_results(
+        series, result, model.spec, result.overlays[result.deciding_slice], warnings
+    )
+    verdict = read_verdict(results.sr)
+    assert verdict["texts"]["WARNING"] == "Something to know."
+    assert verdict["texts"]["W-OOD"] == warnings[0].text
+    assert "WARNING: Something to know." in results.secondary_capture.ImageComments
