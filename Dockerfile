@@ -1,7 +1,8 @@
 # braincam images: the inference service on ONNX Runtime, GPU (default) or CPU,
 # plus a training image. See docs/docker.md.
 #
-#   docker build -t braincam:gpu .                    # last stage = `gpu` (CUDA EP)
+#   make docker-images                                 # all three (+ the PACS image), any engine
+#   docker build -t braincam:gpu .                     # last stage = `gpu` (CUDA EP)
 #   docker build --target cpu -t braincam:cpu .        # CPU only, slim
 #   docker build --target train -t braincam:train .    # trainer + exporter (TensorFlow, CPU)
 #
@@ -14,30 +15,41 @@
 #   docker build --build-arg MODEL_DIR=models/mymodel --build-arg MODEL_NAME=mymodel .
 # (MODEL_DIR must be let through .dockerignore), or one outside the context:
 #   docker build --build-context model=/path/to/mymodel --build-arg MODEL_NAME=mymodel .
-# (a named build context replaces the `model` stage below).
+# (a named build context replaces the `model` stage below; it needs buildx).
 #
+# BuildKit is required (RUN --mount): the default builder of Docker Engine >= 23,
+# DOCKER_BUILDKIT=1 on older CLIs. There is no `# syntax=` line on purpose: it would
+# pull a Dockerfile frontend image, and the builder's built-in frontend is enough.
+#
+# Every stage starts from PYTHON_IMAGE, the official Python image (a Debian bookworm
+# slim image). An engine that cannot pull gets an equivalent base built locally from
+# Debian's packages by docker/build_images.py (`make docker-images`), passed in as
+# --build-arg PYTHON_IMAGE=...; its Python is Debian's python3 (3.11).
 # Base images are pinned by full version tag. Digests (image:tag@sha256:...) could
 # not be resolved where this file was written (no registry access); append them
 # with `docker buildx imagetools inspect IMAGE:TAG` for byte-for-byte rebuilds.
 #
-# ---- ONNX Runtime <-> CUDA <-> cuDNN <-> base image: change them together ----
-# An onnxruntime-gpu wheel from PyPI is built for exactly one CUDA major version
-# (its metadata says so: the `cuda`/`cudnn` extras name nvidia-*-cu12 or -cu13):
-#   onnxruntime-gpu 1.19 ... 1.26   CUDA 12.x + cuDNN 9.x   (this file's default)
-#   onnxruntime-gpu 1.27 and later  CUDA 13.x + cuDNN 9.x   (needs NVIDIA driver >= 580)
-# CUDA minor versions are interchangeable (CUDA minor-version compatibility);
-# the CUDA and cuDNN *majors* of CUDA_IMAGE must match the wheel, or ORT silently
-# falls back to the CPU (GET /health then lists only CPUExecutionProvider).
-# Move to CUDA 13 with both arguments at once:
-#   docker build --build-arg ORT_SPEC=">=1.27,<1.32" \
-#     --build-arg CUDA_IMAGE=nvidia/cuda:13.0.1-cudnn-runtime-ubuntu24.04 -t braincam:gpu .
+# pip reaches PyPI from inside the build. Behind a TLS-inspecting proxy it must trust
+# the host's CA bundle: docker/build_images.py hands the file pip is configured with
+# (PIP_CERT) in as the build secret `pip_cert`, mounted for the pip steps only and
+# never written to a layer. Without the secret pip uses its own CA bundle. Wheels
+# are kept in a BuildKit cache mount, so a rebuild after a code change downloads
+# nothing.
+#
+# ---- ONNX Runtime, CUDA and cuDNN ----
+# The GPU image needs no NVIDIA base image: onnxruntime-gpu's `cuda` and `cudnn`
+# extras install the CUDA runtime, cuBLAS, cuFFT, cuRAND, NVRTC and cuDNN from
+# NVIDIA's PyPI wheels, always for the CUDA major that wheel was built for:
+#   onnxruntime-gpu 1.19 ... 1.26   CUDA 12.x + cuDNN 9.x   (default ORT_SPEC; driver >= 525)
+#   onnxruntime-gpu 1.27 and later  CUDA 13.x + cuDNN 9.x   (NVIDIA driver >= 580)
+# The host provides only the driver (NVIDIA Container Toolkit). The wheels' library
+# folders are registered with the dynamic loader (ldconfig), and check_env.py fails
+# the build unless every library of ORT's CUDA provider resolves.
 # ORT_SPEC also pins the CPU `onnxruntime` of the `train` and `cpu` stages, so the
 # exporter's parity gate runs on the ORT release that will serve the model (ONNX
 # IR/opset support differs between releases: ORT 1.26 loads IR <= 13), and each
 # runtime stage checks the baked-in model in its own ORT (docker/verify_model.py).
-# 12.6.3 needs an NVIDIA driver >= 560; pick a 12.8+ image for Blackwell GPUs.
 ARG PYTHON_IMAGE=python:3.12.12-slim-bookworm
-ARG CUDA_IMAGE=nvidia/cuda:12.6.3-cudnn-runtime-ubuntu24.04
 ARG ORT_SPEC=">=1.20,<1.27"
 # The model directory baked into the runtime images (a path in the build context)
 # and its name there: /models/${MODEL_NAME}, the image's BRAINCAM_MODEL_DIR.
@@ -62,7 +74,6 @@ ARG ORT_SPEC
 # rebuilding the repository's models/demo into a bind-mounted host directory).
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
-    PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     TF_CPP_MIN_LOG_LEVEL=2 \
     MPLBACKEND=Agg \
@@ -75,21 +86,29 @@ RUN groupadd --system --gid 10001 braincam \
  && mkdir -p /models /runs /work \
  && chown braincam:braincam /models /runs /work
 WORKDIR /src
-# Dependencies first, from pyproject.toml alone (empty package stubs), so that a
-# code change does not reinstall TensorFlow. README.md* : optional (readme field).
-# DL3013: versions are bounded by pyproject.toml and ORT_SPEC; hadolint cannot
-# see through a local project's extras (".[...]") or a build argument.
-COPY pyproject.toml README.md* ./
-# hadolint ignore=DL3013
-RUN mkdir braincam service trainer exporter \
- && touch braincam/__init__.py service/__init__.py trainer/__init__.py exporter/__init__.py \
- && pip install --only-binary=:all: ".[cpu,train]" "onnxruntime${ORT_SPEC}" \
- && rm -rf braincam service trainer exporter
+# Dependencies first, from pyproject.toml alone (empty package stubs, and an empty
+# README.md for its readme field: an edit of the real one must not reinstall anything),
+# so that a code change does not reinstall TensorFlow.
+# docker/pip_install.sh: wheels only, from a download folder that is a BuildKit cache
+# mount (never in a layer); versions are bounded by pyproject.toml and ORT_SPEC.
+COPY pyproject.toml ./
+COPY docker/pip_install.sh /opt/braincam/
+RUN --mount=type=secret,id=pip_cert --mount=type=cache,id=braincam-wheels-train,target=/wheels \
+    mkdir braincam service trainer exporter \
+ && touch README.md braincam/__init__.py service/__init__.py trainer/__init__.py \
+    exporter/__init__.py \
+ && /opt/braincam/pip_install.sh deps ".[cpu,train]" "onnxruntime${ORT_SPEC}" \
+ && rm -rf braincam service trainer exporter build ./*.egg-info \
+ && python -m compileall -q -j 0 /opt/venv/lib
 COPY braincam ./braincam
 COPY service ./service
 COPY trainer ./trainer
 COPY exporter ./exporter
-RUN pip install --no-deps --force-reinstall . && rm -rf build ./*.egg-info
+RUN --mount=type=secret,id=pip_cert --mount=type=cache,id=braincam-wheels-train,target=/wheels \
+    /opt/braincam/pip_install.sh project \
+ && python -m compileall -q /opt/venv/lib/python*/site-packages/braincam \
+    /opt/venv/lib/python*/site-packages/service /opt/venv/lib/python*/site-packages/trainer \
+    /opt/venv/lib/python*/site-packages/exporter
 COPY docker/verify_model.py /opt/braincam/
 USER 10001:10001
 WORKDIR /work
@@ -101,20 +120,24 @@ CMD ["python", "-m", "trainer", "--help"]
 # ============================================================================
 FROM ${PYTHON_IMAGE} AS cpu-venv
 ARG ORT_SPEC
-ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PATH=/opt/venv/bin:$PATH
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PATH=/opt/venv/bin:$PATH
 RUN python -m venv /opt/venv
 WORKDIR /src
-COPY pyproject.toml README.md* ./
-# Wheels only: nothing is compiled. DL3013: see the train stage.
-# hadolint ignore=DL3013
-RUN mkdir braincam service \
- && touch braincam/__init__.py service/__init__.py \
- && pip install --only-binary=:all: ".[cpu]" "onnxruntime${ORT_SPEC}" \
- && rm -rf braincam service
+COPY pyproject.toml ./
+COPY docker/pip_install.sh docker/slim_venv.sh docker/check_env.py /opt/braincam/
+RUN --mount=type=secret,id=pip_cert --mount=type=cache,id=braincam-wheels-cpu,target=/wheels \
+    mkdir braincam service \
+ && touch README.md braincam/__init__.py service/__init__.py \
+ && /opt/braincam/pip_install.sh deps ".[cpu]" "onnxruntime${ORT_SPEC}" \
+ && rm -rf braincam service build ./*.egg-info
 # Only the runtime packages: trainer/ and exporter/ stay out of the service image.
 COPY braincam ./braincam
 COPY service ./service
-RUN pip install --no-deps --force-reinstall . && rm -rf build ./*.egg-info
+# Then slimmed for the runtime (docker/slim_venv.sh): no pip, no tests, stubs or
+# headers of the dependencies, bytecode only for the modules the service imports.
+RUN --mount=type=secret,id=pip_cert --mount=type=cache,id=braincam-wheels-cpu,target=/wheels \
+    /opt/braincam/pip_install.sh project \
+ && /opt/braincam/slim_venv.sh
 
 FROM ${PYTHON_IMAGE} AS cpu
 RUN groupadd --system --gid 10001 braincam \
@@ -142,57 +165,55 @@ ENV BRAINCAM_MODEL_DIR=/models/${MODEL_NAME}
 COPY --from=model --chown=braincam:braincam / /models/${MODEL_NAME}
 RUN python /opt/braincam/verify_model.py "${BRAINCAM_MODEL_DIR}"
 EXPOSE 8000
-HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
+# Probed every 5 s so that a started container turns healthy within seconds of the
+# model being loaded (a --start-interval needs Docker Engine >= 25); a model that
+# cannot load makes it unhealthy about 30 s after the start.
+HEALTHCHECK --interval=5s --timeout=5s --start-period=15s --retries=3 \
     CMD ["python", "/opt/braincam/healthcheck.py"]
 CMD ["python", "-m", "service"]
 
 # ============================================================================
-# gpu-venv / gpu: the service on the NVIDIA CUDA + cuDNN runtime image with
-# onnxruntime-gpu. The venv is built on the same base image as the runtime
-# stage, so its interpreter path (/usr/bin/python3.12) exists there as well.
+# gpu-venv / gpu: the service with onnxruntime-gpu, CUDA and cuDNN from PyPI
+# wheels, on the same Debian base as the other images.
 # ============================================================================
-FROM ${CUDA_IMAGE} AS gpu-venv
+FROM ${PYTHON_IMAGE} AS gpu-venv
 ARG ORT_SPEC
-ENV DEBIAN_FRONTEND=noninteractive \
-    PIP_NO_CACHE_DIR=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    PATH=/opt/venv/bin:$PATH
-# Ubuntu's Python: apt versions are not pinned (DL3008): they change with every
-# point release of the base image, which is itself pinned.
-# hadolint ignore=DL3008
-RUN apt-get update \
- && apt-get install -y --no-install-recommends python3 python3-venv \
- && rm -rf /var/lib/apt/lists/* \
- && python3 -m venv /opt/venv
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PATH=/opt/venv/bin:$PATH
+RUN python -m venv /opt/venv
 WORKDIR /src
-COPY pyproject.toml README.md* ./
+COPY pyproject.toml ./
 # Only the `gpu` extra: installing `cpu` too would put onnxruntime and
-# onnxruntime-gpu in one environment, where they overwrite each other.
-# Wheels only: nothing is compiled. DL3013: see the train stage.
-# hadolint ignore=DL3013
-RUN mkdir braincam service \
- && touch braincam/__init__.py service/__init__.py \
- && pip install --only-binary=:all: ".[gpu]" "onnxruntime-gpu${ORT_SPEC}" \
- && rm -rf braincam service
+# onnxruntime-gpu in one environment, where they overwrite each other. The `cuda`
+# and `cudnn` extras bring NVIDIA's libraries; the plain requirement with the same
+# bounds keeps pip's resolver from fetching releases outside them first.
+COPY docker/pip_install.sh docker/slim_venv.sh docker/check_env.py /opt/braincam/
+RUN --mount=type=secret,id=pip_cert --mount=type=cache,id=braincam-wheels-gpu,target=/wheels \
+    mkdir braincam service \
+ && touch README.md braincam/__init__.py service/__init__.py \
+ && /opt/braincam/pip_install.sh deps ".[gpu]" "onnxruntime-gpu${ORT_SPEC}" \
+    "onnxruntime-gpu[cuda,cudnn]${ORT_SPEC}" \
+ && rm -rf braincam service build ./*.egg-info
 COPY braincam ./braincam
 COPY service ./service
-RUN pip install --no-deps --force-reinstall . && rm -rf build ./*.egg-info
+# Slimmed as in cpu-venv.
+RUN --mount=type=secret,id=pip_cert --mount=type=cache,id=braincam-wheels-gpu,target=/wheels \
+    /opt/braincam/pip_install.sh project \
+ && /opt/braincam/slim_venv.sh
 
-FROM ${CUDA_IMAGE} AS gpu
-ENV DEBIAN_FRONTEND=noninteractive
-# python3 only (no -dev, no pip, no build tools); apt pins: see gpu-venv.
-# hadolint ignore=DL3008
-RUN apt-get update \
- && apt-get install -y --no-install-recommends python3 \
- && rm -rf /var/lib/apt/lists/* \
- && groupadd --system --gid 10001 braincam \
+FROM ${PYTHON_IMAGE} AS gpu
+COPY --from=gpu-venv /opt/venv /opt/venv
+# The CUDA and cuDNN libraries of the nvidia-* wheels, registered with the dynamic
+# loader: ORT's CUDA provider and cuDNN (which loads its engines by name) find them
+# in any process, without LD_LIBRARY_PATH.
+RUN groupadd --system --gid 10001 braincam \
  && useradd --system --uid 10001 --gid braincam --no-log-init --create-home braincam \
  && mkdir -p /models \
- && chown braincam:braincam /models
-COPY --from=gpu-venv /opt/venv /opt/venv
+ && chown braincam:braincam /models \
+ && find /opt/venv -type d -path "*/site-packages/nvidia/*/lib" \
+    > /etc/ld.so.conf.d/braincam-nvidia-wheels.conf \
+ && ldconfig
 COPY docker/healthcheck.py docker/check_env.py docker/verify_model.py /opt/braincam/
-# NVIDIA_* tell the NVIDIA Container Toolkit what to mount (the base image sets
-# them too; repeated here so the intent is visible).
+# NVIDIA_* tell the NVIDIA Container Toolkit what to mount: the driver's libraries.
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -203,8 +224,9 @@ ENV PATH=/opt/venv/bin:$PATH \
     BRAINCAM_PROVIDERS=CUDAExecutionProvider,CPUExecutionProvider
 USER 10001:10001
 WORKDIR /home/braincam
-# Fails the build if TensorFlow, the CPU onnxruntime package or a compiler got
-# in, if this onnxruntime build lacks the CUDA EP, or if the service does not import.
+# Fails the build if TensorFlow, the CPU onnxruntime package or a compiler got in,
+# if this onnxruntime build lacks the CUDA EP or a library it needs, or if the
+# service does not import.
 RUN python /opt/braincam/check_env.py gpu
 # The model, checked as in the cpu stage (on ORT's CPU EP: no GPU at build time).
 ARG MODEL_NAME
@@ -212,6 +234,7 @@ ENV BRAINCAM_MODEL_DIR=/models/${MODEL_NAME}
 COPY --from=model --chown=braincam:braincam / /models/${MODEL_NAME}
 RUN python /opt/braincam/verify_model.py "${BRAINCAM_MODEL_DIR}"
 EXPOSE 8000
-HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
+# As in the cpu stage, with a longer start period: CUDA and cuDNN take a while to start.
+HEALTHCHECK --interval=5s --timeout=5s --start-period=60s --retries=3 \
     CMD ["python", "/opt/braincam/healthcheck.py"]
 CMD ["python", "-m", "service"]

@@ -11,7 +11,7 @@ SERVE_EXTRAS ?= cpu
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install demo model serve test lint bench clean
+.PHONY: install demo model serve test lint bench bench-docker docker-images clean
 
 $(VENV)/.installed-$(EXTRAS): pyproject.toml
 	@echo "installing braincam[$(EXTRAS)] into $(VENV)"
@@ -43,6 +43,15 @@ lint: install
 
 bench: install  ## every figure side by side (3-5 min), report in benchmarks/results/
 	$(PY) -m benchmarks --model-dir models/demo
+
+# braincam:cpu, braincam:gpu, braincam:train and the PACS image (compose profile `pacs`).
+# Any Docker engine: where it cannot pull the official base image, an equivalent is
+# built from Debian's packages first (docker/build_images.py). No virtualenv needed.
+docker-images:  ## build the Docker images (cold: ~10 min, mostly the GPU wheels)
+	$(PYTHON) docker/build_images.py
+
+bench-docker: install  ## the service in its container vs on the host, side by side
+	$(PY) -m benchmarks.bench_docker
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -8,6 +8,9 @@ Exits 1, one line per problem, when
   onnxruntime-gpu share the `onnxruntime` import package and overwrite each other);
   onnxruntime-gpu in the cpu image;
 - the installed ONNX Runtime lacks the execution provider the image is for;
+- (gpu) a shared library that ORT's CUDA provider or the CUDA/cuDNN wheels need does
+  not resolve (the driver's libcuda.so.1 aside: the NVIDIA Container Toolkit mounts
+  it when a container starts with a GPU);
 - a module of `braincam` or `service` fails to import, or importing them loads TensorFlow;
 - a compiler is on PATH.
 """
@@ -19,8 +22,10 @@ import importlib.metadata as md
 import pkgutil
 import re
 import shutil
+import subprocess
 import sys
 import traceback
+from pathlib import Path
 
 ALWAYS_FORBIDDEN = {
     "tensorflow",
@@ -64,6 +69,35 @@ def import_problems() -> list[str]:
     return problems
 
 
+# Provided by the host's NVIDIA driver at run time, never by the image.
+DRIVER_LIBRARIES = ("libcuda.so", "libnvidia-")
+
+
+def unresolved_libraries(paths: list[Path]) -> list[str]:
+    """`ldd` of each shared library: what the dynamic loader cannot find."""
+    problems = []
+    for path in paths:
+        out = subprocess.run(["ldd", str(path)], capture_output=True, text=True, check=False)
+        for line in out.stdout.splitlines():
+            name = line.split()[0] if line.split() else ""
+            if "not found" in line and not name.startswith(DRIVER_LIBRARIES):
+                problems.append(f"{path.name} needs {name}, which the dynamic loader does not find")
+    return problems
+
+
+def cuda_library_problems() -> list[str]:
+    import onnxruntime
+
+    provider = Path(onnxruntime.__file__).parent / "capi" / "libonnxruntime_providers_cuda.so"
+    if not provider.is_file():
+        return [f"{provider} is missing"]
+    site = Path(onnxruntime.__file__).parents[1]
+    wheels = sorted(p for p in site.glob("nvidia/*/lib/lib*.so*") if p.is_file())
+    if not any(p.name.startswith("libcudnn") for p in wheels):
+        return ["no cuDNN library (nvidia-cudnn-*): install onnxruntime-gpu[cuda,cudnn]"]
+    return unresolved_libraries([provider, *wheels])
+
+
 def check(variant: str) -> list[str]:
     required, forbidden, provider = VARIANTS[variant]
     installed = {_norm(d.metadata["Name"]) for d in md.distributions() if d.metadata["Name"]}
@@ -81,6 +115,8 @@ def check(variant: str) -> list[str]:
             problems.append(f"{provider} not in this onnxruntime build: {available}")
     except Exception as exc:
         problems.append(f"onnxruntime does not import: {exc!r}")
+    if variant == "gpu" and not problems:
+        problems += cuda_library_problems()
     problems += import_problems()
     problems += [f"compiler on PATH: {shutil.which(c)}" for c in COMPILERS if shutil.which(c)]
     return problems

@@ -8,12 +8,18 @@ Exit 0 when the service answers 200 with a JSON object whose `status` is "ok"
 load; /health says why) are unhealthy, and Docker ignores failures during the
 health check's start period.
 
+While the service is still starting (no answer yet, or "loading") the probe asks
+again every 0.2 s for up to HEALTHCHECK_WAIT seconds (default 3.5, below the
+compose file's 5 s probe timeout) before it gives up: so a container turns healthy
+the moment its model is ready, not at the next probe, and Docker still runs a
+probe only every 5 s. "error" and anything else unhealthy answer at once.
+
 HEALTHCHECK_EXPECT_PROVIDER (e.g. CUDAExecutionProvider, set by the GPU compose
 service) also makes the container unhealthy when that execution provider is not
 among the providers the service really runs on: a GPU container that silently
 fell back to the CPU (driver/CUDA/cuDNN mismatch) shows up in `docker compose ps`.
 
-Other settings: BRAINCAM_PORT (8000), HEALTHCHECK_TIMEOUT (seconds, 4).
+Other settings: BRAINCAM_PORT (8000), HEALTHCHECK_TIMEOUT (seconds per request, 2).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 import urllib.request
 from collections.abc import Iterator
 from typing import Any
@@ -38,36 +45,53 @@ def _strings(value: Any) -> Iterator[str]:
             yield from _strings(item)
 
 
-def main(argv: list[str]) -> int:
-    port = os.environ.get("BRAINCAM_PORT", "8000")
-    url = argv[0] if argv else f"http://127.0.0.1:{port}/health"
-    timeout = float(os.environ.get("HEALTHCHECK_TIMEOUT", "4"))
-    expect = os.environ.get("HEALTHCHECK_EXPECT_PROVIDER", "").strip()
+class Starting(Exception):
+    """No answer yet, or the model is still loading: worth asking again."""
+
+
+def probe(url: str, timeout: float, expect: str) -> str:
+    """The healthy line; raises Starting, or ValueError with why it is unhealthy."""
     try:
         # urlopen raises for non-2xx answers, refused connections and timeouts.
         with urllib.request.urlopen(url, timeout=timeout) as response:
             status = response.status
             body = json.loads(response.read().decode("utf-8"))
-    except Exception as exc:
-        print(f"unhealthy: {url}: {exc}", file=sys.stderr)
-        return 1
+    except (ConnectionError, TimeoutError) as exc:
+        raise Starting(f"{url}: {exc}") from exc
+    except OSError as exc:  # URLError wraps a refused connection in `reason`
+        if isinstance(getattr(exc, "reason", None), (ConnectionError, TimeoutError)):
+            raise Starting(f"{url}: {exc}") from exc
+        raise ValueError(f"{url}: {exc}") from exc
     if status != 200 or not isinstance(body, dict):
-        print(f"unhealthy: {url}: HTTP {status}, body is not a JSON object", file=sys.stderr)
-        return 1
+        raise ValueError(f"{url}: HTTP {status}, body is not a JSON object")
+    if body.get("status") == "loading":
+        raise Starting("status 'loading'")
     if body.get("status", "ok") != "ok":
-        print(
-            f"unhealthy: status {body.get('status')!r}: {body.get('error') or ''}", file=sys.stderr
-        )
-        return 1
+        raise ValueError(f"status {body.get('status')!r}: {body.get('error') or ''}")
     providers = sorted(set(_strings(body.get("providers"))))
     if expect and expect not in providers:
-        print(
-            f"unhealthy: {expect} expected, service runs on {providers or 'nothing'}",
-            file=sys.stderr,
-        )
-        return 1
-    print(f"healthy: providers {providers}")
-    return 0
+        raise ValueError(f"{expect} expected, service runs on {providers or 'nothing'}")
+    return f"healthy: providers {providers}"
+
+
+def main(argv: list[str]) -> int:
+    port = os.environ.get("BRAINCAM_PORT", "8000")
+    url = argv[0] if argv else f"http://127.0.0.1:{port}/health"
+    timeout = float(os.environ.get("HEALTHCHECK_TIMEOUT", "2"))
+    expect = os.environ.get("HEALTHCHECK_EXPECT_PROVIDER", "").strip()
+    deadline = time.monotonic() + float(os.environ.get("HEALTHCHECK_WAIT", "3.5"))
+    while True:
+        try:
+            print(probe(url, timeout, expect))
+            return 0
+        except Starting as exc:
+            if time.monotonic() + 0.2 >= deadline:
+                print(f"unhealthy (starting): {exc}", file=sys.stderr)
+                return 1
+            time.sleep(0.2)
+        except Exception as exc:
+            print(f"unhealthy: {exc}", file=sys.stderr)
+            return 1
 
 
 if __name__ == "__main__":

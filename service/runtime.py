@@ -97,8 +97,12 @@ class ModelRuntime:
             pipeline.warmup(model)
             self._warm_workers()
         except Exception as exc:  # any failure leaves the process up, reporting why
-            log.exception("could not load the model from %s", settings.model_dir)
             self.error = self._describe(exc)
+            # One line that says why (what `docker compose logs` shows); the traceback
+            # only at debug level.
+            reason = "; ".join(line.strip() for line in self.error.splitlines() if line.strip())
+            log.error("could not load the model from %s: %s", settings.model_dir, reason)
+            log.debug("model load traceback", exc_info=True)
         else:
             self.load_seconds = round(time.perf_counter() - started, 3)
             active, self.batching_reason = batching_decision(settings, model)
