@@ -29,6 +29,7 @@ from braincam.model_spec import (
 )
 from exporter.errors import ExportError
 from exporter.onnx_grad.anatomy import Found
+from exporter.onnx_grad.reference_ops import FLOAT64_OPS
 
 MIN_INPUTS = 16
 DIRECTIONS = 3
@@ -101,7 +102,8 @@ def _head(source: onnx.ModelProto, found: Found) -> tuple[Any, list[str]]:
     # backward pass does; for a cut of the graph the image is simply unused.
     head = Extractor(inferred).extract_model([found.image, found.explained], [found.score_tensor])
     used = {i for node in head.graph.node for i in node.input}
-    return ReferenceEvaluator(to_float64(head)), [i for i in (found.image,) if i in used]
+    evaluator = ReferenceEvaluator(to_float64(head), new_ops=FLOAT64_OPS)
+    return evaluator, [i for i in (found.image,) if i in used]
 
 
 def _score(out: np.ndarray, classes: np.ndarray, kind: str) -> np.ndarray:
