@@ -28,8 +28,9 @@ from braincam.preprocessing import Preprocessing
 from exporter.errors import ExportError
 from exporter.onnx_grad.anatomy import Found, GraphAnatomy, analyse, backward_reach, forward_reach
 from exporter.onnx_grad.emit import Emitter
-from exporter.onnx_grad.graph import GraphInfo, node_label, opset_of
+from exporter.onnx_grad.graph import Dim, GraphInfo, node_label, opset_of
 from exporter.onnx_grad.rules import NON_DIFFERENTIABLE, RULES
+from exporter.onnx_grad.tokens import TokenGrid
 
 MIN_OPSET = 17  # ScatterElements(reduction=add) needs 16; 17 is what both exporters write
 CONTRACT_NAMES = (IMAGE_INPUT, TARGET_INPUT, PROBABILITIES_OUTPUT, CLASS_OUTPUT,
@@ -138,13 +139,19 @@ def build_graphs(
     else:
         seed_at, seed = logits, one_hot
     grad = backward(em, info, found.explained, seed_at, seed)
+    activations = found.explained
+    shape = info.shape(found.explained)
+    if found.tokens is not None:  # [N, T, C] -> the patch tokens on their grid, NHWC
+        grid = found.tokens
+        h, w, c = grid.height, grid.width, shape[2]
+        activations, grad = (_token_grid(em, t, grid, c) for t in (activations, grad))
+    else:
+        h, w, c = (shape[2], shape[3], shape[1]) if found.explained_layout == "nchw" else shape[1:4]
     to_nhwc = [0, 2, 3, 1] if found.explained_layout == "nchw" else [0, 1, 2, 3]
-    graph.node.append(helper.make_node("Transpose", [found.explained], [ACTIVATIONS_OUTPUT],
+    graph.node.append(helper.make_node("Transpose", [activations], [ACTIVATIONS_OUTPUT],
                                        perm=to_nhwc, name="bc_activations"))
     graph.node.append(helper.make_node("Transpose", [grad], [GRADIENTS_OUTPUT], perm=to_nhwc,
                                        name="bc_gradients"))
-    shape = info.shape(found.explained)
-    h, w, c = (shape[2], shape[3], shape[1]) if found.explained_layout == "nchw" else shape[1:4]
     if h is None or w is None or c is None:
         raise ExportError(f"the explained tensor {found.explained!r} has no static shape: {shape}")
     graph.output.extend([
@@ -159,6 +166,13 @@ def build_graphs(
                            probabilities=PROBABILITIES_OUTPUT,
                            pooled_features=found.pooled_features)
     return BuiltGraphs(classifier, base, anatomy, found, [h, w, c], k)
+
+
+def _token_grid(em: Emitter, tokens: str, grid: TokenGrid, channels: Dim) -> str:
+    """Tokens [N, T, C] -> their patch tokens as a grid [N, h, w, C]."""
+    patches = em.node("Slice", [tokens, em.ints([grid.offset]),
+                                em.ints([grid.offset + grid.count]), em.ints([1])])
+    return em.node("Reshape", [patches, em.ints([-1, grid.height, grid.width, channels or -1])])
 
 
 def _class_scores(em: Emitter, info: GraphInfo, found: Found) -> tuple[str, str, int]:

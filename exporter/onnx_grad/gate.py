@@ -116,6 +116,24 @@ def _score(out: np.ndarray, classes: np.ndarray, kind: str) -> np.ndarray:
     return out[rows, classes]
 
 
+def _native(source: onnx.ModelProto, found: Found, x: np.ndarray, acts: np.ndarray,
+            grads: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The explained tensor, its gradient and where the gate may move it, in the head's
+    own layout (float64). A transformer's tokens: the full token tensor from the source
+    model, the gradient on the patch tokens, which alone may move."""
+    if found.tokens is None:
+        to_native = (0, 3, 1, 2) if found.explained_layout == "nchw" else (0, 1, 2, 3)
+        a = acts.transpose(to_native).astype(np.float64)
+        return a, grads.transpose(to_native).astype(np.float64), np.ones(a.shape, bool)
+    with_tokens = onnx.ModelProto.FromString(source.SerializeToString())
+    with_tokens.graph.output.append(onnx.helper.make_empty_tensor_value_info(found.explained))
+    (tokens,) = _session(with_tokens).run([found.explained], {found.image: x})
+    total = tokens.shape[1]
+    g = found.tokens.to_tokens(grads.astype(np.float64), total)
+    moved = found.tokens.to_tokens(np.ones(grads.shape, bool), total)
+    return tokens.astype(np.float64), g, moved
+
+
 def run_gate(
     source: onnx.ModelProto,
     found: Found,
@@ -153,13 +171,11 @@ def run_gate(
             report.failures.append(f"{key} {report.figures[key]:.3g} > {PROBABILITY_TOLERANCE}")
 
     # Finite differences in float64, NHWC outputs back to the head's own layout.
-    to_native = (0, 3, 1, 2) if found.explained_layout == "nchw" else (0, 1, 2, 3)
-    a = acts.transpose(to_native).astype(np.float64)
-    g = grads.transpose(to_native).astype(np.float64)
+    a, g, moved = _native(source, found, x, acts, grads)
     evaluator, image_needed = _head(source, found)
     rng = np.random.default_rng(seed)
-    v = rng.standard_normal((DIRECTIONS, *a.shape)) * (a != 0)[None]
-    rms = np.sqrt(np.mean(a**2, axis=(1, 2, 3), keepdims=True)) + 1e-12
+    v = rng.standard_normal((DIRECTIONS, *a.shape)) * ((a != 0) & moved)[None]
+    rms = np.sqrt(np.mean(a**2, axis=tuple(range(1, a.ndim)), keepdims=True)) + 1e-12
     step = 1e-6 * rms  # per input: small against the activations' own scale
     stacked_a = np.concatenate([a + step * vi for vi in v] + [a - step * vi for vi in v])
     feeds = {found.explained: stacked_a}
@@ -169,8 +185,9 @@ def run_gate(
     cls = np.tile(classes, 2 * DIRECTIONS)
     f = _score(np.asarray(out, np.float64), cls, found.kind).reshape(2, DIRECTIONS, n)
     fd = (f[0] - f[1]) / (2 * step.reshape(1, n))
-    dot = (g[None] * v).sum(axis=(2, 3, 4))
-    scale = np.abs(g[None] * v).sum(axis=(2, 3, 4)) + 1e-12
+    summed = tuple(range(2, v.ndim))
+    dot = (g[None] * v).sum(axis=summed)
+    scale = np.abs(g[None] * v).sum(axis=summed) + 1e-12
     rel = np.abs(dot - fd) / scale
     report.figures["fd_directions"] = DIRECTIONS
     report.figures["gradient_fd_max_rel_err"] = float(rel.max())

@@ -57,6 +57,7 @@ class GraphInfo:
     dtypes: dict[str, int] = field(default_factory=dict)
     constants: dict[str, np.ndarray] = field(default_factory=dict)
     ties: Ties = "pytorch"
+    probed: bool = False
 
     @classmethod
     def of(cls, model: onnx.ModelProto) -> GraphInfo:
@@ -86,7 +87,46 @@ class GraphInfo:
                 for attr in node.attribute:
                     if attr.name == "value":
                         info.constants[node.output[0]] = numpy_helper.to_array(attr.t)
+        if info._shapes_incomplete():
+            info.probe()
         return info
+
+    def _image(self) -> tuple[str, list[int]] | None:
+        """The one graph input and its static non-batch dims, if the graph has them."""
+        graph = self.model.graph
+        inputs = [i.name for i in graph.input if i.name not in self.constants]
+        if len(inputs) != 1:
+            return None
+        dims = self.shapes.get(inputs[0], [])
+        if len(dims) < 2 or any(d is None for d in dims[1:]):
+            return None
+        return inputs[0], [int(d) for d in dims[1:] if d is not None]
+
+    def _shapes_incomplete(self) -> bool:
+        """A node output without a shape, or with more unknown axes than the batch."""
+        return any(
+            out not in self.shapes or sum(d is None for d in self.shapes[out]) > 1
+            for node in self.model.graph.node for out in node.output if out
+        )
+
+    def probe(self) -> None:
+        """Fill shapes and shape-derived constants from ONNX Runtime runs (probe.py)."""
+        from exporter.onnx_grad.probe import probe
+
+        image = self._image()
+        if self.probed or image is None:
+            return
+        self.probed = True
+        shapes, values = probe(self.model, *image)
+        for name, dims in shapes.items():
+            known = self.shapes.get(name)
+            if known is None or len(known) != len(dims):
+                self.shapes[name] = dims
+            else:  # keep inference's symbolic batch, take the probe's static sizes
+                self.shapes[name] = [k if k is not None else d for k, d in zip(known, dims,
+                                                                                strict=True)]
+        for name, value in values.items():
+            self.constants.setdefault(name, value)
 
     @property
     def nodes(self) -> list[onnx.NodeProto]:
@@ -113,6 +153,8 @@ class GraphInfo:
 
     def const(self, name: str, node: onnx.NodeProto, what: str) -> np.ndarray:
         """The value of an input that must be a constant (an initializer or Constant)."""
+        if name not in self.constants:
+            self.probe()  # computed from shapes only: a constant at this input size
         if name in self.constants:
             return self.constants[name]
         raise ExportError(
