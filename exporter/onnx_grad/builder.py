@@ -141,6 +141,8 @@ def build_graphs(
     grad = backward(em, info, found.explained, seed_at, seed)
     activations = found.explained
     shape = info.shape(found.explained)
+    h: Dim
+    w: Dim
     if found.tokens is not None:  # [N, T, C] -> the patch tokens on their grid, NHWC
         grid = found.tokens
         h, w, c = grid.height, grid.width, shape[2]
