@@ -142,6 +142,7 @@ CASES = [
     Case("Pow_square", X4, [n("Pow", ["x", "two"])], {"two": np.asarray(2.0, np.float32)}),
     Case("Pow_cube_int_exponent", X4, [n("Pow", ["x", "three"])], {"three": _i64(3)}),
     Case("Pow_both", X4, [n("Sigmoid", ["x"], "s"), n("Pow", ["s", "x"])]),
+    Case("Reciprocal", X4, [n("Reciprocal", ["x"])], positive=True),
     Case("Where", X4, [n("Greater", ["x", "zero"], "c"), n("Where", ["c", "x", "k"])],
          {"zero": np.zeros(1, np.float32), "k": _w(6)}),
     Case("Gather_class_token", [2, 5, 6], [n("Gather", ["x", "i"], axis=1)],

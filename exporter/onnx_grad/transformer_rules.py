@@ -1,6 +1,6 @@
 """Backward rules for the ops of vision transformers and ConvNeXt: LayerNormalization,
-Erf and Gelu (both of torch's GELUs), Pow (the tanh GELU and decomposed LayerNorms),
-Gather and Split on tokens, Where.
+Erf and Gelu (both of torch's GELUs), Pow and Reciprocal (the tanh GELU, LayerNorms
+written out by older opsets and tf2onnx), Gather and Split on tokens, Where.
 
 Registered into `rules.RULES` when `rules` is imported (its last line imports this
 module), so every consumer of the registry sees them.
@@ -103,6 +103,14 @@ def _pow(em: Emitter, node: onnx.NodeProto, g: Grads) -> Grads:
     ga = em.node("Mul", [g[0], em.node("Mul", [em.node("Pow", [a, minus_one]), b])])
     gb = em.node("Mul", [g[0], em.node("Mul", [node.output[0], em.node("Log", [a])])])
     return [em.unbroadcast(ga, out, a), em.unbroadcast(gb, out, b)]
+
+
+@rule("Reciprocal")
+def _reciprocal(em: Emitter, node: onnx.NodeProto, g: Grads) -> Grads:
+    # d(1/x) = -1/x² = -y² (a decomposed LayerNorm's 1/sqrt(var + eps), tf2onnx's Rsqrt)
+    assert g[0] is not None
+    y = node.output[0]
+    return [em.node("Neg", [em.node("Mul", [g[0], em.node("Mul", [y, y])])])]
 
 
 @rule("Where", diff_inputs=(1, 2))
