@@ -29,12 +29,14 @@ from braincam.model_spec import (
 )
 from exporter.errors import ExportError
 from exporter.onnx_grad.anatomy import Found
+from exporter.onnx_grad.probe import image_valued
 from exporter.onnx_grad.reference_ops import FLOAT64_OPS
 
 MIN_INPUTS = 16
 DIRECTIONS = 3
 GRADIENT_TOLERANCE = 1e-3  # |<G,v> - FD| / sum|G v|: float32 gradients vs a float64 FD
 PROBABILITY_TOLERANCE = 1e-5
+HEAD_ROWS = 8  # rows per float64 head evaluation
 
 
 @dataclass
@@ -91,19 +93,53 @@ def to_float64(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _head(source: onnx.ModelProto, found: Found) -> tuple[Any, list[str]]:
-    """A float64 reference evaluator of explained -> score (plus the image if the
-    explained tensor is not a cut of the graph)."""
+    """A float64 reference evaluator of explained -> score, and the other tensors it
+    reads (see `_head_inputs`)."""
     from onnx.reference import ReferenceEvaluator
     from onnx.utils import Extractor
 
     inferred = onnx.shape_inference.infer_shapes(source, data_prop=True)
-    # With the image as a second input, paths that bypass the explained tensor (a --layer
-    # inside a residual block) are computed from the image and held fixed, as the
-    # backward pass does; for a cut of the graph the image is simply unused.
-    head = Extractor(inferred).extract_model([found.image, found.explained], [found.score_tensor])
+    inputs = _head_inputs(inferred.graph, found)
+    head = Extractor(inferred).extract_model([found.explained, *inputs], [found.score_tensor])
     used = {i for node in head.graph.node for i in node.input}
     evaluator = ReferenceEvaluator(to_float64(head), new_ops=FLOAT64_OPS)
-    return evaluator, [i for i in (found.image,) if i in used]
+    return evaluator, [i for i in inputs if i in used]
+
+
+def _head_inputs(graph: onnx.GraphProto, found: Found) -> list[str]:
+    """The image-dependent tensors the head reads besides the explained one: paths that
+    bypass it (the residual stream around a transformer's token LayerNorm, a --layer
+    inside a residual block), fed with the source model's values and so held fixed, as
+    the backward pass holds them; the image where only shapes are read from it. The
+    head then holds no backbone: its float64 run costs a block, not the model."""
+    valued = image_valued(graph, found.image)
+    from_explained = image_valued(graph, found.explained)
+    producer = {o: n for n in graph.node for o in n.output if o}
+    inputs: list[str] = []
+    seen: set[str] = set()
+    stack = [found.score_tensor]
+    while stack:
+        name = stack.pop()
+        if name in seen or name == found.explained:
+            continue
+        seen.add(name)
+        if name in valued and name not in from_explained:
+            inputs.append(name)
+        elif name in producer:
+            stack.extend(i for i in producer[name].input if i)
+    return sorted(inputs)
+
+
+def _values(source: onnx.ModelProto, names: list[str], image: str, x: np.ndarray
+            ) -> dict[str, np.ndarray]:
+    """Tensors of the source model on images x (ONNX Runtime, float32)."""
+    wanted = [n for n in names if n != image]
+    values = {image: x} if image in names else {}
+    if wanted:
+        model = onnx.ModelProto.FromString(source.SerializeToString())
+        model.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in wanted)
+        values.update(zip(wanted, _session(model).run(wanted, {image: x}), strict=True))
+    return values
 
 
 def _score(out: np.ndarray, classes: np.ndarray, kind: str) -> np.ndarray:
@@ -125,9 +161,7 @@ def _native(source: onnx.ModelProto, found: Found, x: np.ndarray, acts: np.ndarr
         to_native = (0, 3, 1, 2) if found.explained_layout == "nchw" else (0, 1, 2, 3)
         a = acts.transpose(to_native).astype(np.float64)
         return a, grads.transpose(to_native).astype(np.float64), np.ones(a.shape, bool)
-    with_tokens = onnx.ModelProto.FromString(source.SerializeToString())
-    with_tokens.graph.output.append(onnx.helper.make_empty_tensor_value_info(found.explained))
-    (tokens,) = _session(with_tokens).run([found.explained], {found.image: x})
+    tokens = _values(source, [found.explained], found.image, x)[found.explained]
     total = tokens.shape[1]
     g = found.tokens.to_tokens(grads.astype(np.float64), total)
     moved = found.tokens.to_tokens(np.ones(grads.shape, bool), total)
@@ -172,16 +206,19 @@ def run_gate(
 
     # Finite differences in float64, NHWC outputs back to the head's own layout.
     a, g, moved = _native(source, found, x, acts, grads)
-    evaluator, image_needed = _head(source, found)
+    evaluator, head_inputs = _head(source, found)
     rng = np.random.default_rng(seed)
     v = rng.standard_normal((DIRECTIONS, *a.shape)) * ((a != 0) & moved)[None]
     rms = np.sqrt(np.mean(a**2, axis=tuple(range(1, a.ndim)), keepdims=True)) + 1e-12
     step = 1e-6 * rms  # per input: small against the activations' own scale
     stacked_a = np.concatenate([a + step * vi for vi in v] + [a - step * vi for vi in v])
     feeds = {found.explained: stacked_a}
-    images = x.astype(np.float64) if image_needed else np.zeros((n, *x.shape[1:]))
-    feeds[found.image] = np.concatenate([images] * (2 * DIRECTIONS))
-    (out,) = evaluator.run(None, feeds)
+    for name, value in _values(source, head_inputs, found.image, x).items():
+        feeds[name] = np.concatenate([np.asarray(value, np.float64)] * (2 * DIRECTIONS))
+    out = np.concatenate([  # a few rows at a time: float64 memory bounded on real models
+        np.asarray(evaluator.run(None, {k: v[i:i + HEAD_ROWS] for k, v in feeds.items()})[0])
+        for i in range(0, len(stacked_a), HEAD_ROWS)
+    ])
     cls = np.tile(classes, 2 * DIRECTIONS)
     f = _score(np.asarray(out, np.float64), cls, found.kind).reshape(2, DIRECTIONS, n)
     fd = (f[0] - f[1]) / (2 * step.reshape(1, n))
