@@ -62,16 +62,16 @@ class GraphInfo:
     @classmethod
     def of(cls, model: onnx.ModelProto) -> GraphInfo:
         try:
-            inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+            inferred = onnx.shape_inference.infer_shapes(skeleton(model), data_prop=True)
         except Exception as exc:  # InferenceError and friends: the model is inconsistent
             raise ExportError(f"ONNX shape inference failed on the model: {exc}") from exc
-        info = cls(model=inferred, opset=opset_of(inferred), ties=tie_convention(model))
-        graph = inferred.graph
+        info = cls(model=model, opset=opset_of(model), ties=tie_convention(model))
+        graph = model.graph
         for init in graph.initializer:
             info.constants[init.name] = numpy_helper.to_array(init)
             info.shapes[init.name] = list(init.dims)
             info.dtypes[init.name] = init.data_type
-        for value in [*graph.input, *graph.value_info, *graph.output]:
+        for value in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
             dims = _dims(value)
             if dims is not None:
                 info.shapes[value.name] = dims
@@ -117,7 +117,7 @@ class GraphInfo:
         if self.probed or image is None:
             return
         self.probed = True
-        shapes, values = probe(self.model, *image)
+        shapes, values = probe(self.model, *image, arrays=self.constants)
         for name, dims in shapes.items():
             known = self.shapes.get(name)
             if known is None or len(known) != len(dims):
@@ -166,6 +166,37 @@ class GraphInfo:
         if len(node.input) <= index or not node.input[index]:
             return None
         return self.const(node.input[index], node, what)
+
+
+def skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model with its large initializers as stubs (name, type, dims; data declared
+    external): what shape inference and ONNX Runtime need to see, without serialising
+    a real model's hundreds of MB of weights once more."""
+    graph = model.graph
+    inits = [i if _elements(i) <= INLINE_ELEMENTS else weight_stub(i) for i in graph.initializer]
+    out = onnx.helper.make_model(
+        onnx.helper.make_graph(list(graph.node), graph.name, list(graph.input),
+                               list(graph.output), inits, value_info=list(graph.value_info)),
+        opset_imports=list(model.opset_import), ir_version=model.ir_version,
+        functions=list(model.functions),
+    )
+    out.producer_name = model.producer_name
+    return out
+
+
+INLINE_ELEMENTS = 1 << 12  # initializers up to this size are kept (shapes, axes, scalars)
+
+
+def _elements(tensor: onnx.TensorProto) -> int:
+    return int(np.prod(tensor.dims)) if tensor.dims else 1
+
+
+def weight_stub(tensor: onnx.TensorProto) -> onnx.TensorProto:
+    """An initializer's name, type and dims, its data declared external."""
+    stub = onnx.TensorProto(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims)
+    stub.data_location = onnx.TensorProto.EXTERNAL
+    stub.external_data.add(key="location", value="in-memory")
+    return stub
 
 
 def attr(node: onnx.NodeProto, name: str, default: object = None) -> object:
