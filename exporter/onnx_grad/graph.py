@@ -8,7 +8,7 @@ rules need is static and only the batch is left open.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import onnx
@@ -197,6 +197,40 @@ def weight_stub(tensor: onnx.TensorProto) -> onnx.TensorProto:
     stub.data_location = onnx.TensorProto.EXTERNAL
     stub.external_data.add(key="location", value="in-memory")
     return stub
+
+
+def session_in_place(model: onnx.ModelProto, outputs: list[str],
+                     arrays: dict[str, np.ndarray] | None = None,
+                     nodes: list[onnx.NodeProto] | None = None, priority: bool = False) -> Any:
+    """An ONNX Runtime session (CPU) computing `outputs` of the model (`nodes` in place
+    of its own, where given), its large weights read from the arrays in place: no
+    serialised copy of them. `arrays`: the initializers as arrays, where the caller
+    holds them already. `priority`: run nodes in the graph's order (ORT's default
+    order holds tensors read by late nodes, such as a probe's Shape of each)."""
+    import onnxruntime as ort
+
+    light = skeleton(model)
+    if nodes is not None:
+        del light.graph.node[:]
+        light.graph.node.extend(nodes)
+    del light.graph.output[:]
+    light.graph.output.extend(onnx.helper.make_empty_tensor_value_info(o) for o in outputs)
+    stubs = [i.name for i in light.graph.initializer
+             if i.data_location == onnx.TensorProto.EXTERNAL]
+    arrays = arrays or {}
+    by_name = {i.name: i for i in model.graph.initializer}
+    weights = [np.ascontiguousarray(arrays[n] if n in arrays else numpy_helper.to_array(by_name[n]))
+               for n in stubs]
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if priority:
+        options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
+    options.add_external_initializers(stubs, [ort.OrtValue.ortvalue_from_numpy(w)
+                                              for w in weights])
+    session = ort.InferenceSession(light.SerializeToString(), options,
+                                   providers=["CPUExecutionProvider"])
+    session.weights = weights  # the arrays ORT reads must outlive the session
+    return session
 
 
 def attr(node: onnx.NodeProto, name: str, default: object = None) -> object:

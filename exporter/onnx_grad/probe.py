@@ -19,10 +19,10 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from exporter.errors import ExportError
-from exporter.onnx_grad.graph import skeleton
+from exporter.onnx_grad.graph import session_in_place
 
 Dim = int | None
 SHAPE_ONLY = frozenset({"Shape", "Size"})  # outputs that read their input's shape, not values
@@ -57,20 +57,11 @@ def probe(model: onnx.ModelProto, image: str, image_shape: list[int],
     """(shapes, values): the shape of every node output (None on batch-dependent axes),
     and the batch-independent values of the shape-derived tensors the image path reads.
     `arrays`: the initializers as arrays, where the caller holds them already."""
-    import onnxruntime as ort
-
-    # The graph with its large weights as stubs whose data ORT reads from the arrays in
-    # place: no serialised copy of a few hundred MB.
-    probe_model = skeleton(model)
-    graph = probe_model.graph
-    stubs = {i.name for i in graph.initializer if i.data_location == onnx.TensorProto.EXTERNAL}
-    arrays = arrays or {}
-    weights = {i.name: arrays[i.name] if i.name in arrays else numpy_helper.to_array(i)
-               for i in model.graph.initializer if i.name in stubs}
+    graph = model.graph
     valued = image_valued(graph, image)
     value_names = sorted(_feeds_image_path(graph, valued))
-    # Each tensor's Shape right after its producer, run in that order (PRIORITY_BASED):
-    # ORT frees the tensor as the model's own run would; its default order holds every
+    # Each tensor's Shape right after its producer, run in that order (priority): ORT
+    # frees the tensor as the model's own run would; its default order holds every
     # activation until the end (+0.9 GB on a ViT-B/16 at batch 2).
     shape_of: dict[str, str] = {}
     nodes = []
@@ -79,21 +70,9 @@ def probe(model: onnx.ModelProto, image: str, image_shape: list[int],
         for name in (o for o in node.output if o):
             shape_of[name] = f"bc_probe/shape_{len(shape_of)}"
             nodes.append(helper.make_node("Shape", [name], [shape_of[name]]))
-    del graph.node[:]
-    graph.node.extend(nodes)
-    del graph.output[:]
     wanted = [*shape_of.values(), *value_names]
-    graph.output.extend(helper.make_empty_tensor_value_info(name) for name in wanted)
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 3
-    options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
-    names = list(weights)
-    options.add_external_initializers(names, [
-        ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(weights[n])) for n in names])
     try:
-        session = ort.InferenceSession(probe_model.SerializeToString(), options,
-                                       providers=["CPUExecutionProvider"])
+        session = session_in_place(model, wanted, arrays, nodes, priority=True)
         runs = [dict(zip(wanted, session.run(wanted, {
             image: np.zeros([batch, *image_shape], np.float32)}), strict=True))
             for batch in (1, 2)]
