@@ -240,7 +240,7 @@ def analyse(
     relevant = forward_reach(info, image) & backward_reach(info, score)
     tokens: TokenGrid | None = None
     if layer is None:
-        explained = _transformer_tokens(info, maps, relevant)
+        explained = _transformer_tokens(info, maps, relevant, layouts)
         if explained is None:
             if not maps:
                 raise ExportError("found no 4-D feature map that every path from the image to "
@@ -264,7 +264,8 @@ def _order(info: GraphInfo) -> dict[str, int]:
     return {o: i for i, n in enumerate(info.nodes) for o in n.output if o}
 
 
-def _transformer_tokens(info: GraphInfo, maps: list[str], relevant: set[str]) -> str | None:
+def _transformer_tokens(info: GraphInfo, maps: list[str], relevant: set[str],
+                        layouts: dict[str, Layout]) -> str | None:
     """The last attention's input tokens, if an attention comes after the last feature
     map (ViT, DeiT; Swin's last stage is itself a map and is explained as one)."""
     scores = last_attention(info, relevant, differentiable_inputs)
@@ -273,7 +274,11 @@ def _transformer_tokens(info: GraphInfo, maps: list[str], relevant: set[str]) ->
     order = _order(info)
     if maps and order[maps[-1]] > order[scores.output[0]]:
         return None
-    return attention_input(info, scores, relevant, backward_reach)
+    width = None
+    if maps:  # the patch embedding's channels
+        shape = info.shapes[maps[-1]]
+        width = shape[1] if layouts[maps[-1]] == "nchw" else shape[3]
+    return attention_input(info, scores, relevant, backward_reach, width)
 
 
 def _patches_before(info: GraphInfo, tokens: str, maps: list[str],

@@ -69,12 +69,19 @@ def last_attention(info: GraphInfo, relevant: set[str],
 
 
 def attention_input(info: GraphInfo, scores: onnx.NodeProto, relevant: set[str],
-                    backward_reach: Reach) -> str:
-    """The last token tensor [N, T, C] both operands of `scores` come from."""
+                    backward_reach: Reach, width: int | None) -> str:
+    """The last token tensor [N, T, C] both operands of `scores` come from, C the token
+    width (the patch embedding's channels) where known, else a LayerNorm's output."""
     common = (backward_reach(info, scores.input[0]) & backward_reach(info, scores.input[1])
               & relevant)
     order = {o: i for i, n in enumerate(info.nodes) for o in n.output}
     tokens = [t for t in common if _is_tokens(info.shapes.get(t))]
+    if width is not None:
+        tokens = [t for t in tokens if info.shapes[t][2] == width]
+    else:
+        normed = [t for t in tokens if t in info.producer
+                  and info.producer[t].op_type == "LayerNormalization"]
+        tokens = normed or tokens
     if not tokens:
         raise ExportError("the last attention's queries and keys come from no token tensor "
                           "[N, T, C]: name the tensor to explain with --layer")
