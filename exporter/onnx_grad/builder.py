@@ -26,9 +26,11 @@ from braincam.model_spec import (
 )
 from braincam.preprocessing import Preprocessing
 from exporter.errors import ExportError
+from exporter.onnx_grad import rows
 from exporter.onnx_grad.anatomy import Found, GraphAnatomy, analyse, backward_reach, forward_reach
 from exporter.onnx_grad.emit import Emitter
 from exporter.onnx_grad.graph import Dim, GraphInfo, node_label, opset_of
+from exporter.onnx_grad.rows import Rows
 from exporter.onnx_grad.rules import NON_DIFFERENTIABLE, RULES
 from exporter.onnx_grad.tokens import TokenGrid
 
@@ -218,32 +220,29 @@ def backward(em: Emitter, info: GraphInfo, explained: str, seed_at: str, seed: s
             if inp in active and i not in slots:
                 raise ExportError(f"{node.op_type} node {node_label(node)!r}: its input {i} "
                                   f"({inp!r}) depends on the explained tensor; no rule for that")
-    grads: dict[str, list[str]] = {seed_at: [seed]}
+    grads: dict[str, list[str | Rows]] = {seed_at: [seed]}
     # The rules edit the forward nodes of the graph being built (MaxPool gains an
     # output there), found by their first output: ONNX names each tensor once.
     live = {n.output[0]: n for n in em.graph.node if n.output}
     for node in reversed(nodes):
-        out_grads: list[str | None] = [_total(em, grads.get(o, [])) for o in node.output]
+        out_grads = [rows.total(em, grads.get(o, [])) for o in node.output]
         if all(g is None for g in out_grads):
             continue
         if out_grads[0] is None:
             raise ExportError(f"{node.op_type} node {node_label(node)!r}: only a secondary "
                               "output is used; no rule for that")
         target = live.get(node.output[0], node)
-        in_grads = RULES[node.op_type].fn(em, target, out_grads)
+        in_grads = rows.backward(em, target, out_grads)  # compact rows where they stay so
+        if in_grads is None:
+            in_grads = list(RULES[node.op_type].fn(
+                em, target, [rows.dense(em, g) for g in out_grads]))
         for inp, g in zip(node.input, in_grads, strict=False):
             if g is not None and inp in active:
                 grads.setdefault(inp, []).append(g)
-    total = _total(em, grads.get(explained, []))
+    total = rows.dense(em, rows.total(em, grads.get(explained, [])))
     if total is None:
         raise ExportError(f"the class scores do not depend on {explained!r}")
     return total
-
-
-def _total(em: Emitter, parts: list[str]) -> str | None:
-    if not parts:
-        return None
-    return parts[0] if len(parts) == 1 else em.node("Sum", parts, "grad_sum")
 
 
 def _prune(graph: onnx.GraphProto) -> None:
