@@ -171,7 +171,7 @@ def test_a_vit_exported_from_the_command_line_is_served_with_a_map(
     assert spec["explanation"]["activation_shape"] == [4, 4, 24]
     assert spec["parity"]["passed"] and spec["parity"]["gradient_fd_max_rel_err"] < 1e-3
     image = sorted((demo_data / "Testing" / "glioma").glob("*.png"))[0]
-    settings = Settings(model_dir=out, providers="CPUExecutionProvider")  # type: ignore[call-arg]
+    settings = Settings(model_dir=out, providers="CPUExecutionProvider")
     with ready_client(settings) as client:
         res = client.post("/explain", files={"file": (image.name, image.read_bytes())},
                           data={"method": "gradcam", "heatmap": "list", "images": "overlay"})
