@@ -231,3 +231,27 @@ def test_keras_grouped_convolution_and_exact_gelu_convert() -> None:
     ref = tape.gradient(score, a).numpy()
     np.testing.assert_allclose(acts, a.numpy(), atol=1e-5)
     assert np.abs(grads - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+def test_an_op_without_a_rule_names_the_nearest_usable_layer() -> None:
+    class SoftplusInside(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv1 = torch.nn.Conv2d(3, 4, 3, padding=1)
+            self.conv2 = torch.nn.Conv2d(4, 4, 3, padding=1)
+            self.conv3 = torch.nn.Conv2d(4, 6, 3, stride=2, padding=1)
+            self.fc = torch.nn.Linear(6, 4)
+
+        def forward(self, x: Any) -> Any:
+            h = torch.relu(self.conv1(x))
+            h = torch.nn.functional.softplus(self.conv2(h))
+            h = torch.relu(self.conv3(h))
+            return self.fc(h.mean(dim=(2, 3)))
+
+    proto = export(SoftplusInside().eval(), SIZE)
+    first = "/Relu_output_0"  # conv1's activation: Softplus lies between it and the scores
+    with pytest.raises(ExportError, match=r"no backward rule for op 'Softplus' \(node "
+                                          r"'/Softplus'\) .* nearest usable --layer after it "
+                                          r"is '/conv3/Conv_output_0'"):
+        build_graphs(proto, _prep(), layer=first)
+    assert build_graphs(proto, _prep()).found.explained == "/Relu_1_output_0"

@@ -62,6 +62,7 @@ class Found:
     explained_layout: Layout  # of the grid the graphs output (tokens: NHWC)
     pooled_features: str | None
     tokens: TokenGrid | None = None  # the explained tensor is a transformer's tokens
+    layers: tuple[str, ...] = ()  # the 4-D feature maps --layer could name, in order
 
 
 def differentiable_inputs(node: onnx.NodeProto) -> list[str]:
@@ -257,7 +258,7 @@ def analyse(
                           "produced from a convolution or pooling by layout-preserving ops")
     return Found(image=image, output=output, kind=kind, score_tensor=score, explained=explained,
                  explained_layout=layout, pooled_features=find_pooled_features(info, score),
-                 tokens=tokens)
+                 tokens=tokens, layers=tuple(maps))
 
 
 def _order(info: GraphInfo) -> dict[str, int]:

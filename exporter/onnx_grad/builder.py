@@ -140,7 +140,7 @@ def build_graphs(
         seed = em.node("MatMul", [one_hot, em.const(np.array([[-0.5], [0.5]]))])
     else:
         seed_at, seed = logits, one_hot
-    grad = backward(em, info, found.explained, seed_at, seed)
+    grad = backward(em, info, found.explained, seed_at, seed, found.layers)
     activations = found.explained
     shape = info.shape(found.explained)
     h: Dim
@@ -197,8 +197,10 @@ def _class_scores(em: Emitter, info: GraphInfo, found: Found) -> tuple[str, str,
     return em.node("Softmax", [found.score_tensor], "probabilities", axis=1), found.score_tensor, k
 
 
-def backward(em: Emitter, info: GraphInfo, explained: str, seed_at: str, seed: str) -> str:
-    """Append d(seed . seed_at)/d(explained) to the graph; returns its tensor name."""
+def backward(em: Emitter, info: GraphInfo, explained: str, seed_at: str, seed: str,
+             layers: tuple[str, ...] = ()) -> str:
+    """Append d(seed . seed_at)/d(explained) to the graph; returns its tensor name.
+    `layers`: the tensors --layer could name, in graph order (for the error's hint)."""
     active = forward_reach(info, explained)
     needed = backward_reach(info, seed_at)
     nodes = [
@@ -207,14 +209,16 @@ def backward(em: Emitter, info: GraphInfo, explained: str, seed_at: str, seed: s
         and any(o in active and o in needed for o in n.output)
     ]
     # Every node on the path needs a rule: check them all before emitting anything.
+    missing = [n for n in nodes if n.op_type not in RULES or n.domain not in ("", "ai.onnx")]
+    if missing:
+        node = missing[0]
+        raise ExportError(
+            f"no backward rule for op {node.op_type!r} (node {node_label(node)!r}) between "
+            f"the explained tensor {explained!r} and the class scores; "
+            + _layer_hint(info, missing[-1], layers)
+        )
     for node in nodes:
-        rule = RULES.get(node.op_type)
-        if rule is None or node.domain not in ("", "ai.onnx"):
-            raise ExportError(
-                f"no backward rule for op {node.op_type!r} (node {node_label(node)!r}) between "
-                f"the explained tensor {explained!r} and the class scores; choose a later "
-                "tensor with --layer, or explain it with a gradient-free method"
-            )
+        rule = RULES[node.op_type]
         slots = range(len(node.input)) if rule.diff_inputs is None else rule.diff_inputs
         for i, inp in enumerate(node.input):
             if inp in active and i not in slots:
@@ -243,6 +247,19 @@ def backward(em: Emitter, info: GraphInfo, explained: str, seed_at: str, seed: s
     if total is None:
         raise ExportError(f"the class scores do not depend on {explained!r}")
     return total
+
+
+def _layer_hint(info: GraphInfo, last_missing: onnx.NodeProto,
+                layers: tuple[str, ...]) -> str:
+    """The nearest --layer after every op without a rule, if the model has one."""
+    order = {o: i for i, n in enumerate(info.nodes) for o in n.output if o}
+    after = [t for t in layers if order.get(t, -1) > order[last_missing.output[0]]]
+    if after:
+        return (f"the nearest usable --layer after it is {after[0]!r} "
+                f"(shape {info.shapes.get(after[0])}), or explain with a gradient-free method "
+                "(method=occlusion)")
+    return ("no feature map after it can be explained with gradients: explain with a "
+            "gradient-free method (method=occlusion)")
 
 
 def _prune(graph: onnx.GraphProto) -> None:
