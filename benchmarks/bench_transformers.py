@@ -5,9 +5,10 @@ batch 1, and /explain served.
     python -m benchmarks.bench_transformers [--models vit_b_16,swin_t,...] [--repeats 30]
 
 Rows (random weights, perturbed so that no head is an initialiser's zeros; no weights
-can be downloaded): torchvision's ViT-B/16, Swin-T and ConvNeXt-T exported by
-torch.onnx (opset 17), and Keras 3's ConvNeXtTiny converted by tf2onnx (exporter.convert),
-all at 224x224. Each model is written and exported in a subprocess of its own, so
+can be downloaded): torchvision's ViT-B/16, Swin-T and ConvNeXt-T and a DeiT-S-shaped
+distilled DeiT (tests/torch_models.py: timm's layout, class and distillation tokens)
+exported by torch.onnx (opset 17), and Keras 3's ConvNeXtTiny converted by tf2onnx
+(exporter.convert), all at 224x224. Each model is written and exported in a subprocess of its own, so
 its peak resident memory is the exporter's alone; every model is run one after the
 other (a shared machine). Export time is set beside one forward pass of the
 classifier over the same images in the same run, the budget's unit.
@@ -35,6 +36,7 @@ IMAGENET = ["--mean", "0.485", "0.456", "0.406", "--std", "0.229", "0.224", "0.2
 # name -> (how the source ONNX is made, exporter flags)
 MODELS: dict[str, tuple[str, list[str]]] = {
     "vit_b_16": ("torch", IMAGENET),
+    "deit_small_distilled": ("torch", IMAGENET),
     "swin_t": ("torch", IMAGENET),
     "convnext_tiny": ("torch", IMAGENET),
     "keras_convnext_tiny": ("keras", ["--scale", "none"]),
@@ -44,7 +46,11 @@ _TORCH_SOURCE = """
 import sys, torch, torchvision.models as tvm
 name, path, size = sys.argv[1], sys.argv[2], int(sys.argv[3])
 torch.manual_seed(0)
-model = getattr(tvm, name)(num_classes=4).eval()
+if name == "deit_small_distilled":  # timm's DeiT-S (distilled) layout, written in tests/
+    from tests.torch_models import TinyDeiT
+    model = TinyDeiT(size=size, patch=16, dim=384, depth=12, heads=6).eval()
+else:
+    model = getattr(tvm, name)(num_classes=4).eval()
 with torch.no_grad():  # torchvision zero-initialises heads and 1e-6 layer scales
     for p in model.parameters():
         p.add_(torch.randn_like(p) * 0.02)
