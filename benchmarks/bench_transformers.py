@@ -8,9 +8,9 @@ Rows (random weights, perturbed so that no head is an initialiser's zeros; no we
 can be downloaded): torchvision's ViT-B/16, Swin-T and ConvNeXt-T and a DeiT-S-shaped
 distilled DeiT (tests/torch_models.py: timm's layout, class and distillation tokens)
 exported by torch.onnx (opset 17), and Keras 3's ConvNeXtTiny converted by tf2onnx
-(exporter.convert), all at 224x224. Each model is written and exported in a subprocess of its own, so
-its peak resident memory is the exporter's alone; every model is run one after the
-other (a shared machine). Export time is set beside one forward pass of the
+(exporter.convert), all at 224x224. Each model is written and exported in a subprocess
+of its own, so its peak resident memory is the exporter's alone; every model is run one
+after the other (a shared machine). Export time is set beside one forward pass of the
 classifier over the same images in the same run, the budget's unit.
 """
 
