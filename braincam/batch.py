@@ -25,7 +25,7 @@ from braincam.errors import InputError, PayloadTooLarge
 from braincam.inference import OnnxModel
 from braincam.occlusion import OCCLUSION, OcclusionSensitivity
 from braincam.ood import OodVerdict, ood_verdict
-from braincam.overlay import blend, colorize, encode_png
+from braincam.overlay import blend, colorize, encode_png, with_banner
 from braincam.pipeline import Prepared, gradients_for, input_errors, prepare_slice
 
 # A file is read whole before it is sniffed. Volumes may hold up to MAX_VOLUME_BYTES
@@ -264,7 +264,8 @@ class BatchPredictor:
                 for i, r in enumerate(ready)
             ]
         for entry, row, cam in zip(ready, rows, cams, strict=True):
-            row.overlay = str(self._write_overlay(entry, cam))
+            flagged = row.ood is not None and not row.ood.in_distribution
+            row.overlay = str(self._write_overlay(entry, cam, flagged))
         return rows
 
     def _targets(self, rows: list[Row]) -> np.ndarray:
@@ -290,11 +291,15 @@ class BatchPredictor:
             ood=ood_verdict(ood_score, self.spec),
         )
 
-    def _write_overlay(self, entry: _Ready, cam: np.ndarray) -> Path:
+    def _write_overlay(self, entry: _Ready, cam: np.ndarray, flagged: bool) -> Path:
+        """The overlay PNG; an image the out-of-distribution gate flagged carries the
+        banner, so the file says it wherever it is copied."""
         options = self.explain
         assert options is not None
         decoded = entry.prepared.decoded
         overlay = blend(decoded.pixels, colorize(cam, options.colormap), options.alpha)
+        if flagged:
+            overlay = with_banner(overlay)
         target = self._overlay_path(entry.file, decoded.slice_index)
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(encode_png(overlay))

@@ -308,6 +308,29 @@ def _check_dicom_size(ds: Any, max_pixels: int) -> None:
     samples = max(int(getattr(ds, "SamplesPerPixel", 1) or 1), 1)
     sample_bytes = max((int(getattr(ds, "BitsAllocated", 8) or 8) + 7) // 8, 1)
     _check_volume_bytes(rows * columns * frames * samples * sample_bytes, "DICOM file")
+    _check_pixel_data_length(ds, rows * columns * frames * samples)
+
+
+def _check_pixel_data_length(ds: Any, samples: int) -> None:
+    """Native (uncompressed) pixel data shorter than the image it declares: a truncated
+    file, said as such (pydicom's own error names neither the file nor the cause)."""
+    meta = getattr(ds, "file_meta", None)
+    syntax = getattr(meta, "TransferSyntaxUID", None)
+    if (
+        syntax is None
+        or syntax.is_compressed
+        or "PixelData" not in ds
+        or str(ds.get("PhotometricInterpretation", "")) == "YBR_FULL_422"  # subsampled
+    ):
+        return
+    bits = int(ds.get("BitsAllocated", 8) or 8)
+    expected = (samples * bits + 7) // 8
+    actual = len(ds.PixelData)
+    if actual < expected:
+        raise UndecodableImage(
+            f"the pixel data holds {actual} bytes where the header declares {expected} "
+            f"({ds.Columns}x{ds.Rows} pixels, {bits}-bit): the file is truncated"
+        )
 
 
 def _dicom_slice(ds: Any, slice_index: int | None) -> DecodedImage:

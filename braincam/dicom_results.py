@@ -8,6 +8,12 @@ Two objects, each in its own new series:
   graphs' sha256), and the research-use statement;
 - a Secondary Capture (RGB) of the heatmap overlay on the deciding slice.
 
+Everything the JSON answer warns about travels with them: the out-of-distribution
+verdict of the series and of the deciding slice (with the detector, its score and
+threshold), the model's notice, the warnings (`ResultWarning`, one TEXT item each)
+and, on a flagged series, an "UNLIKE TRAINING DATA" banner burned into the Secondary
+Capture (BurnedInAnnotation YES). The codes are listed in docs/dicom.md.
+
 Patient and study attributes come from the source instances (highdicom copies them),
 the frame of reference is copied onto the Secondary Capture, every UID of the new
 objects is new, and the SR's evidence lists every source instance it was inferred
@@ -27,13 +33,55 @@ import numpy as np
 import braincam
 from braincam import DISCLAIMER
 from braincam.model_spec import ModelSpec
+from braincam.ood import OodVerdict
+from braincam.overlay import OOD_BANNER, with_banner
 from braincam.series import Series
-from braincam.series_analysis import SERIES_RULE, SeriesResult
+from braincam.series_analysis import SERIES_RULE, SeriesGate, SeriesResult
 
 RESEARCH_ONLY = "RESEARCH USE ONLY - NOT FOR CLINICAL USE"
 MANUFACTURER = "braincam"
 # A private coding scheme for the model's classes and outputs ("99" prefix: local).
 CODING_SCHEME = "99BRAINCAM"
+
+# Concepts as (code value, scheme, meaning): standard codes where DICOM has one
+# (DCM, SNOMED CT "SCT", UCUM), the private scheme where it has none (docs/dicom.md).
+Concept = tuple[str, str, str]
+YES: Concept = ("373066001", "SCT", "Yes")  # CID 230 Yes-No
+NO: Concept = ("373067005", "SCT", "No")
+THRESHOLD: Concept = ("122411", "DCM", "Threshold Value")
+ALGORITHM_NAME: Concept = ("111001", "DCM", "Algorithm Name")
+COMMENT: Concept = ("121106", "DCM", "Comment")
+NO_UNITS: Concept = ("1", "UCUM", "no units")
+SERIES_IN_DISTRIBUTION: Concept = ("OOD-SERIES", CODING_SCHEME, "Series like the training data")
+SLICE_IN_DISTRIBUTION: Concept = ("OOD-SLICE", CODING_SCHEME, "Slice like the training data")
+OOD_SCORE: Concept = ("OOD-SCORE", CODING_SCHEME, "Out-of-distribution score")
+FLAGGED_SLICES: Concept = ("OOD-FLAGGED", CODING_SCHEME, "Slices unlike the training data")
+MODEL_NOTICE: Concept = ("NOTICE", CODING_SCHEME, "Model notice")
+WARNING: Concept = ("WARNING", CODING_SCHEME, "Warning")
+# The SR concept of each warning the JSON answers carry, by their machine code; a
+# code without its own concept is written as a generic WARNING item.
+WARNING_CONCEPTS: dict[str, Concept] = {
+    "out_of_distribution": ("W-OOD", CODING_SCHEME, "Warning: unlike the training data"),
+}
+
+
+@dataclass(frozen=True)
+class ResultWarning:
+    """A warning of the JSON answer, to be carried by the DICOM results too."""
+
+    code: str  # machine code, as in the JSON (e.g. "out_of_distribution")
+    text: str  # what a reader must know, in a sentence or two
+
+
+def ood_warnings(gate: SeriesGate | None) -> list[ResultWarning]:
+    """The out-of-distribution warning of a series, if any slice was flagged."""
+    text = None if gate is None else gate.warning()
+    return [] if text is None else [ResultWarning("out_of_distribution", text)]
+
+
+def flagged(result: SeriesResult) -> bool:
+    """Whether the series' decision rests on slices the gate flagged."""
+    return result.gate is not None and not result.gate.in_distribution
 # Series numbers of the result series: high, so viewers list them after the source.
 SR_SERIES_NUMBER = 9901
 SC_SERIES_NUMBER = 9902
@@ -62,11 +110,17 @@ class DicomResults:
 
 
 def build_results(
-    series: Series, result: SeriesResult, spec: ModelSpec, overlay: np.ndarray
+    series: Series,
+    result: SeriesResult,
+    spec: ModelSpec,
+    overlay: np.ndarray,
+    warnings: Sequence[ResultWarning] | None = None,
 ) -> DicomResults:
     """The SR and the Secondary Capture of one analysed DICOM series.
 
-    `overlay` is the RGB uint8 heatmap overlay of the deciding slice.
+    `overlay` is the RGB uint8 heatmap overlay of the deciding slice; `warnings` are
+    every warning of the JSON answer these objects go with (None: the series' own,
+    `ood_warnings(result.gate)`), each written into both objects.
     """
     from braincam.errors import InvalidParameter
 
@@ -76,9 +130,10 @@ def build_results(
         )
     deciding = series.slices[result.deciding_slice]
     source = _with_type2(deciding.dataset)
-    sc = secondary_capture(source, overlay, result, spec)
+    every = ood_warnings(result.gate) if warnings is None else list(warnings)
+    sc = secondary_capture(source, overlay, result, spec, every)
     evidence = [_with_type2(ds) for ds in series.datasets]
-    sr = structured_report(evidence, source, deciding.frame, sc, result, spec)
+    sr = structured_report(evidence, source, deciding.frame, sc, result, spec, every)
     return DicomResults(sr, sc)
 
 
@@ -117,8 +172,19 @@ def _now() -> tuple[datetime.date, datetime.time]:
     return now.date(), now.time().replace(microsecond=0)
 
 
+def _description(kind: str, result: SeriesResult) -> str:
+    """SeriesDescription (64 chars): what worklists show, so a flagged series says it."""
+    if flagged(result):
+        return f"braincam {kind} - {OOD_BANNER} - RESEARCH USE ONLY"[:64]
+    return f"braincam {kind} ({RESEARCH_ONLY})"[:64]
+
+
 def secondary_capture(
-    source: Any, overlay: np.ndarray, result: SeriesResult, spec: ModelSpec
+    source: Any,
+    overlay: np.ndarray,
+    result: SeriesResult,
+    spec: ModelSpec,
+    warnings: Sequence[ResultWarning] = (),
 ) -> Any:
     import highdicom as hd
     from pydicom.uid import generate_uid
@@ -126,6 +192,9 @@ def secondary_capture(
     rgb = np.ascontiguousarray(overlay, dtype=np.uint8)
     if rgb.ndim != 3 or rgb.shape[2] != 3:
         raise ValueError(f"the overlay must be RGB [H,W,3], got {rgb.shape}")
+    banner = flagged(result)
+    if banner:
+        rgb = with_banner(rgb)
     date, time = _now()
     label = result.decision.label
     sc = hd.sc.SCImage.from_ref_dataset(
@@ -140,7 +209,7 @@ def secondary_capture(
         instance_number=1,
         manufacturer=MANUFACTURER,
         patient_orientation=_patient_orientation(source),
-        series_description=f"braincam heatmap ({RESEARCH_ONLY})"[:64],
+        series_description=_description("heatmap", result),
         manufacturer_model_name=spec.name[:64],
         software_versions=f"braincam {braincam.__version__}",
         content_qualification="RESEARCH",
@@ -149,16 +218,24 @@ def secondary_capture(
         series_date=date,
         series_time=time,
     )
-    sc.ImageComments = (
-        f"{RESEARCH_ONLY}. Heatmap overlay (Grad-CAM family or occlusion) of the slice "
-        f"deciding '{label}' "
-        f"(model {spec.name} v{spec.version}). {DISCLAIMER}"
-    )
-    sc.BurnedInAnnotation = "NO"
+    sc.ImageComments = " ".join(
+        [
+            *(f"WARNING: {w.text}." for w in warnings),
+            f"{RESEARCH_ONLY}. Heatmap overlay (Grad-CAM family or occlusion) of the slice "
+            f"deciding '{label}' (model {spec.name} v{spec.version}).",
+            *([f"Model notice: {spec.notice}"] if spec.notice else []),
+            DISCLAIMER,
+        ]
+    )[:10240]
+    # YES: the banner is text burned into the pixels (no patient identity in it).
+    sc.BurnedInAnnotation = "YES" if banner else "NO"
     # Type 2C in General Series: the source's value, else present and empty (unknown).
     sc.Laterality = source.get("Laterality", "") or ""
     sc.ImageType = ["DERIVED", "SECONDARY"]
-    sc.DerivationDescription = f"heatmap overlay of model {spec.name} v{spec.version}"[:1024]
+    sc.DerivationDescription = (
+        f"heatmap overlay of model {spec.name} v{spec.version}"
+        + (f", '{OOD_BANNER}' banner burned in" if banner else "")
+    )[:1024]
     sc.SourceImageSequence = [_reference(source, None)]
     if "FrameOfReferenceUID" in source:
         sc.FrameOfReferenceUID = source.FrameOfReferenceUID
@@ -182,6 +259,97 @@ def _code(value: str, meaning: str) -> Any:
     return hd.sr.CodedConcept(value=value[:16], scheme_designator=CODING_SCHEME, meaning=meaning)
 
 
+def _concept(concept: Concept) -> Any:
+    import highdicom as hd
+
+    value, scheme, meaning = concept
+    return hd.sr.CodedConcept(value=value, scheme_designator=scheme, meaning=meaning)
+
+
+def _num(concept: Concept, value: float, relationship: Any) -> Any:
+    import highdicom as hd
+
+    return hd.sr.NumContentItem(
+        name=_concept(concept),
+        value=float(value),
+        unit=_concept(NO_UNITS),
+        relationship_type=relationship,
+    )
+
+
+def warning_items(warnings: Sequence[ResultWarning]) -> list[Any]:
+    """One TEXT item per warning, named by its concept (WARNING_CONCEPTS)."""
+    import highdicom as hd
+
+    return [
+        hd.sr.TextContentItem(
+            name=_concept(WARNING_CONCEPTS.get(w.code, WARNING)),
+            value=w.text,
+            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+        )
+        for w in warnings
+    ]
+
+
+def _verdict_item(concept: Concept, in_distribution: bool, relationship: Any) -> Any:
+    import highdicom as hd
+
+    return hd.sr.CodeContentItem(
+        name=_concept(concept),
+        value=_concept(YES if in_distribution else NO),
+        relationship_type=relationship,
+    )
+
+
+def slice_verdict_item(verdict: OodVerdict, spec: ModelSpec) -> Any:
+    """The gate's verdict on one referenced slice: Yes/No, with the detector's name (DCM
+    Algorithm Name; how it was fitted is in model.json), the slice's score and the
+    threshold as properties. Every item costs ~2.5 ms through highdicom and pydicom
+    (built, deep-copied, re-read, searched three times, written): the tree holds what a
+    reader needs and no more."""
+    import highdicom as hd
+
+    properties = hd.sr.RelationshipTypeValues.HAS_PROPERTIES
+    item = _verdict_item(SLICE_IN_DISTRIBUTION, verdict.in_distribution, properties)
+    detector = spec.ood.detector if spec.ood is not None else "unknown"
+    name = hd.sr.TextContentItem(
+        name=_concept(ALGORITHM_NAME),
+        value=f"{detector} out-of-distribution detector",
+        relationship_type=hd.sr.RelationshipTypeValues.HAS_CONCEPT_MOD,
+    )
+    item.ContentSequence = hd.sr.ContentSequence(
+        [
+            name,
+            _num(OOD_SCORE, verdict.ood_score, properties),
+            _num(THRESHOLD, verdict.ood_threshold, properties),
+        ]
+    )
+    return item
+
+
+def series_verdict_item(gate: SeriesGate) -> Any:
+    """The series-level verdict, with how many slices the gate flagged (of the slices
+    the evidence lists)."""
+    import highdicom as hd
+
+    properties = hd.sr.RelationshipTypeValues.HAS_PROPERTIES
+    item = _verdict_item(
+        SERIES_IN_DISTRIBUTION, gate.in_distribution, hd.sr.RelationshipTypeValues.CONTAINS
+    )
+    item.ContentSequence = hd.sr.ContentSequence([_num(FLAGGED_SLICES, gate.flagged, properties)])
+    return item
+
+
+def _calibration_parameter(spec: ModelSpec) -> str:
+    calibration = spec.calibration
+    if calibration is None:
+        return "temperature: none (probabilities are the model's own softmax)"
+    return (
+        f"temperature {calibration.temperature:.6g} (probabilities = softmax(logits / T), "
+        f"fitted on {calibration.fit_size} images)"
+    )
+
+
 def structured_report(
     evidence: Sequence[Any],
     source: Any,
@@ -189,6 +357,7 @@ def structured_report(
     sc: Any,
     result: SeriesResult,
     spec: ModelSpec,
+    warnings: Sequence[ResultWarning] = (),
 ) -> Any:
     import highdicom as hd
     from pydicom.sr.codedict import codes
@@ -204,8 +373,9 @@ def structured_report(
     algorithm = hd.sr.AlgorithmIdentification(
         name=spec.name,
         version=spec.version,
-        parameters=[*parameters, f"series rule: {SERIES_RULE}"],
-        manufacturer=MANUFACTURER,
+        # The series rule is stated once, in the Comment on the deciding slice; the
+        # manufacturer in the SR's Manufacturer and the observer (items cost time).
+        parameters=[*parameters, _calibration_parameter(spec)],
     )
     finding = hd.sr.CodeContentItem(
         name=codes.DCM.Finding,
@@ -219,7 +389,12 @@ def structured_report(
         referenced_frame_numbers=None if frame is None else [frame + 1],
         relationship_type=hd.sr.RelationshipTypeValues.INFERRED_FROM,
     )
-    finding.ContentSequence = hd.sr.ContentSequence([*algorithm, deciding_image])
+    gate = result.gate
+    deciding_verdict = [] if gate is None else [slice_verdict_item(gate.deciding, spec)]
+    finding.ContentSequence = hd.sr.ContentSequence(
+        [*algorithm, deciding_image, *deciding_verdict]
+    )
+    series_verdict = [] if gate is None else [series_verdict_item(gate)]
     probabilities = [
         hd.sr.NumContentItem(
             name=_code(f"P-{i}", f"Probability of {label}"),
@@ -235,7 +410,7 @@ def structured_report(
         referenced_sop_instance_uid=sc.SOPInstanceUID,
         relationship_type=contains,
     )
-    comment = hd.sr.CodedConcept("121106", "DCM", "Comment")
+    comment = _concept(COMMENT)
     n = len(result.decisions)
     texts = [
         hd.sr.TextContentItem(name=comment, value=text, relationship_type=contains)
@@ -246,12 +421,20 @@ def structured_report(
             f"normal), confidence {decision.confidence:.4f}.",
         )
     ]
+    notice = (
+        [
+            hd.sr.TextContentItem(
+                name=_concept(MODEL_NOTICE), value=spec.notice, relationship_type=contains
+            )
+        ]
+        if spec.notice
+        else []
+    )
     observer = hd.sr.ObserverContext(
         observer_type=codes.cid270.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
             uid=generate_uid(),
             name=MANUFACTURER,
-            manufacturer_name=MANUFACTURER,
             model_name=f"{spec.name} v{spec.version}"[:64],
         ),
     )
@@ -259,7 +442,17 @@ def structured_report(
         name=hd.sr.CodedConcept("18748-4", "LN", "Diagnostic imaging report"),
     )
     root.ContentSequence = hd.sr.ContentSequence(
-        [*observer, finding, *probabilities, overlay_image, *texts]
+        # What a reader must weigh the finding by comes right after it.
+        [
+            *observer,
+            finding,
+            *series_verdict,
+            *warning_items(warnings),
+            *notice,
+            *probabilities,
+            overlay_image,
+            *texts,
+        ]
     )
     date, time = _now()
     sr = hd.sr.ComprehensiveSR(
@@ -273,7 +466,7 @@ def structured_report(
         is_complete=True,
         is_final=False,
         is_verified=False,
-        series_description=f"braincam result ({RESEARCH_ONLY})"[:64],
+        series_description=_description("result", result),
         manufacturer_model_name=spec.name[:64],
         software_versions=f"braincam {braincam.__version__}",
         content_qualification="RESEARCH",

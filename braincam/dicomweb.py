@@ -5,6 +5,11 @@ The series is streamed instance by instance and bounded as it arrives (instances
 slices, pixels: the same `SeriesLimits` as an upload), after QIDO-RS said how many
 instances it holds. braincam's own result series (SR, and the Secondary Capture
 recognised by its series description) are never analysed again.
+
+Every requested series is analysed before anything is stored: with the
+out-of-distribution policy `reject`, a series whose every slice the gate flags
+refuses the whole request (422 `out_of_distribution`) and the PACS receives nothing;
+with `warn`, what is stored says it (SR verdict and warning, banner on the overlay).
 """
 
 from __future__ import annotations
@@ -13,10 +18,10 @@ import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
-from braincam.dicom_results import DicomResults, build_results
-from braincam.errors import InputError, InvalidParameter, PayloadTooLarge
+from braincam.dicom_results import DicomResults, build_results, ood_warnings
+from braincam.errors import InputError, InvalidParameter, OutOfDistribution, PayloadTooLarge
 from braincam.inference import OnnxModel
 from braincam.series import Series, SeriesLimits, series_from_datasets
 from braincam.series_analysis import SeriesResult, analyse
@@ -152,9 +157,12 @@ def analyse_study(
     limits: SeriesLimits | None = None,
     store: bool = True,
     method: str = "gradcam",
+    ood_policy: Literal["warn", "reject"] = "warn",
 ) -> list[AnalysedSeries]:
     """Analyse the given series of a study (default: each image series in it) and, with
-    `store`, write each one's SR and Secondary Capture back to the PACS."""
+    `store`, write each one's SR and Secondary Capture back to the PACS: only once
+    every series is analysed, so a refused series (`ood_policy="reject"`) or any other
+    failure leaves the PACS untouched."""
     limits = limits or SeriesLimits()
     study_uid = check_uid(study_uid, "the study UID")
     listed = {str(_value(item, _SERIES_UID)): item for item in image_series(client, study_uid)}
@@ -172,35 +180,41 @@ def analyse_study(
         )
         t1 = time.perf_counter()
         series = series_from_datasets(datasets, limits)
-        result = analyse(model, series, explain_deciding=True, method=method)
+        try:
+            result = analyse(
+                model, series, explain_deciding=True, method=method, ood_policy=ood_policy
+            )
+        except OutOfDistribution as exc:
+            raise OutOfDistribution(
+                f"series {series_uid}: {exc.detail}; nothing was stored in the PACS"
+            ) from exc
         overlay = result.overlays[result.deciding_slice]
         results = build_results(series, result, model.spec, overlay)
         t2 = time.perf_counter()
-        if store:
-            _call("store", client.store_instances, results.datasets, study_uid)
-        t3 = time.perf_counter()
-        out.append(
-            AnalysedSeries(
-                series_uid,
-                series,
-                result,
-                results,
-                store,
-                {"fetch": t1 - t0, "analyse": t2 - t1, "store": t3 - t2},
-            )
-        )
+        timing = {"fetch": t1 - t0, "analyse": t2 - t1, "store": 0.0}
+        out.append(AnalysedSeries(series_uid, series, result, results, False, timing))
+    for analysed in out if store else ():
+        t0 = time.perf_counter()
+        _call("store", client.store_instances, analysed.results.datasets, study_uid)
+        analysed.stored = True
+        analysed.timing_s["store"] = time.perf_counter() - t0
     return out
 
 
 def summary(analysed: AnalysedSeries) -> dict[str, Any]:
     """The JSON-ready outcome of one series (the CLI prints it, the route returns it)."""
-    result, series = analysed.result, analysed.series
+    result, series, gate = analysed.result, analysed.series, analysed.result.gate
     deciding = series.slices[result.deciding_slice]
     return {
         "series_instance_uid": analysed.series_instance_uid,
         "label": result.decision.label,
         "confidence": result.decision.confidence,
         "probabilities": result.decision.probabilities,
+        "in_distribution": None if gate is None else gate.in_distribution,
+        "flagged_slices": None if gate is None else gate.flagged,
+        "ood_score": None if gate is None else gate.deciding.ood_score,
+        "ood_threshold": None if gate is None else gate.deciding.ood_threshold,
+        "warnings": [{"code": w.code, "detail": w.text} for w in ood_warnings(gate)],
         "n_slices": len(series.slices),
         "skipped": series.skipped,
         "deciding_slice": result.deciding_slice,

@@ -1,8 +1,10 @@
 """`braincam dicomweb --url URL --study UID [--series UID]`: analyse a study on a
 DICOMweb PACS and store the results (SR + Secondary Capture) back into it.
 
-Prints one JSON object per analysed series. Exit status: 0 done, 2 bad arguments,
-1 the PACS or the input refused (the reason on stderr).
+Prints one JSON object per analysed series (with the out-of-distribution verdict and
+warnings; the model's notice and any warning also go to stderr). Exit status: 0 done,
+2 bad arguments, 1 the PACS or the input refused, or `--ood-policy reject` refused a
+series the gate flagged, and then nothing was stored (the reason on stderr).
 """
 
 from __future__ import annotations
@@ -44,6 +46,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="HTTP header for the PACS, e.g. 'Authorization: Bearer ...' (repeatable)",
     )
     parser.add_argument("--timeout", type=float, default=30.0, help="PACS timeout, seconds")
+    parser.add_argument(
+        "--ood-policy",
+        choices=("warn", "reject"),
+        default=os.environ.get("BRAINCAM_OOD_POLICY", "warn").strip().lower() or "warn",
+        help="a series whose every slice the out-of-distribution gate flags: stored with "
+        "the warning (warn), or refused with nothing stored (reject); default: "
+        "$BRAINCAM_OOD_POLICY or warn",
+    )
     return parser
 
 
@@ -65,13 +75,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     client = connect(args.url, headers or None, args.timeout)
     try:
         analysed = analyse_study(
-            client, model, args.study, args.series, store=not args.no_store
+            client,
+            model,
+            args.study,
+            args.series,
+            store=not args.no_store,
+            ood_policy=args.ood_policy,
         )
     except (InputError, PacsError) as exc:
         print(f"braincam dicomweb: {exc}", file=sys.stderr)
         return 1
     for item in analysed:
-        print(json.dumps(summary(item)))
+        line = summary(item)
+        print(json.dumps(line))
+        for warning in line["warnings"]:
+            print(
+                f"braincam dicomweb: warning: series {line['series_instance_uid']}: "
+                f"{warning['detail']}",
+                file=sys.stderr,
+            )
+    if model.spec.notice:
+        print(f"braincam dicomweb: model notice: {model.spec.notice}", file=sys.stderr)
     return 0
 
 

@@ -39,6 +39,12 @@ _PNG_FILTER: list[int] = (
 )
 
 PANEL_TITLES = ("Original", "Heatmap", "Overlay")
+# Burned into every image of an answer the out-of-distribution gate flagged (the
+# DICOM Secondary Capture, the CLI's overlays; the web page draws the same on its
+# downloads): an image saved on its own still says it.
+OOD_BANNER = "UNLIKE TRAINING DATA"
+_BANNER_FILL = (176, 0, 32)  # RGB: dark red
+_BANNER_TEXT = (255, 255, 255)
 _PANEL_GAP = 4  # px of background between panels
 _BACKGROUND = (255, 255, 255)
 _TEXT = (20, 20, 20)
@@ -144,6 +150,30 @@ def panels(
     ]
     gap = np.full((h + strip_h, _PANEL_GAP, 3), _BACKGROUND, dtype=np.uint8)
     return np.hstack([columns[0], gap, columns[1], gap, columns[2]])
+
+
+def banner_height(height: int) -> int:
+    """Rows the banner covers: ~8 % of the image, within readable bounds."""
+    return min(int(np.clip(round(height * 0.08), 10, 48)), height)
+
+
+def with_banner(rgb: np.ndarray, text: str = OOD_BANNER) -> np.ndarray:
+    """A copy of a uint8 RGB image with `text` burned in, white on red, across its top
+    rows. Drawn over the image rather than added to it: the picture keeps its size,
+    so an overlay stays aligned with the slice it was computed on."""
+    out = np.array(to_rgb(rgb), dtype=np.uint8, copy=True)
+    h, w = out.shape[:2]
+    band = banner_height(h)
+    out[:band] = _BANNER_FILL
+    font, thickness = cv2.FONT_HERSHEY_SIMPLEX, max(1, band // 20)
+    scale = cv2.getFontScaleFromHeight(font, max(int(band * 0.55), 1), thickness)
+    (tw, th), _ = cv2.getTextSize(text, font, scale, thickness)
+    if tw > w - 4:  # narrow images: the text shrinks to the width
+        scale *= (w - 4) / tw
+        (tw, th), _ = cv2.getTextSize(text, font, scale, thickness)
+    org = (max((w - tw) // 2, 0), (band + th) // 2)
+    cv2.putText(out, text, org, font, scale, _BANNER_TEXT, thickness, cv2.LINE_AA)
+    return out
 
 
 def encode_png(rgb: np.ndarray, compression: int = DEFAULT_PNG_COMPRESSION) -> bytes:

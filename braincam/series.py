@@ -256,9 +256,7 @@ def _build_series(
     for name, ds, position in ordered:
         n = max(int(ds.get("NumberOfFrames", 1) or 1), 1)
         for frame in range(n):
-            decoded = decode_dicom_dataset(
-                ds, frame if n > 1 else None, max_pixels=limits.max_slice_pixels
-            )
+            decoded = _decode_slice(name, ds, frame if n > 1 else None, limits)
             slices.append(
                 SeriesSlice(decoded.pixels, name, position, ds, frame if n > 1 else None)
             )
@@ -271,6 +269,15 @@ def _build_series(
         skipped=dict(skipped),
         bit_depth=int(first.get("BitsAllocated", 8) or 8),
     )
+
+
+def _decode_slice(name: str, ds: Any, frame: int | None, limits: SeriesLimits) -> Any:
+    """One slice's pixels; a failure names the file (or instance) it came from."""
+    try:
+        return decode_dicom_dataset(ds, frame, max_pixels=limits.max_slice_pixels)
+    except InputError as exc:
+        where = f"DICOM file {name[:128]!r}" + ("" if frame is None else f", frame {frame}")
+        raise type(exc)(f"{where}: {exc.detail}") from exc
 
 
 def _describe(skipped: Counter[str] | dict[str, int]) -> str:

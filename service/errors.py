@@ -7,6 +7,7 @@ the client; unexpected exceptions are caught by `middleware.RequestMiddleware`.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -115,8 +116,32 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     return error_json(422, "validation_error", describe_validation_errors(exc.errors()))
 
 
+# Starlette's multipart parser refuses more files than its limit as a 400 with this
+# message; that bounds the upload's size, so it is answered as one (413). Too many
+# plain form fields stay a 400: no upload is that large, the form is malformed.
+_TOO_MANY_FILES = re.compile(r"Too many files\. Maximum number of files is (\d+)")
+
+
+def _too_many_files(request: Request, exc: StarletteHTTPException) -> str | None:
+    match = _TOO_MANY_FILES.match(exc.detail) if isinstance(exc.detail, str) else None
+    if exc.status_code != 400 or match is None:
+        return None
+    (limit,) = match.groups()
+    settings = getattr(request.app.state, "settings", None)
+    zip_limit = getattr(settings, "max_zip_entries", None)
+    return (
+        f"the upload has more than {limit} files, the limit of one multipart request; "
+        "send a series of more files as one zip"
+        + (f" (up to {zip_limit} files, BRAINCAM_MAX_ZIP_ENTRIES)" if zip_limit else "")
+    )
+
+
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
+    too_many = _too_many_files(request, exc)
+    if too_many is not None:
+        _count(request, 413, "payload_too_large")
+        return error_json(413, "payload_too_large", too_many)
     code = getattr(exc, "code", None) or _HTTP_CODES.get(exc.status_code, "http_error")
     detail = exc.detail if isinstance(exc.detail, str) else "request failed"
     _count(request, exc.status_code, code)

@@ -263,8 +263,8 @@ class SliceResult(BaseModel):
     ood_threshold: float | None = None
     in_distribution: bool | None = Field(
         default=None,
-        description="false: the slice is unlike the training images (it still counts in "
-        "the series rule)",
+        description="false: the slice is unlike the training images; it is left out of "
+        "the series rule unless every slice is",
     )
 
 
@@ -301,6 +301,16 @@ class DicomObject(BaseModel):
     data_base64: str = Field(description="the DICOM file (Part 10), base64")
 
 
+class AnswerWarning(BaseModel):
+    """Something a reader of the answer must know; DICOM results carry the same text."""
+
+    code: str = Field(examples=["out_of_distribution"])
+    detail: str = Field(
+        examples=["3 of 12 slices are unlike the images the model was trained on and were "
+                  "left out of the series decision"]
+    )
+
+
 class SeriesResponse(BaseModel):
     """The series' decision (see `rule`), every slice's, and on request DICOM results."""
 
@@ -310,6 +320,23 @@ class SeriesResponse(BaseModel):
     probabilities: dict[str, float] = Field(description="of the deciding slice")
     deciding_slice: int = Field(description="index (in `slices`) of the slice deciding")
     rule: str = Field(description="how the series decision is made from the slices")
+    # The out-of-distribution gate over the series (null for models without a detector).
+    in_distribution: bool | None = Field(
+        default=None,
+        description="false: the gate flagged every slice, so the decision rests on slices "
+        "unlike the training images and should not be trusted (BRAINCAM_OOD_POLICY=reject "
+        "refuses such series); true: the decision rests on slices the gate passed",
+    )
+    flagged_slices: int | None = Field(
+        default=None, description="slices the gate flagged (left out of the rule unless all are)"
+    )
+    ood_score: float | None = Field(default=None, description="of the deciding slice")
+    ood_threshold: float | None = None
+    warnings: list[AnswerWarning] = Field(
+        default_factory=list,
+        description="what a reader must know (e.g. out_of_distribution); the SR of "
+        "output=dicom carries each one too",
+    )
     model: ModelRef
     series: SeriesInfo
     slices: list[SliceResult]

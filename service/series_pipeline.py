@@ -15,7 +15,7 @@ import numpy as np
 
 from braincam import DISCLAIMER
 from braincam.cam import default_method
-from braincam.dicom_results import build_results
+from braincam.dicom_results import ResultWarning, build_results, ood_warnings
 from braincam.errors import InvalidParameter
 from braincam.inference import Classified, OnnxModel
 from braincam.occlusion import OCCLUSION
@@ -26,6 +26,7 @@ from braincam.series_analysis import SERIES_RULE, SeriesResult, analyse
 from service.core.config import Settings
 from service.metrics import Metrics
 from service.schemas import (
+    AnswerWarning,
     DicomObject,
     ModelRef,
     SeriesInfo,
@@ -46,6 +47,8 @@ class SeriesParams:
     colormap: str = "jet"
     alpha: float = 0.4
     png_compression: int | None = None  # None: fpng; 0..9: libpng at that zlib level
+    # BRAINCAM_OOD_POLICY: reject refuses a series whose every slice the gate flags.
+    ood_policy: Literal["warn", "reject"] = "warn"
 
 
 def png_level(settings: Settings) -> int | None:
@@ -118,20 +121,25 @@ def run_series(
         colormap=params.colormap,
         alpha=params.alpha,
         classify=classify,
+        ood_policy=params.ood_policy,
     )
     metrics.inference.labels(graph="classifier").observe(result.inference_s)
     if result.overlays:
         graph = "occlusion" if method == OCCLUSION else "gradcam"
         metrics.inference.labels(graph=graph).observe(result.explain_s)
+    # One list for the JSON and the DICOM results: what one says, the other says.
+    warnings = ood_warnings(result.gate)
     t1 = time.perf_counter()
-    dicom = _dicom_objects(series, result, model) if params.output == "dicom" else None
+    dicom = _dicom_objects(series, result, model, warnings) if params.output == "dicom" else None
     dicom_s = time.perf_counter() - t1
-    return _response(model, series, result, params, dicom, read_s, dicom_s, started)
+    return _response(model, series, result, params, dicom, warnings, read_s, dicom_s, started)
 
 
-def _dicom_objects(series: Series, result: SeriesResult, model: OnnxModel) -> list[DicomObject]:
+def _dicom_objects(
+    series: Series, result: SeriesResult, model: OnnxModel, warnings: Sequence[ResultWarning]
+) -> list[DicomObject]:
     overlay = result.overlays[result.deciding_slice]
-    results = build_results(series, result, model.spec, overlay)
+    results = build_results(series, result, model.spec, overlay, warnings)
     return [
         _dicom_object("sr", results.sr),
         _dicom_object("secondary_capture", results.secondary_capture),
@@ -160,6 +168,7 @@ def _response(
     result: SeriesResult,
     params: SeriesParams,
     dicom: list[DicomObject] | None,
+    warnings: Sequence[ResultWarning],
     read_s: float,
     dicom_s: float,
     started: float,
@@ -188,6 +197,7 @@ def _response(
     ]
     first = series.datasets[0] if series.datasets else None
     decision = result.decision
+    gate = result.gate
     return SeriesResponse(
         label=decision.label,
         class_index=decision.class_index,
@@ -195,6 +205,11 @@ def _response(
         probabilities=decision.probabilities,
         deciding_slice=result.deciding_slice,
         rule=SERIES_RULE,
+        in_distribution=None if gate is None else gate.in_distribution,
+        flagged_slices=None if gate is None else gate.flagged,
+        ood_score=None if gate is None else gate.deciding.ood_score,
+        ood_threshold=None if gate is None else gate.deciding.ood_threshold,
+        warnings=[AnswerWarning(code=w.code, detail=w.text) for w in warnings],
         model=ModelRef(name=spec.name, version=spec.version, notice=spec.notice),
         series=SeriesInfo(
             format=series.format,

@@ -7,11 +7,17 @@ parity gate) but small, so the whole chain costs seconds.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# PyPI's torch wheel brings Triton (a GPU kernel compiler bundling its own LLVM);
+# loaded into a process that already holds TensorFlow (another LLVM), it segfaults
+# at import. torch.onnx's exporter probes for it; the tests compile no GPU kernels,
+# so torch is told Triton is absent (an import of it raises ImportError).
+sys.modules.setdefault("triton", None)
 
 TINY_SIZE = 64
 

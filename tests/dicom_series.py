@@ -14,6 +14,7 @@ import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -139,3 +140,50 @@ def text_sr(study_uid: str) -> bytes:
     buf = io.BytesIO()
     ds.save_as(buf, enforce_file_format=True)
     return buf.getvalue()
+
+
+def noise_slices(n: int, size: int = 64, seed: int = 0) -> list[np.ndarray]:
+    """Uniform noise: nothing like a brain, so the out-of-distribution gate flags it."""
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (size, size), dtype=np.uint8) for _ in range(n)]
+
+
+def find_items(items: Any, code_value: str) -> list[Any]:
+    """Every SR content item (at any depth) whose concept name has this code value."""
+    out = []
+    for item in items:
+        if item.ConceptNameCodeSequence[0].CodeValue == code_value:
+            out.append(item)
+        if "ContentSequence" in item:
+            out.extend(find_items(item.ContentSequence, code_value))
+    return out
+
+
+def read_verdict(sr: Any) -> dict[str, Any]:
+    """The out-of-distribution verdict as a reader finds it in the SR's content tree:
+    series and deciding slice (Yes/No), the slice's score and threshold, the flagged
+    count, the detector's name, and the TEXT items by concept code."""
+
+    def yes(code: str) -> bool | None:
+        found = find_items(sr.ContentSequence, code)
+        return None if not found else found[0].ConceptCodeSequence[0].CodeValue == "373066001"
+
+    def number(item: Any, code: str) -> float:
+        (num,) = find_items(item.ContentSequence, code)
+        return float(num.MeasuredValueSequence[0].NumericValue)
+
+    (series,) = find_items(sr.ContentSequence, "OOD-SERIES")
+    (deciding,) = find_items(sr.ContentSequence, "OOD-SLICE")
+    return {
+        "series_in_distribution": yes("OOD-SERIES"),
+        "slice_in_distribution": yes("OOD-SLICE"),
+        "flagged": int(number(series, "OOD-FLAGGED")),
+        "ood_score": number(deciding, "OOD-SCORE"),
+        "ood_threshold": number(deciding, "122411"),
+        "detector": find_items(deciding.ContentSequence, "111001")[0].TextValue,
+        "texts": {
+            item.ConceptNameCodeSequence[0].CodeValue: item.TextValue
+            for item in sr.ContentSequence
+            if item.ValueType == "TEXT"
+        },
+    }

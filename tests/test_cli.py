@@ -212,10 +212,45 @@ def test_explain_writes_the_services_overlays(
         assert written.shape[:2] == decode_image(data, index).pixels.shape[:2]
         served = pipeline.explain(model, Metrics(), data, index, params, 0.0)
         assert served.label == row["label"]
-        expected = cv2.imdecode(
-            np.frombuffer(base64.b64decode(served.overlay_png or ""), np.uint8), cv2.IMREAD_COLOR
-        )
-        assert np.array_equal(written, expected)
+        assert np.array_equal(written, _served_overlay(served, row))
+
+
+def _served_overlay(served: Any, row: dict[str, str]) -> np.ndarray:
+    """/explain's overlay (BGR), with the banner the CLI burns into a flagged row's."""
+    from braincam.overlay import with_banner
+
+    bgr = cv2.imdecode(
+        np.frombuffer(base64.b64decode(served.overlay_png or ""), np.uint8), cv2.IMREAD_COLOR
+    )
+    if row["in_distribution"] != "False":
+        return bgr
+    return cv2.cvtColor(with_banner(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)), cv2.COLOR_RGB2BGR)
+
+
+def test_flagged_overlays_carry_the_banner(
+    demo_data: Path, tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A noise image the gate flags gets the banner; an image it passes gets none."""
+    from braincam.overlay import banner_height
+
+    noise = tmp_path / "noise.png"
+    cv2.imwrite(str(noise), np.random.default_rng(0).integers(0, 256, (64, 64), np.uint8))
+    scans = sorted((demo_data / "Testing").glob("*/*.png"))
+    outdir = tmp_path / "overlays"
+    code, stdout, err = _predict(
+        capsys, str(noise), *map(str, scans[:6]), "--model-dir", str(tiny_model_dir),
+        "--explain", str(outdir),
+    )
+    assert code == 0, err
+    rows = {Path(r["path"]).name: r for r in _csv(stdout)}
+    assert rows["noise.png"]["in_distribution"] == "False"
+    passed = [r for r in rows.values() if r["in_distribution"] == "True"]
+    assert passed  # most demo scans pass the gate
+    band = banner_height(64)
+    for row in rows.values():
+        top = cv2.imread(row["overlay"], cv2.IMREAD_COLOR)[:band].reshape(-1, 3)
+        red = float(np.all(top == (32, 0, 176), axis=1).mean())  # BGR of the banner's red
+        assert (red > 0.5) == (row["in_distribution"] == "False"), row
 
 
 def test_explain_by_occlusion_writes_the_services_overlay(
@@ -232,9 +267,7 @@ def test_explain_by_occlusion_writes_the_services_overlay(
     params = pipeline.ExplainParams(None, "occlusion", "jet", 0.4, False, 1)
     served = pipeline.explain(model, Metrics(), image.read_bytes(), None, params, 0.0)
     assert served.label == row["label"]
-    expected = cv2.imdecode(
-        np.frombuffer(base64.b64decode(served.overlay_png or ""), np.uint8), cv2.IMREAD_COLOR
-    )
+    expected = _served_overlay(served, row)
     assert np.array_equal(cv2.imread(row["overlay"], cv2.IMREAD_COLOR), expected)
 
 

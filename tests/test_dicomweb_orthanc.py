@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from tests.clients import ready_client
-from tests.dicom_series import demo_slices, mr_series, text_sr
+from tests.dicom_series import demo_slices, mr_series, noise_slices, read_verdict, text_sr
 from tests.orthanc import orthanc
 
 API_KEY = "test-key-orthanc"
@@ -152,3 +152,79 @@ def test_route_round_trip(pacs: str, tiny_model_dir: Path, demo_data: Path) -> N
     sr, sc = _read_back(connect(pacs), synthetic.study_uid, summary)
     _check_results(sr, sc, synthetic, summary)
     np.testing.assert_array_equal(sc.pixel_array.shape, (64, 64, 3))
+
+
+def _foreign_study(pacs: str) -> Any:
+    """A study whose one series is noise: the out-of-distribution gate flags every slice."""
+    synthetic = mr_series(noise_slices(4, seed=7))
+    _upload(pacs, synthetic.files)
+    return synthetic
+
+
+def test_cli_ood_policy(
+    pacs: str, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """reject: exit 1, the reason on stderr, nothing stored; warn: stored, and the SR and
+    the overlay say it."""
+    from braincam.dicomweb import connect
+    from braincam.dicomweb_cli import main
+
+    synthetic = _foreign_study(pacs)
+    client = connect(pacs)
+    argv = ["--url", pacs, "--study", synthetic.study_uid, "--model-dir", str(tiny_model_dir)]
+    assert main([*argv, "--ood-policy", "reject"]) == 1
+    err = capsys.readouterr().err
+    assert "all 4 of 4 slices" in err and "nothing was stored in the PACS" in err
+    assert _series_by_modality(client, synthetic.study_uid) == {"MR": [synthetic.series_uid]}
+
+    assert main([*argv, "--ood-policy", "warn"]) == 0
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out.strip())
+    assert summary["in_distribution"] is False and summary["flagged_slices"] == 4
+    assert summary["warnings"][0]["code"] == "out_of_distribution"
+    assert "UNLIKE TRAINING DATA" in captured.err
+    sr, sc = _read_back(client, synthetic.study_uid, summary)
+    verdict = read_verdict(sr)
+    assert verdict["series_in_distribution"] is False and verdict["flagged"] == 4
+    assert verdict["ood_score"] == pytest.approx(summary["ood_score"], rel=1e-6)
+    assert verdict["texts"]["W-OOD"] == summary["warnings"][0]["detail"]
+    assert sc.BurnedInAnnotation == "YES" and "UNLIKE TRAINING DATA" in sc.SeriesDescription
+
+
+def test_route_ood_policy(pacs: str, tiny_model_dir: Path) -> None:
+    from braincam.dicomweb import connect
+    from service.core.config import Settings
+
+    synthetic = _foreign_study(pacs)
+    client = connect(pacs)
+    body = {"study_instance_uid": synthetic.study_uid}
+    headers = {"X-API-Key": API_KEY}
+    results = {}
+    for policy in ("reject", "warn"):
+        settings = Settings(
+            model_dir=tiny_model_dir,
+            providers="CPUExecutionProvider",
+            api_key=API_KEY,
+            dicomweb_url=pacs,
+            max_concurrency=1,
+            ood_policy=policy,
+        )
+        with ready_client(settings) as service:
+            results[policy] = service.post("/dicomweb/analyze", json=body, headers=headers)
+        if policy == "reject":
+            r = results[policy]
+            assert r.status_code == 422 and r.json()["code"] == "out_of_distribution", r.text
+            assert synthetic.series_uid in r.json()["detail"]
+            assert "all 4 of 4 slices" in r.json()["detail"]
+            assert "nothing was stored" in r.json()["detail"]
+            assert _series_by_modality(client, synthetic.study_uid) == {
+                "MR": [synthetic.series_uid]
+            }
+    r = results["warn"]
+    assert r.status_code == 200, r.text
+    (summary,) = r.json()["results"]
+    assert summary["in_distribution"] is False and summary["stored"] is True
+    assert r.json()["model"]["name"]
+    sr, sc = _read_back(client, synthetic.study_uid, summary)
+    assert read_verdict(sr)["series_in_distribution"] is False
+    assert sc.BurnedInAnnotation == "YES"

@@ -15,7 +15,15 @@ from fastapi.testclient import TestClient
 
 from service.core.config import Settings
 from tests.clients import ready_client
-from tests.dicom_series import demo_slices, mr_series, shuffled_names, text_sr, zipped
+from tests.dicom_series import (
+    demo_slices,
+    mr_series,
+    noise_slices,
+    read_verdict,
+    shuffled_names,
+    text_sr,
+    zipped,
+)
 from tests.hostile_inputs import nifti
 
 CPU = "CPUExecutionProvider"
@@ -210,3 +218,107 @@ def test_dicomweb_cli_arguments(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_:
         main(["--url", "http://x"])  # --study missing
     assert exit_.value.code == 2
+
+
+SERIES_ROUTES = ("/predict/series", "/explain/series")
+
+
+@pytest.fixture(scope="module")
+def foreign() -> list[tuple[str, bytes]]:
+    """A DICOM series of noise: the out-of-distribution gate flags every slice."""
+    return mr_series(noise_slices(5, seed=3)).files
+
+
+def _decode_dicom(body: dict) -> dict:  # type: ignore[type-arg]
+    import pydicom
+
+    return {
+        o["kind"]: pydicom.dcmread(io.BytesIO(base64.b64decode(o["data_base64"])))
+        for o in body["dicom"]
+    }
+
+
+def test_flagged_series_answered_with_the_warning(service: TestClient, foreign) -> None:  # type: ignore[no-untyped-def]
+    """BRAINCAM_OOD_POLICY=warn (the default): answered, and every form says it."""
+    before = {route: _flagged_count(service, route, "warn") for route in SERIES_ROUTES}
+    for route in SERIES_ROUTES:
+        for output in ("json", "dicom"):
+            r = service.post(route, files=_files(foreign), data={"output": output})
+            assert r.status_code == 200, r.text
+            body = r.json()
+            assert body["in_distribution"] is False and body["flagged_slices"] == 5
+            assert all(s["in_distribution"] is False for s in body["slices"])
+            deciding = body["slices"][body["deciding_slice"]]
+            assert body["ood_score"] == deciding["ood_score"] > body["ood_threshold"]
+            (warning,) = body["warnings"]
+            assert warning["code"] == "out_of_distribution"
+            assert warning["detail"].startswith("UNLIKE TRAINING DATA: all 5 slices")
+            if output == "dicom":
+                objects = _decode_dicom(body)
+                verdict = read_verdict(objects["sr"])
+                assert verdict["series_in_distribution"] is False and verdict["flagged"] == 5
+                assert verdict["ood_score"] == pytest.approx(body["ood_score"], rel=1e-6)
+                assert verdict["texts"]["W-OOD"] == warning["detail"]
+                assert objects["secondary_capture"].BurnedInAnnotation == "YES"
+    for route in SERIES_ROUTES:
+        assert _flagged_count(service, route, "warn") == before[route] + 2
+
+
+def _flagged_count(client: TestClient, endpoint: str, policy: str) -> float:
+    prefix = f'braincam_out_of_distribution_total{{endpoint="{endpoint}",policy="{policy}"}} '
+    for line in client.get("/metrics").text.splitlines():
+        if line.startswith(prefix):
+            return float(line[len(prefix) :])
+    return 0.0
+
+
+def test_in_distribution_series_has_no_warning(service: TestClient, synthetic) -> None:  # type: ignore[no-untyped-def]
+    r = service.post("/explain/series", files=_files(synthetic.files[:6]), data={"output": "dicom"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    flagged = [s["index"] for s in body["slices"] if s["in_distribution"] is False]
+    assert body["flagged_slices"] == len(flagged) < 6 and body["in_distribution"] is True
+    assert body["deciding_slice"] not in flagged
+    assert [w["code"] for w in body["warnings"]] == (["out_of_distribution"] if flagged else [])
+    objects = _decode_dicom(body)
+    assert read_verdict(objects["sr"])["series_in_distribution"] is True
+    assert objects["secondary_capture"].BurnedInAnnotation == "NO"
+    np.testing.assert_array_equal(
+        objects["secondary_capture"].pixel_array[..., ::-1], _png(body["overlay_png"])
+    )
+
+
+def test_reject_policy_refuses_flagged_series(tiny_model_dir: Path, foreign, synthetic) -> None:  # type: ignore[no-untyped-def]
+    settings = Settings(
+        model_dir=tiny_model_dir, providers=CPU, ood_policy="reject", max_concurrency=1
+    )
+    with ready_client(settings) as client:
+        for route in SERIES_ROUTES:
+            for output in ("json", "dicom"):
+                r = client.post(route, files=_files(foreign), data={"output": output})
+                assert r.status_code == 422, r.text
+                assert r.json()["code"] == "out_of_distribution"
+                assert "all 5 of 5 slices" in r.json()["detail"]
+                assert "BRAINCAM_OOD_POLICY=reject" in r.json()["detail"]
+        # A series the gate passes (if only in part) is answered as under warn.
+        r = client.post("/predict/series", files=_files(synthetic.files[:6]))
+        assert r.status_code == 200 and r.json()["in_distribution"] is True, r.text
+        for route in SERIES_ROUTES:
+            assert _flagged_count(client, route, "reject") == 2
+
+
+def test_more_loose_files_than_the_multipart_limit_is_413(service: TestClient) -> None:
+    files = [("files", (f"f{i}.dcm", b"x", "application/dicom")) for i in range(1001)]
+    r = service.post("/predict/series", files=files)
+    assert r.status_code == 413 and r.json()["code"] == "payload_too_large", r.text
+    assert "more than 1000 files" in r.json()["detail"] and "zip" in r.json()["detail"]
+
+
+def test_truncated_slice_named(service: TestClient, synthetic) -> None:  # type: ignore[no-untyped-def]
+    files = list(synthetic.files[:4])
+    name, data = files[2]
+    files[2] = (name, data[:-300])
+    r = service.post("/predict/series", files=_files(files))
+    assert r.status_code == 422 and r.json()["code"] == "undecodable_image", r.text
+    detail = r.json()["detail"]
+    assert name in detail and "truncated" in detail and "bytes" in detail

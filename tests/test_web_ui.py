@@ -31,6 +31,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from braincam import DISCLAIMER
+from braincam.overlay import banner_height
 from service.api.routes.ui import STATIC_DIR
 from service.core.config import Settings
 from service.local_server import serve
@@ -533,7 +534,9 @@ def test_api_key_is_asked_for(
         opened.close()
 
 
-def test_out_of_distribution_warning(page: Page, glioma_image: Path, tmp_path: Path) -> None:
+def test_out_of_distribution_warning(
+    page: Page, server: str, glioma_image: Path, tmp_path: Path
+) -> None:
     """A flagged image is answered (policy warn) under a warning; a scan that passes is not."""
     noise = tmp_path / "noise.png"
     cv2.imwrite(str(noise), np.random.default_rng(0).integers(0, 256, (64, 64), dtype=np.uint8))
@@ -542,5 +545,21 @@ def test_out_of_distribution_warning(page: Page, glioma_image: Path, tmp_path: P
     assert page.visible("#ood-warning") and page.visible("#label")
     assert "unlike the images the model was trained on" in page.text("#ood-warning")
     assert f"{answer['ood_threshold']:.4g}"[:4] in page.text("#ood-detail")
+    # The downloads of the flagged answer carry the banner; the page shows the API's image.
+    shown = page.pixels("panel-overlay")
+    band = banner_height(shown.shape[0])
+    for selector in ("#download-overlay", "#download-panels"):
+        name, data = page.download(selector)
+        assert "UNLIKE-TRAINING-DATA" in name
+        saved = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)[..., ::-1]
+        top = saved[:band].reshape(-1, 3).astype(int)
+        assert (np.abs(top - (176, 0, 32)).max(axis=1) <= 2).mean() > 0.5, selector
+        assert (top.min(axis=1) > 60).mean() > 0.02, selector  # the white text
+        if selector == "#download-overlay":
+            assert np.array_equal(saved[band:], shown[band:])
     answer = page.upload(glioma_image)
     assert page.visible("#ood-warning") == (answer["in_distribution"] is False)
+    if answer["in_distribution"]:  # no banner: the API's overlay, byte for byte
+        name, data = page.download("#download-overlay")
+        assert "UNLIKE" not in name
+        assert data == base64.b64decode(_api_explain(server, glioma_image)["overlay_png"])

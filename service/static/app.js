@@ -35,6 +35,10 @@
   // The healthy class, as braincam's datasets name it for both tasks. Its map has no
   // lesion to point at (README: "How good are the explanations?").
   const NO_TUMOUR = "notumor";
+  // Burned into the downloads of an answer the out-of-distribution gate flagged, as
+  // braincam burns it into every image of such an answer it writes or stores
+  // (braincam/overlay.py `with_banner`): a saved image says it on its own.
+  const OOD_BANNER = "UNLIKE TRAINING DATA";
 
   const state = {
     meta: null,
@@ -105,6 +109,31 @@
     canvas.width = width;
     canvas.height = height;
     canvas.getContext("2d").drawImage(img, 0, img.naturalHeight - height, width, height, 0, 0, width, height);
+    return new Promise((resolve) => canvas.toBlob(resolve, "image/png"));
+  }
+
+  // The banner across the image's top rows, white on red, the image keeping its size.
+  async function withBanner(url) {
+    const img = await loadImage(url);
+    const canvas = document.createElement("canvas");
+    canvas.width = img.naturalWidth;
+    canvas.height = img.naturalHeight;
+    const ctx = canvas.getContext("2d");
+    ctx.drawImage(img, 0, 0);
+    const band = Math.min(Math.max(Math.round(canvas.height * 0.08), 10), 48, canvas.height);
+    ctx.fillStyle = "rgb(176, 0, 32)";
+    ctx.fillRect(0, 0, canvas.width, band);
+    let size = Math.max(Math.round(band * 0.7), 1);
+    ctx.font = `bold ${size}px sans-serif`;
+    const width = ctx.measureText(OOD_BANNER).width;
+    if (width > canvas.width - 4) {
+      size = Math.max(Math.floor((size * (canvas.width - 4)) / width), 1);
+      ctx.font = `bold ${size}px sans-serif`;
+    }
+    ctx.fillStyle = "#fff";
+    ctx.textAlign = "center";
+    ctx.textBaseline = "middle";
+    ctx.fillText(OOD_BANNER, canvas.width / 2, band / 2);
     return new Promise((resolve) => canvas.toBlob(resolve, "image/png"));
   }
 
@@ -341,6 +370,12 @@
     const heatmapUrl = objectUrl(base64ToBlob(r.heatmap_png, "image/png"), urls);
     const panelsUrl = objectUrl(base64ToBlob(r.panels_png, "image/png"), urls);
     const originalUrl = objectUrl(await cropOriginal(panelsUrl, r.input.width, r.input.height), urls);
+    // Above the answer: an input the out-of-distribution gate flagged (policy `warn`).
+    const foreign = r.in_distribution === false;
+    // What leaves the page of a flagged answer carries the banner; the page itself shows
+    // the API's images under its warning.
+    const overlayDownload = foreign ? objectUrl(await withBanner(overlayUrl), urls) : overlayUrl;
+    const panelsDownload = foreign ? objectUrl(await withBanner(panelsUrl), urls) : panelsUrl;
     if (seq !== state.seq) {
       for (const url of urls) URL.revokeObjectURL(url);
       return;
@@ -348,8 +383,6 @@
     for (const url of state.urls) URL.revokeObjectURL(url);
     state.urls = urls;
 
-    // Above the answer: an input the out-of-distribution gate flagged (policy `warn`).
-    const foreign = r.in_distribution === false;
     $("ood-warning").hidden = !foreign;
     $("ood-detail").textContent = foreign
       ? `Out-of-distribution score ${r.ood_score.toPrecision(4)} is above the threshold ` +
@@ -381,10 +414,11 @@
     if (seq !== state.seq) return;
 
     const stem = `${safeName(state.file.name)}_${r.target.label}_${r.method}`;
-    $("download-overlay").href = overlayUrl;
-    $("download-overlay").download = `${stem}_overlay.png`;
-    $("download-panels").href = panelsUrl;
-    $("download-panels").download = `${stem}_panels.png`;
+    const flag = foreign ? "_UNLIKE-TRAINING-DATA" : "";
+    $("download-overlay").href = overlayDownload;
+    $("download-overlay").download = `${stem}${flag}_overlay.png`;
+    $("download-panels").href = panelsDownload;
+    $("download-panels").download = `${stem}${flag}_panels.png`;
 
     renderSlice(r.input);
     const input = r.input;

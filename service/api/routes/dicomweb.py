@@ -14,10 +14,13 @@ from pydantic import BaseModel, Field
 
 from braincam import DISCLAIMER
 from braincam.dicomweb import PacsError, analyse_study, connect, summary
-from service.api.deps import ModelDep, RuntimeDep, SettingsDep
+from braincam.errors import OutOfDistribution
+from service.api.deps import MetricsDep, ModelDep, RuntimeDep, SettingsDep
 from service.api.routes.predict import json_bytes
 from service.core.config import Settings
 from service.errors import ServiceError, error_responses
+from service.ood_gate import count_flagged
+from service.schemas import AnswerWarning, ModelRef
 from service.series_pipeline import limits_from
 
 router = APIRouter(tags=["dicomweb"])
@@ -46,6 +49,14 @@ class AnalyzedSeries(BaseModel):
     probabilities: dict[str, float]
     n_slices: int
     skipped: dict[str, int]
+    in_distribution: bool | None = Field(
+        description="false: every slice was flagged (stored with the warning under "
+        "BRAINCAM_OOD_POLICY=warn; refused, nothing stored, under reject)"
+    )
+    flagged_slices: int | None
+    ood_score: float | None = Field(description="of the deciding slice")
+    ood_threshold: float | None
+    warnings: list[AnswerWarning] = Field(description="also carried by the stored SR")
     deciding_slice: int
     deciding_sop_instance_uid: str | None
     stored: bool
@@ -57,6 +68,7 @@ class AnalyzedSeries(BaseModel):
 class AnalyzeResponse(BaseModel):
     study_instance_uid: str
     results: list[AnalyzedSeries]
+    model: ModelRef
     disclaimer: str
 
 
@@ -71,12 +83,15 @@ def _analyse(model: Any, settings: Settings, request: AnalyzeRequest) -> Analyze
             request.series_instance_uid,
             limits=limits_from(settings),
             store=request.store,
+            ood_policy=settings.ood_policy,
         )
     except PacsError as exc:
         raise ServiceError(exc.status, exc.code, exc.detail) from exc
+    spec = model.spec
     return AnalyzeResponse(
         study_instance_uid=request.study_instance_uid,
         results=[AnalyzedSeries.model_validate(summary(item)) for item in analysed],
+        model=ModelRef(name=spec.name, version=spec.version, notice=spec.notice),
         disclaimer=DISCLAIMER,
     )
 
@@ -88,13 +103,22 @@ def _analyse(model: Any, settings: Settings, request: AnalyzeRequest) -> Analyze
     responses=error_responses(400, 401, 404, 413, 422, 500, 502, 503, 504),
 )
 async def analyze(
-    model: ModelDep, runtime: RuntimeDep, settings: SettingsDep, request: AnalyzeRequest
+    model: ModelDep,
+    runtime: RuntimeDep,
+    settings: SettingsDep,
+    metrics: MetricsDep,
+    request: AnalyzeRequest,
 ) -> Response:
     """Fetches each series by WADO-RS, runs /predict/series on it, and (with `store`)
     stores a Comprehensive SR and a Secondary Capture of the deciding slice's overlay
     by STOW-RS, as new series of the same study. Needs BRAINCAM_DICOMWEB_URL and
     BRAINCAM_API_KEY (else 404 `dicomweb_disabled`); a study or series the PACS does
-    not have is a 404, PACS failures answer 502 (504 on its timeout)."""
+    not have is a 404, PACS failures answer 502 (504 on its timeout).
+
+    Every series is analysed before anything is stored. A series whose every slice
+    the out-of-distribution gate flags is stored with the verdict and warning in its
+    SR and a banner on its overlay (BRAINCAM_OOD_POLICY=warn), or refuses the request
+    with a 422 `out_of_distribution` naming it, nothing stored (reject)."""
     if settings.dicomweb_url is None or settings.api_key is None:
         # 404: on this server the route is not there (a 5xx would blame the server).
         raise ServiceError(
@@ -103,4 +127,12 @@ async def analyze(
             "POST /dicomweb/analyze is off: it needs BRAINCAM_DICOMWEB_URL (the PACS) "
             "and BRAINCAM_API_KEY (it writes to that PACS)",
         )
-    return json_bytes(await runtime.run(_analyse, model, settings, request))
+    try:
+        response = await runtime.run(_analyse, model, settings, request)
+    except OutOfDistribution:
+        count_flagged(settings, metrics, "/dicomweb/analyze")
+        raise
+    for item in response.results:
+        if item.in_distribution is False:
+            count_flagged(settings, metrics, "/dicomweb/analyze")
+    return json_bytes(response)

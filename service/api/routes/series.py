@@ -11,13 +11,14 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, File, Form, Response, UploadFile
 
 from braincam.cam import CLASSIFIER_METHODS, METHODS
-from braincam.errors import PayloadTooLarge
+from braincam.errors import OutOfDistribution, PayloadTooLarge
 from service import pipeline
 from service.api.deps import MetricsDep, ModelDep, RuntimeDep, SettingsDep
 from service.api.routes.explain import DEFAULT_ALPHA, DEFAULT_COLORMAP, _colormap
 from service.api.routes.predict import json_bytes
 from service.errors import error_responses
 from service.middleware import upload_limit_message
+from service.ood_gate import count_flagged
 from service.schemas import SeriesResponse
 from service.series_pipeline import SeriesParams, limits_from, png_level, run_series
 from service.uploads import read_upload
@@ -74,12 +75,20 @@ async def predict_series(
     tumour class over the slices decided as tumour, with the slice carrying it;
     notumor only when no slice is decided as a tumour class).
 
+    Models with an out-of-distribution detector decide on the slices it passes and
+    report `in_distribution`, `flagged_slices` and the deciding slice's score; a
+    series whose every slice is flagged is answered with `in_distribution: false`
+    and a warning, or, with BRAINCAM_OOD_POLICY=reject, refused with a 422
+    `out_of_distribution` naming how many slices were flagged.
+
     Slices are ordered along the slice normal (ImagePositionPatient projected on the
     normal of ImageOrientationPatient), not by file name or InstanceNumber, and run
     in batches through the model's one ONNX Runtime session.
     """
     started = time.perf_counter()
-    params = SeriesParams(output=output, png_compression=png_level(settings))
+    params = SeriesParams(
+        output=output, png_compression=png_level(settings), ood_policy=settings.ood_policy
+    )
     return await _run(model, runtime, settings, metrics, files, params, started)
 
 
@@ -129,6 +138,7 @@ async def explain_series(
         colormap=_colormap(colormap),
         alpha=alpha,
         png_compression=png_level(settings),
+        ood_policy=settings.ood_policy,
     )
     return await _run(model, runtime, settings, metrics, files, params, started)
 
@@ -148,7 +158,14 @@ async def _run(
     # With micro-batching on, the slices' classifier runs queue with /predict's.
     batchers = runtime.batchers
     classify = batchers.blocking_classify(asyncio.get_running_loop()) if batchers else None
-    result = await runtime.run(
-        run_series, model, metrics, data, limits, params, started, classify
-    )
+    endpoint = "/explain/series" if params.explain else "/predict/series"
+    try:
+        result = await runtime.run(
+            run_series, model, metrics, data, limits, params, started, classify
+        )
+    except OutOfDistribution:
+        count_flagged(settings, metrics, endpoint)
+        raise
+    if result.in_distribution is False:
+        count_flagged(settings, metrics, endpoint)
     return json_bytes(result)
