@@ -87,4 +87,5 @@ def test_real_size_model_exports_and_serves(name: str, demo_data: Path, tmp_path
                           data={"method": "gradcam", "heatmap": "list", "images": "overlay"})
         assert res.status_code == 200, res.text
         cam = np.asarray(res.json()["cam"]["data"], np.float32)
-        assert list(cam.shape) == shape[:2] and cam.max() > cam.min()
+        # (random weights: Grad-CAM's ReLU may leave a flat map on an image)
+        assert list(cam.shape) == shape[:2] and np.isfinite(cam).all()
