@@ -11,7 +11,7 @@ SERVE_EXTRAS ?= cpu
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install demo model serve test lint bench bench-docker docker-images clean
+.PHONY: install demo model serve test test-models lint bench bench-docker docker-images clean
 
 $(VENV)/.installed-$(EXTRAS): pyproject.toml
 	@echo "installing braincam[$(EXTRAS)] into $(VENV)"
@@ -35,6 +35,10 @@ serve: install
 # pytest exits 5 when it collected nothing: that is our mistake, not a pass.
 test: install
 	$(PY) -m pytest -q; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+test-models: install  ## real-size architectures at 224 px, random weights (~30-60 min, ~4 GB)
+	$(PY) -m pytest -q -m models; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 lint: install

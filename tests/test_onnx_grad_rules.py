@@ -21,6 +21,7 @@ from exporter.onnx_grad.builder import backward
 from exporter.onnx_grad.emit import Emitter
 from exporter.onnx_grad.gate import to_float64
 from exporter.onnx_grad.graph import GraphInfo
+from exporter.onnx_grad.reference_ops import FLOAT64_OPS
 from exporter.onnx_grad.rules import RULES
 
 RNG = np.random.default_rng(0)
@@ -33,10 +34,12 @@ def _w(*shape: int) -> np.ndarray:
 
 class Case:
     def __init__(self, name: str, x_shape: list[int], nodes: list[onnx.NodeProto],
-                 inits: dict[str, np.ndarray] | None = None, positive: bool = False) -> None:
+                 inits: dict[str, np.ndarray] | None = None, positive: bool = False,
+                 opset: int = 17) -> None:
         self.name, self.x_shape, self.nodes = name, x_shape, nodes
         self.inits = inits or {}
         self.positive = positive  # inputs > 0 (Log, Sqrt)
+        self.opset = opset
 
 
 def n(op: str, ins: list[str], out: str = "y", **attrs: object) -> onnx.NodeProto:
@@ -127,6 +130,48 @@ CASES = [
     Case("Dropout_Identity", X4, [n("Dropout", ["x"], "d"), n("Identity", ["d"])]),
     Case("Cast", X4, [n("Cast", ["x"], to=TensorProto.FLOAT)]),
     Case("Expand", [2, 4, 1, 1], [n("Expand", ["x", "s"])], {"s": _i64(2, 4, 3, 3)}),
+    # transformers and ConvNeXt
+    Case("LayerNormalization_tokens", [2, 5, 6],
+         [n("LayerNormalization", ["x", "sc", "b"], epsilon=1e-5)], {"sc": _w(6), "b": _w(6)}),
+    Case("LayerNormalization_two_axes_with_stats", X4,
+         [helper.make_node("LayerNormalization", ["x", "sc"], ["y", "mu", "r"], axis=2)],
+         {"sc": _w(7, 6)}),
+    Case("Erf", X4, [n("Erf", ["x"])]),
+    Case("Gelu_erf", X4, [n("Gelu", ["x"])], opset=20),
+    Case("Gelu_tanh", X4, [n("Gelu", ["x"], approximate="tanh")], opset=20),
+    Case("Pow_square", X4, [n("Pow", ["x", "two"])], {"two": np.asarray(2.0, np.float32)}),
+    Case("Pow_cube_int_exponent", X4, [n("Pow", ["x", "three"])], {"three": _i64(3)}),
+    Case("Pow_both", X4, [n("Sigmoid", ["x"], "s"), n("Pow", ["s", "x"])]),
+    Case("Reciprocal", X4, [n("Reciprocal", ["x"])], positive=True),
+    Case("Where", X4, [n("Greater", ["x", "zero"], "c"), n("Where", ["c", "x", "k"])],
+         {"zero": np.zeros(1, np.float32), "k": _w(6)}),
+    Case("Gather_class_token", [2, 5, 6], [n("Gather", ["x", "i"], axis=1)],
+         {"i": np.asarray(0, np.int64)}),
+    Case("Gather_negative_2d_indices", [2, 5, 6], [n("Gather", ["x", "i"], axis=1)],
+         {"i": np.asarray([[4, -4], [0, 2]], np.int64)}),
+    Case("Gather_repeated", [2, 4, 3], [n("Gather", ["x", "i"], axis=2)],
+         {"i": _i64(2, 0, 2)}),
+    Case("Split_one_unused", [2, 6, 3], [helper.make_node("Split", ["x", "s"], ["q", "k", "v"],
+                                                          axis=1),
+                                         n("Mul", ["q", "v"])], {"s": _i64(2, 2, 2)}),
+    # a class token's gradient kept compact through token-wise ops (exporter/onnx_grad/rows.py)
+    Case("Rows_class_token_mlp_layernorm", [2, 5, 6],
+         [n("LayerNormalization", ["x", "sc", "b"], "ln", epsilon=1e-5),
+          n("MatMul", ["ln", "w1"], "h"), n("Add", ["h", "b1"], "hb"), n("Gelu", ["hb"], "act"),
+          n("MatMul", ["act", "w2"], "m"), n("Add", ["x", "m"], "res"),
+          n("Mul", ["res", "pos"], "scaled"), n("Sigmoid", ["scaled"], "s"),
+          n("Transpose", ["s"], "t", perm=[1, 0, 2]), n("Gather", ["t", "i"], axis=0)],
+         {"sc": _w(6), "b": _w(6), "w1": _w(6, 8), "b1": _w(8), "w2": _w(8, 6),
+          "pos": _w(1, 5, 6), "i": np.asarray(0, np.int64)}, opset=20),
+    Case("Rows_two_tokens_summed_and_mixed", [2, 5, 6],
+         [n("Tanh", ["x"], "t"), n("Gather", ["t", "i0"], "c", axis=1),
+          n("Gather", ["t", "i1"], "d", axis=1), n("Add", ["c", "d"], "cd"),
+          n("Gather", ["x", "i2"], "e", axis=1), n("Mul", ["cd", "e"])],
+         {"i0": np.asarray(0, np.int64), "i1": np.asarray(-1, np.int64),
+          "i2": _i64(3)}),
+    Case("MatMul_attention_4d", [2, 3, 5, 4],
+         [n("Transpose", ["x"], "xt", perm=[0, 1, 3, 2]), n("MatMul", ["x", "xt"], "s"),
+          n("Softmax", ["s"], "p", axis=-1), n("MatMul", ["p", "x"])]),
 ]
 
 
@@ -135,7 +180,7 @@ def _model(case: Case) -> onnx.ModelProto:
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
     inits = [numpy_helper.from_array(v, k) for k, v in case.inits.items()]
     graph = helper.make_graph(case.nodes, case.name, [x], [y], inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", case.opset)])
 
 
 def _with_backward(model: onnx.ModelProto, r: np.ndarray) -> onnx.ModelProto:
@@ -153,7 +198,7 @@ def test_rule_matches_float64_finite_differences(case: Case) -> None:
     x = RNG.standard_normal(case.x_shape).astype(np.float32)
     if case.positive:
         x = np.abs(x) + 0.5
-    forward64 = ReferenceEvaluator(to_float64(model))
+    forward64 = ReferenceEvaluator(to_float64(model), new_ops=FLOAT64_OPS)
     (y,) = forward64.run(None, {"x": x.astype(np.float64)})
     r = RNG.standard_normal(np.shape(y)).astype(np.float32)
     built = _with_backward(model, r)

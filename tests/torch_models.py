@@ -1,5 +1,6 @@
-"""Small PyTorch classifiers in the styles of torchvision's ResNet, MobileNetV3 and VGG,
-written here (torchvision is not installed), and their ONNX export."""
+"""Small PyTorch classifiers in the styles of torchvision's ResNet, MobileNetV3 and VGG
+and of timm's DeiT, written here, small configurations of torchvision's ViT, Swin and
+ConvNeXt, and their ONNX export."""
 
 from __future__ import annotations
 
@@ -151,3 +152,91 @@ class ResNet18Shaped(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(torch.flatten(self.avgpool(self.layers(self.stem(x))), 1))
+
+
+class Attention(nn.Module):
+    """timm's Attention: one qkv Linear, heads split by reshape/permute, unbind."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads, self.scale = heads, (dim // heads) ** -0.5
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        attn = (q @ k.transpose(-2, -1) * self.scale).softmax(dim=-1)
+        return self.proj((attn @ v).transpose(1, 2).reshape(b, n, c))
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, heads: int, approximate: str) -> None:
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = Attention(dim, heads)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(approximate=approximate),
+                                 nn.Linear(2 * dim, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class TinyDeiT(nn.Module):
+    """timm's distilled DeiT: class and distillation tokens before the patches, learned
+    position embedding, pre-norm blocks (tanh GELU here, for the other GELU form),
+    the mean of the two heads."""
+
+    def __init__(self, classes: int = 4, size: int = 32, patch: int = 8, dim: int = 24,
+                 depth: int = 2, heads: int = 2) -> None:
+        super().__init__()
+        self.patch_embed = nn.Conv2d(3, dim, patch, patch)
+        tokens = (size // patch) ** 2 + 2
+        self.cls_token = nn.Parameter(torch.randn(1, 1, dim) * 0.5)
+        self.dist_token = nn.Parameter(torch.randn(1, 1, dim) * 0.5)
+        self.pos_embed = nn.Parameter(torch.randn(1, tokens, dim) * 0.5)
+        self.blocks = nn.Sequential(*[Block(dim, heads, "tanh") for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim)
+        self.head, self.head_dist = nn.Linear(dim, classes), nn.Linear(dim, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(x).flatten(2).transpose(1, 2)
+        b = x.shape[0]
+        x = torch.cat([self.cls_token.expand(b, -1, -1), self.dist_token.expand(b, -1, -1), x],
+                      dim=1)
+        x = self.norm(self.blocks(x + self.pos_embed))
+        return (self.head(x[:, 0]) + self.head_dist(x[:, 1])) / 2
+
+
+def tiny_vit(size: int = 32, classes: int = 4) -> nn.Module:
+    from torchvision.models import VisionTransformer
+
+    return VisionTransformer(image_size=size, patch_size=8, num_layers=2, num_heads=2,
+                             hidden_dim=24, mlp_dim=48, num_classes=classes)
+
+
+def tiny_swin(classes: int = 4) -> nn.Module:
+    """torchvision's Swin (shifted windows, patch merging, NHWC stages): two stages."""
+    from torchvision.models.swin_transformer import SwinTransformer
+
+    return SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[2, 2], num_heads=[2, 2],
+                           window_size=[4, 4], num_classes=classes)
+
+
+def tiny_convnext(classes: int = 4) -> nn.Module:
+    """torchvision's ConvNeXt: depthwise 7x7, LayerNorm over channels, GELU, layer scale."""
+    from torchvision.models.convnext import CNBlockConfig, ConvNeXt
+
+    return ConvNeXt([CNBlockConfig(16, 32, 1), CNBlockConfig(32, None, 2)],
+                    layer_scale=0.5, num_classes=classes)
+
+
+def perturb(model: nn.Module, scale: float = 0.1, seed: int = 1) -> nn.Module:
+    """Random weights away from an initialiser's symmetries (zero biases, unit norms)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * scale)
+    return model.eval()

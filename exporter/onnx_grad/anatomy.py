@@ -19,6 +19,7 @@ import onnx
 from exporter.errors import ExportError
 from exporter.onnx_grad.graph import GraphInfo, attr_int, attr_ints, node_label
 from exporter.onnx_grad.rules import NON_DIFFERENTIABLE, RULES
+from exporter.onnx_grad.tokens import TokenGrid, attention_input, last_attention, token_grid
 
 Layout = Literal["nchw", "nhwc"]
 OutputKind = Literal["logits", "softmax", "log_softmax", "sigmoid", "probabilities"]
@@ -28,8 +29,10 @@ _NCHW_OPS = frozenset({"MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", 
 _PASS_LAYOUT = frozenset(
     {"Relu", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Clip", "Identity", "Dropout",
      "Cast", "Tanh", "Elu", "Selu", "Softplus", "Erf", "Neg", "Exp", "Add", "Sub", "Mul", "Div",
-     "Max", "Min", "Pow", "Pad", "Slice", "Concat", "PRelu", "Gelu", "Mish", "Sqrt"}
+     "Max", "Min", "Pow", "Pad", "Slice", "Concat", "PRelu", "Gelu", "Mish", "Sqrt",
+     "LayerNormalization"}
 )
+_TO_NHWC, _TO_NCHW = [0, 2, 3, 1], [0, 3, 1, 2]
 
 
 @dataclass(frozen=True)
@@ -56,8 +59,10 @@ class Found:
     kind: OutputKind
     score_tensor: str  # what the backward pass is seeded at (logits, or probabilities)
     explained: str
-    explained_layout: Layout
+    explained_layout: Layout  # of the grid the graphs output (tokens: NHWC)
     pooled_features: str | None
+    tokens: TokenGrid | None = None  # the explained tensor is a transformer's tokens
+    layers: tuple[str, ...] = ()  # the 4-D feature maps --layer could name, in order
 
 
 def differentiable_inputs(node: onnx.NodeProto) -> list[str]:
@@ -89,7 +94,10 @@ def backward_reach(info: GraphInfo, target: str) -> set[str]:
 
 
 def _layouts(info: GraphInfo, image: str, image_layout: Layout) -> dict[str, Layout]:
-    """Which 4-D tensors are NCHW or NHWC, propagated from the ops that fix it."""
+    """Which 4-D tensors are NCHW or NHWC: propagated forward from the ops that fix it
+    (Conv, pooling, Transpose of a known layout), then backward from the ops that read
+    it (a pooling's input, a Transpose into NCHW, a mean over axes 1-2): Swin's and
+    ConvNeXt's NHWC blocks are known by the permute that feeds their pooling."""
     layouts: dict[str, Layout] = {image: image_layout}
     for node in info.nodes:
         out = node.output[0] if node.output else ""
@@ -100,9 +108,9 @@ def _layouts(info: GraphInfo, image: str, image_layout: Layout) -> dict[str, Lay
         elif node.op_type == "Transpose":
             src = layouts.get(node.input[0])
             perm = attr_ints(node, "perm")
-            if src == "nchw" and perm == [0, 2, 3, 1]:
+            if src == "nchw" and perm == _TO_NHWC:
                 layouts[out] = "nhwc"
-            elif src == "nhwc" and perm == [0, 3, 1, 2]:
+            elif src == "nhwc" and perm == _TO_NCHW:
                 layouts[out] = "nchw"
             elif src and perm == [0, 1, 2, 3]:
                 layouts[out] = src
@@ -111,7 +119,36 @@ def _layouts(info: GraphInfo, image: str, image_layout: Layout) -> dict[str, Lay
                 if inp in layouts and info.shapes.get(inp) == info.shapes.get(out):
                     layouts[out] = layouts[inp]
                     break
+    for node in reversed(info.nodes):
+        x = node.input[0] if node.input else ""
+        out_layout = layouts.get(node.output[0]) if node.output else None
+        if node.op_type in _PASS_LAYOUT and out_layout is not None:
+            for inp in node.input:
+                if info.shapes.get(inp) == info.shapes.get(node.output[0]):
+                    layouts.setdefault(inp, out_layout)
+        if not x or x in layouts or len(info.shapes.get(x, [])) != 4:
+            continue
+        if node.op_type in _NCHW_OPS:
+            layouts[x] = "nchw"
+        elif node.op_type == "Transpose" and out_layout is not None:
+            perm = attr_ints(node, "perm")
+            if (perm, out_layout) in ((_TO_NCHW, "nchw"), (_TO_NHWC, "nhwc")):
+                layouts[x] = "nhwc" if out_layout == "nchw" else "nchw"
+        elif node.op_type in ("ReduceMean", "ReduceMax", "ReduceSum"):
+            axes = _reduce_axes_of(info, node)
+            if axes == [1, 2]:
+                layouts[x] = "nhwc"
+            elif axes == [2, 3]:
+                layouts[x] = "nchw"
     return layouts
+
+
+def _reduce_axes_of(info: GraphInfo, node: onnx.NodeProto) -> list[int] | None:
+    axes = attr_ints(node, "axes")
+    if not axes and len(node.input) > 1 and node.input[1] in info.constants:
+        axes = [int(a) for a in info.constants[node.input[1]].reshape(-1)]
+    rank = info.rank(node.input[0])
+    return sorted(a % rank for a in axes) if axes else None
 
 
 def _cut_tensors(info: GraphInfo, image: str, target: str) -> list[str]:
@@ -200,16 +237,61 @@ def analyse(
     image = inputs[0]
     output, kind, score = find_output(info, outputs)
     layouts = _layouts(info, image, image_layout)
+    maps = _feature_maps(info, image, score, layouts)
+    relevant = forward_reach(info, image) & backward_reach(info, score)
+    tokens: TokenGrid | None = None
     if layer is None:
-        explained = _default_explained(info, image, score, layouts)
+        explained = _transformer_tokens(info, maps, relevant, layouts)
+        if explained is None:
+            if not maps:
+                raise ExportError("found no 4-D feature map that every path from the image to "
+                                  "the logits passes through: name one with --layer TENSOR")
+            explained = maps[-1]
     else:
         explained = _named_tensor(info, layer, image, score)
-    layout = layouts.get(explained)
+    if len(info.shapes.get(explained, [])) == 3:  # a transformer's tokens [N, T, C]
+        tokens = token_grid(info, explained, _patches_before(info, explained, maps, layouts),
+                            relevant, forward_reach)
+    layout = "nhwc" if tokens is not None else layouts.get(explained)
     if layout is None:
         raise ExportError(f"cannot tell whether tensor {explained!r} is NCHW or NHWC: it is not "
                           "produced from a convolution or pooling by layout-preserving ops")
     return Found(image=image, output=output, kind=kind, score_tensor=score, explained=explained,
-                 explained_layout=layout, pooled_features=find_pooled_features(info, score))
+                 explained_layout=layout, pooled_features=find_pooled_features(info, score),
+                 tokens=tokens, layers=tuple(maps))
+
+
+def _order(info: GraphInfo) -> dict[str, int]:
+    return {o: i for i, n in enumerate(info.nodes) for o in n.output if o}
+
+
+def _transformer_tokens(info: GraphInfo, maps: list[str], relevant: set[str],
+                        layouts: dict[str, Layout]) -> str | None:
+    """The last attention's input tokens, if an attention comes after the last feature
+    map (ViT, DeiT; Swin's last stage is itself a map and is explained as one)."""
+    scores = last_attention(info, relevant, differentiable_inputs)
+    if scores is None:
+        return None
+    order = _order(info)
+    if maps and order[maps[-1]] > order[scores.output[0]]:
+        return None
+    width = None
+    if maps:  # the patch embedding's channels
+        shape = info.shapes[maps[-1]]
+        width = shape[1] if layouts[maps[-1]] == "nchw" else shape[3]
+    return attention_input(info, scores, relevant, backward_reach, width)
+
+
+def _patches_before(info: GraphInfo, tokens: str, maps: list[str],
+                    layouts: dict[str, Layout]) -> tuple[str, int, int] | None:
+    """The last feature map before the tokens (the patch embedding's) and its grid."""
+    order = _order(info)
+    before = [m for m in maps if order[m] < order.get(tokens, -1)]
+    if not before:
+        return None
+    h, w = _spatial(info, before[-1], layouts[before[-1]])
+    assert h is not None and w is not None
+    return before[-1], int(h), int(w)
 
 
 def _spatial(info: GraphInfo, name: str, layout: Layout) -> list[int | None]:
@@ -217,9 +299,10 @@ def _spatial(info: GraphInfo, name: str, layout: Layout) -> list[int | None]:
     return list(shape[2:4]) if layout == "nchw" else list(shape[1:3])
 
 
-def _default_explained(
+def _feature_maps(
     info: GraphInfo, image: str, score: str, layouts: dict[str, Layout]
-) -> str:
+) -> list[str]:
+    """The 4-D feature maps of known layout, more than one position, that are cuts."""
     candidates = []
     for name in _cut_tensors(info, image, score):
         layout = layouts.get(name)
@@ -229,10 +312,7 @@ def _default_explained(
         h, w = _spatial(info, name, layout)
         if h is not None and w is not None and h * w > 1:
             candidates.append(name)
-    if not candidates:
-        raise ExportError("found no 4-D feature map that every path from the image to the "
-                          "logits passes through: name one with --layer TENSOR")
-    return candidates[-1]
+    return candidates
 
 
 def _named_tensor(info: GraphInfo, layer: str, image: str, score: str) -> str:
@@ -243,9 +323,10 @@ def _named_tensor(info: GraphInfo, layer: str, image: str, score: str) -> str:
             name = by_node[layer].output[0]
         else:
             raise ExportError(f"--layer {layer!r} names no tensor or node of the model")
-    if len(info.shapes.get(name, [])) != 4:
+    if len(info.shapes.get(name, [])) not in (3, 4):
         raise ExportError(f"--layer {layer!r}: tensor {name!r} has shape "
-                          f"{info.shapes.get(name)}, not a 4-D feature map")
+                          f"{info.shapes.get(name)}, not a 4-D feature map or a transformer's "
+                          "tokens [N, T, C]")
     if name not in forward_reach(info, image) or name not in backward_reach(info, score):
         node = info.producer.get(name)
         where = f" (node {node_label(node)!r})" if node is not None else ""

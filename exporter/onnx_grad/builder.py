@@ -26,10 +26,13 @@ from braincam.model_spec import (
 )
 from braincam.preprocessing import Preprocessing
 from exporter.errors import ExportError
+from exporter.onnx_grad import rows
 from exporter.onnx_grad.anatomy import Found, GraphAnatomy, analyse, backward_reach, forward_reach
 from exporter.onnx_grad.emit import Emitter
-from exporter.onnx_grad.graph import GraphInfo, node_label, opset_of
+from exporter.onnx_grad.graph import Dim, GraphInfo, node_label, opset_of
+from exporter.onnx_grad.rows import Rows
 from exporter.onnx_grad.rules import NON_DIFFERENTIABLE, RULES
+from exporter.onnx_grad.tokens import TokenGrid
 
 MIN_OPSET = 17  # ScatterElements(reduction=add) needs 16; 17 is what both exporters write
 CONTRACT_NAMES = (IMAGE_INPUT, TARGET_INPUT, PROBABILITIES_OUTPUT, CLASS_OUTPUT,
@@ -137,14 +140,22 @@ def build_graphs(
         seed = em.node("MatMul", [one_hot, em.const(np.array([[-0.5], [0.5]]))])
     else:
         seed_at, seed = logits, one_hot
-    grad = backward(em, info, found.explained, seed_at, seed)
+    grad = backward(em, info, found.explained, seed_at, seed, found.layers)
+    activations = found.explained
+    shape = info.shape(found.explained)
+    h: Dim
+    w: Dim
+    if found.tokens is not None:  # [N, T, C] -> the patch tokens on their grid, NHWC
+        grid = found.tokens
+        h, w, c = grid.height, grid.width, shape[2]
+        activations, grad = (_token_grid(em, t, grid, c) for t in (activations, grad))
+    else:
+        h, w, c = (shape[2], shape[3], shape[1]) if found.explained_layout == "nchw" else shape[1:4]
     to_nhwc = [0, 2, 3, 1] if found.explained_layout == "nchw" else [0, 1, 2, 3]
-    graph.node.append(helper.make_node("Transpose", [found.explained], [ACTIVATIONS_OUTPUT],
+    graph.node.append(helper.make_node("Transpose", [activations], [ACTIVATIONS_OUTPUT],
                                        perm=to_nhwc, name="bc_activations"))
     graph.node.append(helper.make_node("Transpose", [grad], [GRADIENTS_OUTPUT], perm=to_nhwc,
                                        name="bc_gradients"))
-    shape = info.shape(found.explained)
-    h, w, c = (shape[2], shape[3], shape[1]) if found.explained_layout == "nchw" else shape[1:4]
     if h is None or w is None or c is None:
         raise ExportError(f"the explained tensor {found.explained!r} has no static shape: {shape}")
     graph.output.extend([
@@ -159,6 +170,13 @@ def build_graphs(
                            probabilities=PROBABILITIES_OUTPUT,
                            pooled_features=found.pooled_features)
     return BuiltGraphs(classifier, base, anatomy, found, [h, w, c], k)
+
+
+def _token_grid(em: Emitter, tokens: str, grid: TokenGrid, channels: Dim) -> str:
+    """Tokens [N, T, C] -> their patch tokens as a grid [N, h, w, C]."""
+    patches = em.node("Slice", [tokens, em.ints([grid.offset]),
+                                em.ints([grid.offset + grid.count]), em.ints([1])])
+    return em.node("Reshape", [patches, em.ints([-1, grid.height, grid.width, channels or -1])])
 
 
 def _class_scores(em: Emitter, info: GraphInfo, found: Found) -> tuple[str, str, int]:
@@ -179,8 +197,10 @@ def _class_scores(em: Emitter, info: GraphInfo, found: Found) -> tuple[str, str,
     return em.node("Softmax", [found.score_tensor], "probabilities", axis=1), found.score_tensor, k
 
 
-def backward(em: Emitter, info: GraphInfo, explained: str, seed_at: str, seed: str) -> str:
-    """Append d(seed . seed_at)/d(explained) to the graph; returns its tensor name."""
+def backward(em: Emitter, info: GraphInfo, explained: str, seed_at: str, seed: str,
+             layers: tuple[str, ...] = ()) -> str:
+    """Append d(seed . seed_at)/d(explained) to the graph; returns its tensor name.
+    `layers`: the tensors --layer could name, in graph order (for the error's hint)."""
     active = forward_reach(info, explained)
     needed = backward_reach(info, seed_at)
     nodes = [
@@ -189,45 +209,57 @@ def backward(em: Emitter, info: GraphInfo, explained: str, seed_at: str, seed: s
         and any(o in active and o in needed for o in n.output)
     ]
     # Every node on the path needs a rule: check them all before emitting anything.
+    missing = [n for n in nodes if n.op_type not in RULES or n.domain not in ("", "ai.onnx")]
+    if missing:
+        node = missing[0]
+        raise ExportError(
+            f"no backward rule for op {node.op_type!r} (node {node_label(node)!r}) between "
+            f"the explained tensor {explained!r} and the class scores; "
+            + _layer_hint(info, missing[-1], layers)
+        )
     for node in nodes:
-        rule = RULES.get(node.op_type)
-        if rule is None or node.domain not in ("", "ai.onnx"):
-            raise ExportError(
-                f"no backward rule for op {node.op_type!r} (node {node_label(node)!r}) between "
-                f"the explained tensor {explained!r} and the class scores; choose a later "
-                "tensor with --layer, or explain it with a gradient-free method"
-            )
+        rule = RULES[node.op_type]
         slots = range(len(node.input)) if rule.diff_inputs is None else rule.diff_inputs
         for i, inp in enumerate(node.input):
             if inp in active and i not in slots:
                 raise ExportError(f"{node.op_type} node {node_label(node)!r}: its input {i} "
                                   f"({inp!r}) depends on the explained tensor; no rule for that")
-    grads: dict[str, list[str]] = {seed_at: [seed]}
+    grads: dict[str, list[str | Rows]] = {seed_at: [seed]}
     # The rules edit the forward nodes of the graph being built (MaxPool gains an
     # output there), found by their first output: ONNX names each tensor once.
     live = {n.output[0]: n for n in em.graph.node if n.output}
     for node in reversed(nodes):
-        out_grads: list[str | None] = [_total(em, grads.get(o, [])) for o in node.output]
+        out_grads = [rows.total(em, grads.get(o, [])) for o in node.output]
         if all(g is None for g in out_grads):
             continue
         if out_grads[0] is None:
             raise ExportError(f"{node.op_type} node {node_label(node)!r}: only a secondary "
                               "output is used; no rule for that")
         target = live.get(node.output[0], node)
-        in_grads = RULES[node.op_type].fn(em, target, out_grads)
+        in_grads = rows.backward(em, target, out_grads)  # compact rows where they stay so
+        if in_grads is None:
+            in_grads = list(RULES[node.op_type].fn(
+                em, target, [rows.dense(em, g) for g in out_grads]))
         for inp, g in zip(node.input, in_grads, strict=False):
             if g is not None and inp in active:
                 grads.setdefault(inp, []).append(g)
-    total = _total(em, grads.get(explained, []))
+    total = rows.dense(em, rows.total(em, grads.get(explained, [])))
     if total is None:
         raise ExportError(f"the class scores do not depend on {explained!r}")
     return total
 
 
-def _total(em: Emitter, parts: list[str]) -> str | None:
-    if not parts:
-        return None
-    return parts[0] if len(parts) == 1 else em.node("Sum", parts, "grad_sum")
+def _layer_hint(info: GraphInfo, last_missing: onnx.NodeProto,
+                layers: tuple[str, ...]) -> str:
+    """The nearest --layer after every op without a rule, if the model has one."""
+    order = {o: i for i, n in enumerate(info.nodes) for o in n.output if o}
+    after = [t for t in layers if order.get(t, -1) > order[last_missing.output[0]]]
+    if after:
+        return (f"the nearest usable --layer after it is {after[0]!r} "
+                f"(shape {info.shapes.get(after[0])}), or explain with a gradient-free method "
+                "(method=occlusion)")
+    return ("no feature map after it can be explained with gradients: explain with a "
+            "gradient-free method (method=occlusion)")
 
 
 def _prune(graph: onnx.GraphProto) -> None:

@@ -29,11 +29,15 @@ from braincam.model_spec import (
 )
 from exporter.errors import ExportError
 from exporter.onnx_grad.anatomy import Found
+from exporter.onnx_grad.graph import session_in_place
+from exporter.onnx_grad.probe import image_valued
+from exporter.onnx_grad.reference_ops import FLOAT64_OPS
 
 MIN_INPUTS = 16
 DIRECTIONS = 3
 GRADIENT_TOLERANCE = 1e-3  # |<G,v> - FD| / sum|G v|: float32 gradients vs a float64 FD
 PROBABILITY_TOLERANCE = 1e-5
+HEAD_ROWS = 8  # rows per float64 head evaluation
 
 
 @dataclass
@@ -90,18 +94,59 @@ def to_float64(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _head(source: onnx.ModelProto, found: Found) -> tuple[Any, list[str]]:
-    """A float64 reference evaluator of explained -> score (plus the image if the
-    explained tensor is not a cut of the graph)."""
+    """A float64 reference evaluator of explained -> score, made of the nodes between
+    them only, and the other tensors it reads (see `_head_nodes`)."""
     from onnx.reference import ReferenceEvaluator
-    from onnx.utils import Extractor
 
-    inferred = onnx.shape_inference.infer_shapes(source, data_prop=True)
-    # With the image as a second input, paths that bypass the explained tensor (a --layer
-    # inside a residual block) are computed from the image and held fixed, as the
-    # backward pass does; for a cut of the graph the image is simply unused.
-    head = Extractor(inferred).extract_model([found.image, found.explained], [found.score_tensor])
-    used = {i for node in head.graph.node for i in node.input}
-    return ReferenceEvaluator(to_float64(head)), [i for i in (found.image,) if i in used]
+    nodes, inputs = _head_nodes(source.graph, found)
+    used = {i for node in nodes for i in node.input}
+    graph = onnx.helper.make_graph(
+        nodes, "head",
+        [onnx.helper.make_empty_tensor_value_info(i) for i in [found.explained, *inputs]],
+        [onnx.helper.make_empty_tensor_value_info(found.score_tensor)],
+        [i for i in source.graph.initializer if i.name in used],
+    )
+    head = onnx.helper.make_model(graph, opset_imports=list(source.opset_import),
+                                  ir_version=source.ir_version)
+    return ReferenceEvaluator(to_float64(head), new_ops=FLOAT64_OPS), inputs
+
+
+def _head_nodes(graph: onnx.GraphProto, found: Found) -> tuple[list[onnx.NodeProto], list[str]]:
+    """The nodes from the explained tensor to the score, and the image-dependent tensors
+    they read besides it: paths that bypass it (the residual stream around a
+    transformer's token LayerNorm, a --layer inside a residual block), fed with the
+    source model's values and so held fixed, as the backward pass holds them; the
+    image where only shapes are read from it. The head holds no backbone: its float64
+    run costs a block, not the model."""
+    valued = image_valued(graph, found.image)
+    from_explained = image_valued(graph, found.explained)
+    producer = {o: n for n in graph.node for o in n.output if o}
+    inputs: set[str] = set()
+    needed: set[int] = set()
+    seen: set[str] = set()
+    stack = [found.score_tensor]
+    while stack:
+        name = stack.pop()
+        if name in seen or name == found.explained:
+            continue
+        seen.add(name)
+        if name in valued and name not in from_explained:
+            inputs.add(name)
+        elif name in producer:
+            needed.add(id(producer[name]))
+            stack.extend(i for i in producer[name].input if i)
+    return [n for n in graph.node if id(n) in needed], sorted(inputs)
+
+
+def _values(source: onnx.ModelProto, names: list[str], image: str, x: np.ndarray
+            ) -> dict[str, np.ndarray]:
+    """Tensors of the source model on images x, from one ONNX Runtime run."""
+    wanted = list(dict.fromkeys(n for n in names if n != image))
+    values = {image: x} if image in names else {}
+    if wanted:
+        values.update(zip(wanted, session_in_place(source, wanted).run(wanted, {image: x}),
+                          strict=True))
+    return values
 
 
 def _score(out: np.ndarray, classes: np.ndarray, kind: str) -> np.ndarray:
@@ -112,6 +157,22 @@ def _score(out: np.ndarray, classes: np.ndarray, kind: str) -> np.ndarray:
     if kind == "probabilities":
         return np.log(out[rows, classes])
     return out[rows, classes]
+
+
+def _native(found: Found, from_source: dict[str, np.ndarray], acts: np.ndarray,
+            grads: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The explained tensor, its gradient and where the gate may move it, in the head's
+    own layout (float64). A transformer's tokens: the full token tensor from the source
+    model, the gradient on the patch tokens, which alone may move."""
+    if found.tokens is None:
+        to_native = (0, 3, 1, 2) if found.explained_layout == "nchw" else (0, 1, 2, 3)
+        a = acts.transpose(to_native).astype(np.float64)
+        return a, grads.transpose(to_native).astype(np.float64), np.ones(a.shape, bool)
+    tokens = from_source[found.explained]
+    total = tokens.shape[1]
+    g = found.tokens.to_tokens(grads.astype(np.float64), total)
+    moved = found.tokens.to_tokens(np.ones(grads.shape, bool), total)
+    return tokens.astype(np.float64), g, moved
 
 
 def run_gate(
@@ -127,8 +188,14 @@ def run_gate(
     n = len(x)
     if n < MIN_INPUTS:
         raise ExportError(f"the gate needs >= {MIN_INPUTS} calibration images, found {n}")
+    evaluator, head_inputs = _head(source, found)
     try:
-        (scores,) = _session(source).run([found.output], {found.image: x})
+        # One run of the source: its scores, the tensors the head reads besides the
+        # explained one, and a transformer's whole token tensor.
+        from_source = _values(
+            source, [found.output, *head_inputs, *([found.explained] if found.tokens else [])],
+            found.image, x)
+        scores = from_source[found.output]
         (probs_cls,) = _session(classifier).run([PROBABILITIES_OUTPUT], {IMAGE_INPUT: x})
         probs, classes, acts, grads = _session(gradcam).run(
             [PROBABILITIES_OUTPUT, CLASS_OUTPUT, ACTIVATIONS_OUTPUT, GRADIENTS_OUTPUT],
@@ -151,26 +218,32 @@ def run_gate(
             report.failures.append(f"{key} {report.figures[key]:.3g} > {PROBABILITY_TOLERANCE}")
 
     # Finite differences in float64, NHWC outputs back to the head's own layout.
-    to_native = (0, 3, 1, 2) if found.explained_layout == "nchw" else (0, 1, 2, 3)
-    a = acts.transpose(to_native).astype(np.float64)
-    g = grads.transpose(to_native).astype(np.float64)
-    evaluator, image_needed = _head(source, found)
+    a, g, moved = _native(found, from_source, acts, grads)
     rng = np.random.default_rng(seed)
-    v = rng.standard_normal((DIRECTIONS, *a.shape)) * (a != 0)[None]
-    rms = np.sqrt(np.mean(a**2, axis=(1, 2, 3), keepdims=True)) + 1e-12
+    v = rng.standard_normal((DIRECTIONS, *a.shape)) * ((a != 0) & moved)[None]
+    rms = np.sqrt(np.mean(a**2, axis=tuple(range(1, a.ndim)), keepdims=True)) + 1e-12
     step = 1e-6 * rms  # per input: small against the activations' own scale
     stacked_a = np.concatenate([a + step * vi for vi in v] + [a - step * vi for vi in v])
     feeds = {found.explained: stacked_a}
-    images = x.astype(np.float64) if image_needed else np.zeros((n, *x.shape[1:]))
-    feeds[found.image] = np.concatenate([images] * (2 * DIRECTIONS))
-    (out,) = evaluator.run(None, feeds)
+    for name in head_inputs:
+        value = np.asarray(from_source[name], np.float64)
+        feeds[name] = np.concatenate([value] * (2 * DIRECTIONS))
+    out = np.concatenate([  # a few rows at a time: float64 memory bounded on real models
+        np.asarray(evaluator.run(None, {k: v[i:i + HEAD_ROWS] for k, v in feeds.items()})[0])
+        for i in range(0, len(stacked_a), HEAD_ROWS)
+    ])
     cls = np.tile(classes, 2 * DIRECTIONS)
     f = _score(np.asarray(out, np.float64), cls, found.kind).reshape(2, DIRECTIONS, n)
     fd = (f[0] - f[1]) / (2 * step.reshape(1, n))
-    dot = (g[None] * v).sum(axis=(2, 3, 4))
-    scale = np.abs(g[None] * v).sum(axis=(2, 3, 4)) + 1e-12
+    summed = tuple(range(2, v.ndim))
+    dot = (g[None] * v).sum(axis=summed)
+    scale = np.abs(g[None] * v).sum(axis=summed) + 1e-12
     rel = np.abs(dot - fd) / scale
     report.figures["fd_directions"] = DIRECTIONS
+    report.figures["gradient_abs_max"] = float(np.abs(g).max())
+    if not np.abs(g).max() > 0:  # nothing to check, and nothing to show
+        report.failures.append("the gradients are zero on every image: the class scores do "
+                               f"not depend on {found.explained!r} (an untrained head?)")
     report.figures["gradient_fd_max_rel_err"] = float(rel.max())
     report.figures["gradient_fd_median_rel_err"] = float(np.median(rel))
     if rel.max() > GRADIENT_TOLERANCE:

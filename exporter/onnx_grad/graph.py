@@ -8,7 +8,7 @@ rules need is static and only the batch is left open.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import onnx
@@ -57,20 +57,21 @@ class GraphInfo:
     dtypes: dict[str, int] = field(default_factory=dict)
     constants: dict[str, np.ndarray] = field(default_factory=dict)
     ties: Ties = "pytorch"
+    probed: bool = False
 
     @classmethod
     def of(cls, model: onnx.ModelProto) -> GraphInfo:
         try:
-            inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+            inferred = onnx.shape_inference.infer_shapes(skeleton(model), data_prop=True)
         except Exception as exc:  # InferenceError and friends: the model is inconsistent
             raise ExportError(f"ONNX shape inference failed on the model: {exc}") from exc
-        info = cls(model=inferred, opset=opset_of(inferred), ties=tie_convention(model))
-        graph = inferred.graph
+        info = cls(model=model, opset=opset_of(model), ties=tie_convention(model))
+        graph = model.graph
         for init in graph.initializer:
             info.constants[init.name] = numpy_helper.to_array(init)
             info.shapes[init.name] = list(init.dims)
             info.dtypes[init.name] = init.data_type
-        for value in [*graph.input, *graph.value_info, *graph.output]:
+        for value in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
             dims = _dims(value)
             if dims is not None:
                 info.shapes[value.name] = dims
@@ -86,7 +87,46 @@ class GraphInfo:
                 for attr in node.attribute:
                     if attr.name == "value":
                         info.constants[node.output[0]] = numpy_helper.to_array(attr.t)
+        if info._shapes_incomplete():
+            info.probe()
         return info
+
+    def _image(self) -> tuple[str, list[int]] | None:
+        """The one graph input and its static non-batch dims, if the graph has them."""
+        graph = self.model.graph
+        inputs = [i.name for i in graph.input if i.name not in self.constants]
+        if len(inputs) != 1:
+            return None
+        dims = self.shapes.get(inputs[0], [])
+        if len(dims) < 2 or any(d is None for d in dims[1:]):
+            return None
+        return inputs[0], [int(d) for d in dims[1:] if d is not None]
+
+    def _shapes_incomplete(self) -> bool:
+        """A node output without a shape, or with more unknown axes than the batch."""
+        return any(
+            out not in self.shapes or sum(d is None for d in self.shapes[out]) > 1
+            for node in self.model.graph.node for out in node.output if out
+        )
+
+    def probe(self) -> None:
+        """Fill shapes and shape-derived constants from ONNX Runtime runs (probe.py)."""
+        from exporter.onnx_grad.probe import probe
+
+        image = self._image()
+        if self.probed or image is None:
+            return
+        self.probed = True
+        shapes, values = probe(self.model, *image, arrays=self.constants)
+        for name, dims in shapes.items():
+            known = self.shapes.get(name)
+            if known is None or len(known) != len(dims):
+                self.shapes[name] = dims
+            else:  # keep inference's symbolic batch, take the probe's static sizes
+                self.shapes[name] = [k if k is not None else d for k, d in zip(known, dims,
+                                                                                strict=True)]
+        for name, value in values.items():
+            self.constants.setdefault(name, value)
 
     @property
     def nodes(self) -> list[onnx.NodeProto]:
@@ -113,6 +153,8 @@ class GraphInfo:
 
     def const(self, name: str, node: onnx.NodeProto, what: str) -> np.ndarray:
         """The value of an input that must be a constant (an initializer or Constant)."""
+        if name not in self.constants:
+            self.probe()  # computed from shapes only: a constant at this input size
         if name in self.constants:
             return self.constants[name]
         raise ExportError(
@@ -124,6 +166,71 @@ class GraphInfo:
         if len(node.input) <= index or not node.input[index]:
             return None
         return self.const(node.input[index], node, what)
+
+
+def skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model with its large initializers as stubs (name, type, dims; data declared
+    external): what shape inference and ONNX Runtime need to see, without serialising
+    a real model's hundreds of MB of weights once more."""
+    graph = model.graph
+    inits = [i if _elements(i) <= INLINE_ELEMENTS else weight_stub(i) for i in graph.initializer]
+    out = onnx.helper.make_model(
+        onnx.helper.make_graph(list(graph.node), graph.name, list(graph.input),
+                               list(graph.output), inits, value_info=list(graph.value_info)),
+        opset_imports=list(model.opset_import), ir_version=model.ir_version,
+        functions=list(model.functions),
+    )
+    out.producer_name = model.producer_name
+    return out
+
+
+INLINE_ELEMENTS = 1 << 12  # initializers up to this size are kept (shapes, axes, scalars)
+
+
+def _elements(tensor: onnx.TensorProto) -> int:
+    return int(np.prod(tensor.dims)) if tensor.dims else 1
+
+
+def weight_stub(tensor: onnx.TensorProto) -> onnx.TensorProto:
+    """An initializer's name, type and dims, its data declared external."""
+    stub = onnx.TensorProto(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims)
+    stub.data_location = onnx.TensorProto.EXTERNAL
+    stub.external_data.add(key="location", value="in-memory")
+    return stub
+
+
+def session_in_place(model: onnx.ModelProto, outputs: list[str],
+                     arrays: dict[str, np.ndarray] | None = None,
+                     nodes: list[onnx.NodeProto] | None = None, priority: bool = False) -> Any:
+    """An ONNX Runtime session (CPU) computing `outputs` of the model (`nodes` in place
+    of its own, where given), its large weights read from the arrays in place: no
+    serialised copy of them. `arrays`: the initializers as arrays, where the caller
+    holds them already. `priority`: run nodes in the graph's order (ORT's default
+    order holds tensors read by late nodes, such as a probe's Shape of each)."""
+    import onnxruntime as ort
+
+    light = skeleton(model)
+    if nodes is not None:
+        del light.graph.node[:]
+        light.graph.node.extend(nodes)
+    del light.graph.output[:]
+    light.graph.output.extend(onnx.helper.make_empty_tensor_value_info(o) for o in outputs)
+    stubs = [i.name for i in light.graph.initializer
+             if i.data_location == onnx.TensorProto.EXTERNAL]
+    arrays = arrays or {}
+    by_name = {i.name: i for i in model.graph.initializer}
+    weights = [np.ascontiguousarray(arrays[n] if n in arrays else numpy_helper.to_array(by_name[n]))
+               for n in stubs]
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if priority:
+        options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
+    options.add_external_initializers(stubs, [ort.OrtValue.ortvalue_from_numpy(w)
+                                              for w in weights])
+    session = ort.InferenceSession(light.SerializeToString(), options,
+                                   providers=["CPUExecutionProvider"])
+    session.weights = weights  # the arrays ORT reads must outlive the session
+    return session
 
 
 def attr(node: onnx.NodeProto, name: str, default: object = None) -> object:

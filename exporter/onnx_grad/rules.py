@@ -612,15 +612,29 @@ def _slice(em: Emitter, node: onnx.NodeProto, g: Grads) -> Grads:
     for axis, start, end, step in zip(axes, starts, ends, steps, strict=True):
         dim = info.static_dims(x, [axis], node)[0]
         start, end = int(max(min(start, 2**62), -(2**62))), int(max(min(end, 2**62), -(2**62)))
-        picked = list(range(dim))[slice(start, end, step)]
-        if picked == list(range(dim)):
-            continue
+        grad = take_along(em, grad, axis, list(range(dim))[slice(start, end, step)], dim, rank)
+    return [grad]
+
+
+def take_along(em: Emitter, g: str, axis: int, picked: list[int], dim: int, rank: int) -> str:
+    """The adjoint of taking positions `picked` (static) along `axis` (size `dim`) of a
+    rank-`rank` tensor: each input position gets the sum of the rows of `g` that took it."""
+    if picked == list(range(dim)):
+        return g
+    if len(set(picked)) == len(picked):
+        # Append one zero slab and gather along the axis with a static map
+        # (input position -> its row of g, or the zero slab).
         index = np.full(dim, len(picked), np.int64)
         index[picked] = np.arange(len(picked))
-        zero = em.node("Mul", [em.reduce_sum(grad, [axis], keepdims=True), em.const(0.0)])
-        padded = em.node("Concat", [grad, zero], axis=axis)
-        grad = em.node("Gather", [padded, em.const(index, np.int64)], axis=axis)
-    return [grad]
+        zero = em.node("Mul", [em.reduce_sum(g, [axis], keepdims=True), em.const(0.0)])
+        padded = em.node("Concat", [g, zero], axis=axis)
+        return em.node("Gather", [padded, em.const(index, np.int64)], axis=axis)
+    # Repeated positions add up: a matrix product with the one-hot of the picks.
+    one_hot = np.zeros((len(picked), dim), np.float32)
+    np.add.at(one_hot, (np.arange(len(picked)), np.asarray(picked, np.int64)), 1.0)
+    perm = [a for a in range(rank) if a != axis] + [axis]
+    moved = em.node("MatMul", [em.node("Transpose", [g], perm=perm), em.const(one_hot)])
+    return em.node("Transpose", [moved], perm=[int(i) for i in np.argsort(perm)])
 
 
 @rule("Pad")
@@ -646,3 +660,7 @@ def _pad(em: Emitter, node: onnx.NodeProto, g: Grads) -> Grads:
     ends = [b + size for (_, b, _), size in zip(sliced, sizes, strict=True)]
     axes_out = [a for a, _, _ in sliced]
     return [em.node("Slice", [g[0], em.ints(starts), em.ints(ends), em.ints(axes_out)])]
+
+
+# The rules of transformers and ConvNeXt live in a module of their own and register here.
+from exporter.onnx_grad import transformer_rules  # noqa: E402,F401
