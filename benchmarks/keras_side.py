@@ -27,12 +27,10 @@ def measure(
     import keras
     import tensorflow as tf
 
-    from braincam.model_spec import ACTIVATIONS_OUTPUT, GRADIENTS_OUTPUT
-    from exporter.graphs import gradcam_outputs
-    from exporter.model_split import split_model
+    from exporter.keras_layers import choose_layer, gradients
 
     model = keras.models.load_model(keras_path, compile=False)
-    split = split_model(model, spec.explanation.layer)
+    target_layer = choose_layer(model, spec.explanation.layer)
     # .numpy() in the timed call: the result must reach the host, as predict()'s does.
     traced = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
 
@@ -43,10 +41,10 @@ def measure(
     x1 = preprocess(decoded.pixels, spec.preprocessing)[None]
 
     def tape_gradcam(x: tf.Tensor, target: tf.Tensor) -> np.ndarray:
-        # TensorFlow autodiff throughout (no hand-written gradients): the textbook
-        # GradientTape Grad-CAM, then the same numpy CAM as the ORT path.
-        out = gradcam_outputs(split, x, target, hand_written=False)
-        acts, grads = out[ACTIVATIONS_OUTPUT].numpy(), out[GRADIENTS_OUTPUT].numpy()
+        # TensorFlow autodiff throughout: the textbook GradientTape Grad-CAM (the parity
+        # gate's reference), then the same numpy CAM as the ORT path.
+        out = gradients(model, target_layer, np.asarray(x), np.asarray(target))
+        acts, grads = out["activations"], out["gradients"]
         return compute_cam("gradcam", acts, grads, size=decoded.size)
 
     rows: dict[str, Timing] = {}

@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from exporter.export import export_model  # TensorFlow loads here, after argparse
-    from exporter.model_split import ExportError, LayerError
+    from exporter.keras_layers import ExportError, LayerError
 
     height, width = args.input_size or (None, None)
     try:

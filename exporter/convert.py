@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -12,7 +13,10 @@ import tf2onnx
 from onnx import TensorProto, numpy_helper
 from tf2onnx import utils
 
+from braincam.model_spec import IMAGE_INPUT, PROBABILITIES_OUTPUT
 from exporter.errors import ExportError
+from exporter.keras_layers import KerasTarget
+from exporter.keras_layers import forward as keras_forward
 from exporter.onnx_io import WEIGHTS_FILE, check, write_with_shared_weights
 
 __all__ = ["WEIGHTS_FILE", "check", "to_onnx", "write_with_shared_weights"]
@@ -120,3 +124,63 @@ def _inline_captured_constants(model: onnx.ModelProto, concrete: Any, n_inputs: 
             value = np.asarray(captured[graph_input.name].numpy())
             model.graph.initializer.append(numpy_helper.from_array(value, graph_input.name))
             model.graph.input.remove(graph_input)
+
+
+# The explained layer's output, a graph output only until keras_to_onnx resolves it.
+EXPLAINED_OUTPUT = "bc_explained"
+# Ops tf2onnx puts between a tensor and a graph output that returns it (layout moves;
+# a Transpose that only moves 1-sized axes becomes a Reshape). The parity gate compares
+# the activations, so a wrong pick could not ship.
+_PASS_THROUGH = ("Identity", "Transpose", "Reshape")
+
+
+@dataclass
+class KerasOnnx:
+    model: onnx.ModelProto  # image -> probabilities (softmax, or one sigmoid unit)
+    explained: str  # the tensor the Keras layer's output became
+
+
+def keras_to_onnx(
+    model: Any, target: KerasTarget, input_shape: tuple[int, int, int], opset: int
+) -> KerasOnnx:
+    """The whole Keras model's forward pass as ONNX, with the ONNX tensor its explained
+    layer's output became. Its output is the softmax of the logits (the sigmoid of a
+    single unit), whatever the model's own last activation: exporter/onnx_grad reads
+    the class scores back through it."""
+
+    @tf.function(
+        input_signature=[tf.TensorSpec([None, *input_shape], tf.float32, name=IMAGE_INPUT)],
+        autograph=False,
+    )
+    def classifier(image: tf.Tensor) -> dict[str, tf.Tensor]:
+        scores, tap = keras_forward(model, target, image, two_way_scores=False)
+        probabilities = (tf.sigmoid(scores) if target.num_outputs == 1
+                         else tf.nn.softmax(scores, axis=-1))
+        return {PROBABILITIES_OUTPUT: probabilities, EXPLAINED_OUTPUT: tap.activations}
+
+    proto = to_onnx(classifier, opset)
+    return KerasOnnx(proto, _resolve_explained(proto))
+
+
+def _resolve_explained(proto: onnx.ModelProto) -> str:
+    """Drop the explained output and return the tensor on the model's own path it reads:
+    tf2onnx returns it through an Identity or a Transpose back to NHWC when the
+    convolutions before it run NCHW."""
+    graph = proto.graph
+    producers = {o: n for n in graph.node for o in n.output}
+    consumers: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers[name] = consumers.get(name, 0) + 1
+    name = EXPLAINED_OUTPUT
+    while consumers.get(name, 0) == 0 and name in producers:
+        node = producers[name]
+        if node.op_type not in _PASS_THROUGH:
+            break
+        name = node.input[0]
+    if consumers.get(name, 0) == 0:
+        raise ExportError("the explained layer's output is not on the model's path in the "
+                          "converted ONNX graph")
+    (output,) = [o for o in graph.output if o.name == EXPLAINED_OUTPUT]
+    graph.output.remove(output)
+    return name

@@ -25,7 +25,8 @@ from braincam.model_spec import (
 from braincam.ood import MAHALANOBIS
 from braincam.preprocessing import Preprocessing
 from exporter import fit_data, ood_graph, trust
-from exporter.graphs import FEATURES_TENSOR, GRID_FEATURES_TENSOR, LOGITS_TENSOR
+from exporter.errors import ExportError
+from exporter.keras_layers import choose_layer
 from exporter.model_dir import (
     CALIBRATION_IMAGES,
     calibration_inputs,
@@ -34,8 +35,9 @@ from exporter.model_dir import (
     replace_dir,
     versions,
 )
-from exporter.model_split import ExportError, split_model
 from exporter.ood_fit import TrustFit
+from exporter.onnx_export import build_for_export
+from exporter.onnx_grad.builder import BuiltGraphs
 
 __all__ = ["CALIBRATION_IMAGES", "ExportResult", "calibration_inputs", "export_model"]
 
@@ -47,6 +49,9 @@ DEFAULT_CALIBRATION = Path("data/demo/Testing")
 # Chosen by measurement on the demo model (trainer.ood_eval; README, "Out of distribution").
 DEFAULT_DETECTOR = MAHALANOBIS
 NO_DETECTOR = "none"
+# The explained layer's activations averaged on a GRID x GRID grid: a graph output only
+# until the trust edits consume it (ood.features in model.json names it).
+GRID_FEATURES_TENSOR = "grid_features"
 
 
 @dataclass
@@ -144,8 +149,8 @@ def export_model(
     prep = _resolve_preprocessing(
         model, run, {"height": height, "width": width, "channels": channels, "scale": scale}
     )
-    split = split_model(model, layer or run.get("explain_layer"), outputs)
-    label_list = _resolve_labels(run, labels, split.num_classes)
+    target = choose_layer(model, layer or run.get("explain_layer"), outputs)
+    label_list = _resolve_labels(run, labels, target.num_classes)
     task = task or run.get("task") or ("binary" if len(label_list) == 2 else "multiclass")
     decision = Decision(**run["decision"]) if run.get("decision") else Decision(threshold=None)
     if task == "binary" and decision.positive_label is None:
@@ -157,28 +162,36 @@ def export_model(
     calibration_dir = Path(calibration) if calibration else DEFAULT_CALIBRATION
     x = calibration_inputs(calibration_dir, prep)
 
-    from exporter.convert import check, to_onnx, write_with_shared_weights
-    from exporter.graphs import build_functions
+    from exporter.convert import check, keras_to_onnx, write_with_shared_weights
     from exporter.parity import check_parity
 
-    classifier_fn, gradcam_fn = build_functions(split, prep.input_shape)
+    # The whole model's forward pass through tf2onnx, then both graphs from the ONNX-level
+    # builder (exporter/onnx_grad), explaining the tensor the Keras layer's output became.
+    converted = keras_to_onnx(model, target, prep.input_shape, opset)
+    built = build_for_export(converted.model, prep, converted.explained)
+    if tuple(built.activation_shape) != target.activation_shape:
+        raise ExportError(f"layer '{target.layer_name}' has output shape "
+                          f"{target.activation_shape}, but its ONNX tensor "
+                          f"{converted.explained!r} {built.activation_shape}")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        protos = {
-            CLASSIFIER_ONNX: to_onnx(classifier_fn, opset),
-            GRADCAM_ONNX: to_onnx(gradcam_fn, opset),
-        }
+        protos = {CLASSIFIER_ONNX: built.classifier, GRADCAM_ONNX: built.gradcam}
         fit = _add_trust(
-            protos, run, calibration_dir, prep, label_list, ood_detector, calibrate, ood_features
+            protos, built, run, calibration_dir, prep, label_list, ood_detector, calibrate,
+            ood_features,
         )
         if fit is not None and fit.calibration_size and task == "binary":
             decision = _calibrated_decision(decision, run, fit.temperature)
         weights = write_with_shared_weights(protos, staging)
         for filename, proto in protos.items():
             check(proto, staging / filename)
+        kinds = {GRID_FEATURES_TENSOR: "grid"}
+        if built.anatomy.pooled_features:
+            kinds[built.anatomy.pooled_features] = "pooled"
         report = check_parity(
-            model, split, staging / CLASSIFIER_ONNX, staging / GRADCAM_ONNX, x, trust=fit
+            model, target, staging / CLASSIFIER_ONNX, staging / GRADCAM_ONNX, x, trust=fit,
+            features=kinds,
         )
         if not report.passed:
             raise ExportError(
@@ -188,7 +201,7 @@ def export_model(
                 + json.dumps(report.figures, indent=1)
             )
         ood, calibration_spec = (
-            trust.spec_sections(fit, logits=LOGITS_TENSOR) if fit is not None else (None, None)
+            trust.spec_sections(fit, logits=built.anatomy.logits) if fit is not None else (None, None)
         )
         spec = ModelSpec(
             name=name or run.get("name") or out_dir.name,
@@ -198,7 +211,7 @@ def export_model(
             preprocessing=prep,
             decision=decision,
             explanation=Explanation(
-                layer=split.layer_name, activation_shape=list(split.activation_shape)
+                layer=target.layer_name, activation_shape=list(target.activation_shape)
             ),
             graphs=Graphs(
                 classifier=graph_file(staging / CLASSIFIER_ONNX, protos[CLASSIFIER_ONNX]),
@@ -211,7 +224,7 @@ def export_model(
             exported_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             source={
                 "model": model_path.name,
-                "output_kind": split.output_kind,
+                "output_kind": target.output_kind,
                 "trainer_run": bool(run),
                 "arch": run.get("arch"),
             },
@@ -231,6 +244,7 @@ def export_model(
 
 def _add_trust(
     protos: dict[str, Any],
+    built: BuiltGraphs,
     run: dict[str, Any],
     calibration_dir: Path,
     prep: Preprocessing,
@@ -240,25 +254,31 @@ def _add_trust(
     ood_features: str = "grid",
 ) -> TrustFit | None:
     """Fit the detector and the temperature and edit both graphs; None: no detector."""
-    helpers = [GRID_FEATURES_TENSOR, FEATURES_TENSOR, LOGITS_TENSOR]
     images = None
     if detector != NO_DETECTOR:
         images = fit_data.collect(run, calibration_dir, prep, labels)
     if images is None:
-        for proto in protos.values():
-            ood_graph.remove_outputs(proto, helpers)
         return None
+    anatomy = built.anatomy
+    candidates = [anatomy.pooled_features] if anatomy.pooled_features else []
+    if built.found.tokens is None:
+        for proto in protos.values():
+            ood_graph.append_grid_features(
+                proto, anatomy.explained, built.activation_shape,
+                built.found.explained_layout == "nchw", ood_graph.GRID, GRID_FEATURES_TENSOR,
+            )
+        candidates.insert(0, GRID_FEATURES_TENSOR)
     run_t = (run.get("calibration") or {}).get("temperature")
     # The grid of the explained layer first (measured: it catches rotated, cropped and
     # blurred scans that the globally pooled vector lets through), else the pooled vector.
-    candidates = [GRID_FEATURES_TENSOR, FEATURES_TENSOR]
     if ood_features == "pooled":
         candidates.reverse()
     fit = trust.fit_on_graph(
-        protos[CLASSIFIER_ONNX], images, features=candidates, logits=LOGITS_TENSOR,
+        protos[CLASSIFIER_ONNX], images, features=candidates, logits=anatomy.logits,
         detector=detector, calibrate=calibrate, temperature=run_t,
     )
-    trust.apply_to_graphs(protos.values(), fit, logits=LOGITS_TENSOR, remove=helpers)
+    trust.apply_to_graphs(protos.values(), fit, logits=anatomy.logits,
+                          probabilities=anatomy.probabilities, remove=[GRID_FEATURES_TENSOR])
     log.info(
         "out-of-distribution detector %s: threshold %.4g (%d fit / %d held-out images); "
         "temperature %.4g", fit.detector, fit.threshold, fit.fit_size, fit.held_out_size,

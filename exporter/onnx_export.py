@@ -29,7 +29,7 @@ from braincam.preprocessing import Layout, Preprocessing
 from exporter.errors import ExportError
 from exporter.model_dir import calibration_inputs, data_file, graph_file, replace_dir, versions
 from exporter.onnx_grad.anatomy import GraphAnatomy
-from exporter.onnx_grad.builder import build_graphs, prepare_model
+from exporter.onnx_grad.builder import BuiltGraphs, build_graphs, prepare_model
 from exporter.onnx_grad.gate import run_gate
 from exporter.onnx_io import check, write_with_shared_weights
 
@@ -103,6 +103,15 @@ def resolve_preprocessing(model: onnx.ModelProto, options: dict[str, Any]) -> Pr
         raise ExportError(f"invalid preprocessing: {exc}") from exc
 
 
+def build_for_export(
+    source: onnx.ModelProto, prep: Preprocessing, layer: str | None = None,
+    outputs: str = "auto",
+) -> BuiltGraphs:
+    """Both graphs from the ONNX-level builder: what both exporters call (the Keras one
+    with the tensor its explained layer's output became, exporter/convert.py)."""
+    return build_graphs(source, prep, layer, outputs)
+
+
 def export_onnx_model(
     model_path: str | Path,
     out_dir: str | Path,
@@ -139,7 +148,7 @@ def export_onnx_model(
         "interpolation": interpolation, "layout": layout,
         "mean": tuple(mean) if mean else None, "std": tuple(std) if std else None,
     })
-    built = build_graphs(source, prep, layer, outputs)
+    built = build_for_export(source, prep, layer, outputs)
     if not labels:
         raise ExportError(f"the model has {built.num_classes} classes: name them with --labels")
     if len(labels) != built.num_classes:

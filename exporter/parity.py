@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import tensorflow as tf
 
 from braincam.calibration import softmax
 from braincam.cam import compute_cam
@@ -20,9 +19,9 @@ from braincam.model_spec import (
     PROBABILITIES_OUTPUT,
     TARGET_INPUT,
 )
-from exporter.graphs import LOGITS_TENSOR, forward, gradcam_outputs, head_gradients
-from exporter.model_split import ModelSplit, keras_probabilities
+from exporter.keras_layers import KerasTarget, gradients, keras_probabilities
 from exporter.ood_fit import TrustFit, score
+from exporter.ood_graph import GRID, grid_pool
 
 PROBABILITY_TOLERANCE = 1e-4  # max |p_onnx - p_keras|
 RELATIVE_TOLERANCE = 1e-4  # max |a_onnx - a_keras| / max |a_keras|, same for gradients
@@ -69,10 +68,6 @@ def _limit(figure: str) -> float | None:
     return RELATIVE_TOLERANCE
 
 
-def _numpy(outputs: dict[str, tf.Tensor]) -> dict[str, np.ndarray]:
-    return {key: value.numpy() for key, value in outputs.items()}
-
-
 def _relative(a: np.ndarray, ref: np.ndarray) -> float:
     scale = float(np.abs(ref).max())
     return float(np.abs(a - ref).max()) / (scale if scale > 0 else 1.0)
@@ -80,17 +75,22 @@ def _relative(a: np.ndarray, ref: np.ndarray) -> float:
 
 def check_parity(
     model: Any,
-    split: ModelSplit,
+    target: KerasTarget,
     classifier_path: Path,
     gradcam_path: Path,
     x: np.ndarray,
     trust: TrustFit | None = None,
+    features: dict[str, str] | None = None,
 ) -> ParityReport:
     """Compare both ONNX graphs (ORT, CPU) with Keras on real preprocessed inputs.
 
-    With `trust`, the graphs' probabilities are softmax(logits / T): they are compared
-    with that of TensorFlow's logits (whose T = 1 softmax is checked against Keras's
-    own prediction), and `ood_score` with the NumPy score of TensorFlow's features.
+    The reference gradients are TensorFlow's autodiff (tf.GradientTape) on the Keras
+    model itself, at the explained layer. With `trust`, the graphs' probabilities are
+    softmax(logits / T): they are compared with that of TensorFlow's logits (whose
+    T = 1 softmax is checked against Keras's own prediction), and `ood_score` with the
+    NumPy score of TensorFlow's features. `features` names what each feature tensor of
+    the graphs is on the Keras side: "grid" (the explained layer's activations on a
+    grid) or "pooled" (the input of the model's output layer).
     """
     import onnxruntime as ort
 
@@ -102,9 +102,13 @@ def check_parity(
     classifier = ort.InferenceSession(str(classifier_path), providers=cpu)
     gradcam = ort.InferenceSession(str(gradcam_path), providers=cpu)
 
-    keras_probs = keras_probabilities(model, x, split.output_kind)
-    tf_trust = {k: v.numpy() for k, v in forward(split, tf.constant(x)).items()}
-    tf_logits = tf_trust[LOGITS_TENSOR]
+    keras_probs = keras_probabilities(model, x, target.output_kind)
+    k = target.num_classes
+    predicted = np.argmax(keras_probs, axis=1)
+    # The predicted class (-1) and an explicit other class: both target paths are checked.
+    refs = {tag: gradients(model, target, x, targets) for tag, targets in
+            (("predicted", np.full(len(x), -1)), ("other", (predicted + 1) % k))}
+    tf_logits = refs["predicted"]["logits"]
     ref_probs = keras_probs
     ref_score = None
     if trust is not None:
@@ -112,9 +116,14 @@ def check_parity(
             np.abs(softmax(tf_logits) - keras_probs).max()
         )
         ref_probs = softmax(tf_logits, trust.temperature)
-        features = tf_trust.get(trust.features, tf_logits)
-        ref_score = score(trust.detector, features.reshape(len(x), -1), tf_logits,
-                          trust.gaussians)
+        kind = (features or {}).get(trust.features)
+        if kind == "grid":
+            feats = grid_pool(refs["predicted"]["activations"], GRID)
+        elif kind == "pooled":
+            feats = refs["predicted"]["pooled"]
+        else:
+            feats = tf_logits
+        ref_score = score(trust.detector, feats.reshape(len(x), -1), tf_logits, trust.gaussians)
     (onnx_probs,) = classifier.run([PROBABILITIES_OUTPUT], {IMAGE_INPUT: x})
     report.figures["classifier_probabilities_max_abs"] = float(
         np.abs(onnx_probs - ref_probs).max()
@@ -123,27 +132,24 @@ def check_parity(
         (onnx_score,) = classifier.run([OOD_SCORE_OUTPUT], {IMAGE_INPUT: x})
         report.figures["classifier_ood_rel"] = _relative(onnx_score, ref_score)
 
-    k = split.num_classes
-    predicted = np.argmax(keras_probs, axis=1)
-    # The predicted class (-1) and an explicit other class: both target paths are checked.
     for tag, targets in (("predicted", np.full(len(x), -1)), ("other", (predicted + 1) % k)):
-        t = tf.constant(targets.astype(np.int64))
-        ref = _numpy(gradcam_outputs(split, tf.constant(x), t, hand_written=False))
+        ref = refs[tag]
+        t = targets.astype(np.int64)
         probs, cls, acts, grads = gradcam.run(
             [PROBABILITIES_OUTPUT, CLASS_OUTPUT, ACTIVATIONS_OUTPUT, GRADIENTS_OUTPUT],
-            {IMAGE_INPUT: x, TARGET_INPUT: t.numpy()},
+            {IMAGE_INPUT: x, TARGET_INPUT: t},
         )
         # Max pooling routes a gradient to the largest activation of its window; where
         # two activations differ by float rounding (~1e-7) ORT and TF may pick different
         # ones. So the exported backward pass is checked against TensorFlow's autodiff
-        # given ORT's own activations (exact), and the end-to-end figure and the
-        # resulting Grad-CAM map are reported beside it (a ReLU whose input rounds to
-        # either side of zero flips the same way).
-        given = _numpy(head_gradients(split, tf.constant(acts), t, hand_written=False))
+        # given ORT's own activations (the Keras layer's output replaced by them: exact),
+        # and the end-to-end figure and the resulting Grad-CAM map are reported beside
+        # it (a ReLU whose input rounds to either side of zero flips the same way).
+        given = gradients(model, target, x, targets, given=acts)
         f = report.figures
         f[f"gradcam_{tag}_probabilities_max_abs"] = float(np.abs(probs - ref_probs).max())
         if ref_score is not None:
-            (g_score,) = gradcam.run([OOD_SCORE_OUTPUT], {IMAGE_INPUT: x, TARGET_INPUT: t.numpy()})
+            (g_score,) = gradcam.run([OOD_SCORE_OUTPUT], {IMAGE_INPUT: x, TARGET_INPUT: t})
             f[f"gradcam_{tag}_ood_rel"] = _relative(g_score, ref_score)
         f[f"gradcam_{tag}_activations_rel"] = _relative(acts, ref[ACTIVATIONS_OUTPUT])
         f[f"gradcam_{tag}_gradients_rel"] = _relative(grads, given[GRADIENTS_OUTPUT])

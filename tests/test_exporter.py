@@ -16,7 +16,7 @@ ort = pytest.importorskip("onnxruntime")
 
 from braincam.model_spec import load_spec  # noqa: E402
 from exporter.export import calibration_inputs, export_model  # noqa: E402
-from exporter.model_split import ExportError  # noqa: E402
+from exporter.errors import ExportError  # noqa: E402
 
 LABELS4 = ["glioma", "meningioma", "pituitary", "notumor"]
 
@@ -144,14 +144,20 @@ def small_cnn_path(tmp_path: Path) -> Path:
     return path
 
 
-def test_broken_relu_gradient_conversion_is_caught(
+def test_wrong_relu_rule_fails_the_parity_gate(
     small_cnn_path: Path, demo_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Without our ReluGrad converter tf2onnx leaves an unconverted op in the graph.
-    monkeypatch.setattr("exporter.convert.CUSTOM_OP_HANDLERS", {})
+    # The Grad-CAM graph comes from the ONNX-level builder (exporter/onnx_grad): a
+    # gradient passed through a ReLU unmasked must not ship, nor leave staging behind.
+    from exporter.onnx_grad import rules
+
+    relu = rules.RULES["Relu"]
+    monkeypatch.setitem(rules.RULES, "Relu", rules.Rule(lambda em, node, g: [g[0]],
+                                                        relu.diff_inputs))
     out = tmp_path / "out"
-    with pytest.raises(ExportError, match=r"ReluGrad|checker"):
-        export_model(small_cnn_path, out, labels=LABELS4, calibration=demo_data / "Testing")
+    with pytest.raises(ExportError, match=r"parity gate failed(.|\n)*gradients_rel"):
+        export_model(small_cnn_path, out, labels=LABELS4, calibration=demo_data / "Testing",
+                     layer="c1_relu")
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
 
@@ -160,9 +166,9 @@ def test_wrong_gradient_fails_the_parity_gate(
     small_cnn_path: Path, demo_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A plausible but wrong max-pool gradient (spread over the window) must not ship.
-    import exporter.backward as backward
+    from exporter.onnx_grad import rules
 
-    monkeypatch.setitem(backward.RULES, keras.layers.MaxPooling2D, backward._average_pool)
+    monkeypatch.setitem(rules.RULES, "MaxPool", rules.RULES["AveragePool"])
     out = tmp_path / "out"
     with pytest.raises(ExportError, match=r"parity gate failed(.|\n)*gradients_rel"):
         export_model(
@@ -181,8 +187,8 @@ def test_explaining_before_max_pool(small_cnn_path: Path, demo_data: Path, tmp_p
 
 def test_explaining_a_block_before_the_last(demo_data: Path, tmp_path: Path) -> None:
     # Between the explained layer and the head: max pooling, a 'same' conv, BatchNorm,
-    # ReLU and a 'valid' conv with a built-in ReLU, all through hand-written gradients
-    # (TF's Conv2DBackpropInput brings ShapeN, which does not export).
+    # ReLU and a 'valid' conv with a built-in ReLU, all through the ONNX-level builder's
+    # rules (tf2onnx cannot convert TensorFlow's gradient ops).
     out = _export_and_check(_two_block_cnn(), tmp_path, demo_data / "Testing", LABELS4,
                             layer="c1_relu")
     spec = load_spec(out)
@@ -216,20 +222,21 @@ def test_global_max_pooling_shares_the_gradient_of_tied_maxima(
 def test_wrong_conv_gradient_fails_the_parity_gate(
     demo_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import tensorflow as tf
+    # The transposed convolution with the kernel not flipped back: a classic mistake.
+    from exporter.onnx_grad import rules
 
-    import exporter.backward as backward
+    conv = rules.RULES["Conv"]
 
-    def unflipped(layer: keras.layers.Conv2D, x: tf.Tensor, g: tf.Tensor) -> tf.Tensor:
-        if layer.activation.__name__ == "relu":
-            g = g * tf.cast(layer(x) > 0, g.dtype)
-        kernel = tf.transpose(tf.convert_to_tensor(layer.kernel), [0, 1, 3, 2])
-        if layer.padding == "valid":
-            kh, kw = layer.kernel_size
-            g = tf.pad(g, [[0, 0], [kh - 1, kh - 1], [kw - 1, kw - 1], [0, 0]])
-        return tf.nn.conv2d(g, kernel, strides=1, padding=layer.padding.upper())
+    def unflipped(em, node, g):  # type: ignore[no-untyped-def]
+        flipped = em.node("Slice", [node.input[1], em.ints([-1, -1]),
+                                    em.ints([-(2**62), -(2**62)]), em.ints([2, 3]),
+                                    em.ints([-1, -1])])
+        renamed = type(node)()
+        renamed.CopyFrom(node)
+        renamed.input[1] = flipped
+        return conv.fn(em, renamed, g)
 
-    monkeypatch.setitem(backward.RULES, keras.layers.Conv2D, unflipped)
+    monkeypatch.setitem(rules.RULES, "Conv", rules.Rule(unflipped, conv.diff_inputs))
     path = tmp_path / "model.keras"
     _two_block_cnn().save(path)
     with pytest.raises(ExportError, match="parity gate failed"):

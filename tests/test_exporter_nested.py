@@ -19,7 +19,7 @@ pytest.importorskip("onnxruntime")
 
 from braincam.model_spec import load_spec  # noqa: E402
 from exporter.export import export_model  # noqa: E402
-from exporter.model_split import LayerError, split_model  # noqa: E402
+from exporter.keras_layers import LayerError, choose_layer, model_logits  # noqa: E402
 
 LABELS4 = ["glioma", "meningioma", "pituitary", "notumor"]
 
@@ -69,17 +69,22 @@ def _saved_and_reloaded(
 
 
 def _check_split(model: keras.Model, layer: str | None, expected: str) -> None:
-    """The cut lands on `expected`, and features + head reproduce the model's outputs."""
-    from exporter.graphs import forward_logits
+    """The explained layer is `expected`; the tapped forward pass records its output and
+    gives the model's own outputs (its logits), and the tap is gone afterwards."""
+    from exporter.keras_layers import forward
 
-    split = split_model(model, layer)
-    assert split.layer_name == expected
-    assert len(split.activation_shape) == 3
+    target = choose_layer(model, layer)
+    assert target.layer_name == expected
+    assert len(target.activation_shape) == 3
     x = np.random.default_rng(0).uniform(-1, 1, (2, *model.input_shape[1:])).astype(np.float32)
+    logits, tap = forward(model, target, x)
+    assert tuple(tap.activations.shape) == (2, *target.activation_shape)
     np.testing.assert_allclose(
-        np.asarray(forward_logits(split, x)), np.asarray(model(x, training=False)),
-        rtol=1e-4, atol=1e-5,
+        np.asarray(logits), np.asarray(model(x, training=False)), rtol=1e-4, atol=1e-5,
     )
+    np.testing.assert_allclose(np.asarray(model_logits(model, x)), np.asarray(logits),
+                               rtol=1e-5, atol=1e-6)
+    assert "call" not in vars(target.layer) and "call" not in vars(target.last)
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -105,15 +110,15 @@ def test_pooled_backbone(tmp_path: Path) -> None:
         match=rf"'{backbone}' is a nested model with output shape \(None, 1280\), not "
         rf"\[N,h,w,C\] \(a pooled backbone\?\); its last 4-D layer is '{last_4d}'",
     ):
-        split_model(model, backbone)
+        choose_layer(model, backbone)
     dense = model.layers[-3].name  # Dense(16)
     with pytest.raises(LayerError, match=rf"'{dense}' has output shape \(None, 16\), not"):
-        split_model(model, dense)
+        choose_layer(model, dense)
     with pytest.raises(LayerError, match=r"no layer named 'nope'.*4-D output: \.\.\., "):
-        split_model(model, "nope")  # the long list of names is cut to its last ones
-    # The head is replayed layer by layer: a residual merge after the cut cannot be.
-    with pytest.raises(LayerError, match=r"after it, layer 'block_15_add' does not simply"):
-        split_model(model, "block_14_add")
+        choose_layer(model, "nope")  # the long list of names is cut to its last ones
+    # Nothing is cut or replayed: a layer with a residual merge after it is explained
+    # inside the whole model's own forward pass.
+    _check_split(model, "block_14_add", "block_14_add")
 
 
 def test_export_with_layer_naming_the_backbone(tmp_path: Path, demo_data: Path) -> None:

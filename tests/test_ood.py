@@ -25,7 +25,7 @@ from braincam.ood import energy_score, mahalanobis_score
 from braincam.overlay import encode_png
 from exporter import ood_graph
 from exporter.fit_data import from_trainer_run
-from exporter.graphs import GRID_FEATURES_TENSOR
+from exporter.export import GRID_FEATURES_TENSOR
 from exporter.ood_fit import RANK, precision_form
 from tests.clients import ready_client
 

@@ -25,11 +25,11 @@ def model_logits(
     model: keras.Model, explain_layer: str, x: np.ndarray, batch_size: int
 ) -> np.ndarray:
     """The pre-softmax scores [N,K], computed as the exported graphs compute them."""
-    from exporter.graphs import forward_logits  # the exporter's own head replay
-    from exporter.model_split import split_model
+    from exporter.keras_layers import choose_layer, forward  # the exporter's own tap
 
-    split = split_model(model, explain_layer)
-    fn = tf.function(lambda t: forward_logits(split, t), autograph=False, reduce_retracing=True)
+    target = choose_layer(model, explain_layer)
+    fn = tf.function(lambda t: forward(model, target, t)[0], autograph=False,
+                     reduce_retracing=True)
     parts = [fn(tf.constant(x[i : i + batch_size])).numpy() for i in range(0, len(x), batch_size)]
     return np.concatenate(parts).astype(np.float64)
 

@@ -85,7 +85,7 @@ def summary(result: TrainResult) -> None:
 def export_errors() -> tuple[type[Exception], ...]:
     """The exporter's own, clearly worded failures (none if it is not installed)."""
     try:
-        from exporter.model_split import ExportError
+        from exporter.errors import ExportError
     except ImportError:
         return ()
     return (ExportError,)

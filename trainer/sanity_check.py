@@ -63,7 +63,7 @@ def randomization_check(
     `x` [N,H,W,C] are preprocessed images, `targets` the classes to explain.
     """
     from exporter.export import export_model
-    from exporter.model_split import ExportError
+    from exporter.errors import ExportError
 
     with tempfile.TemporaryDirectory() as tmp:
         keras_file = Path(tmp) / "shuffled.keras"

@@ -128,7 +128,11 @@ def build_graphs(
 
     # gradcam: target -> class_index -> one-hot seed -> reverse pass
     graph.input.append(helper.make_tensor_value_info(TARGET_INPUT, TensorProto.INT64, [BATCH]))
-    argmax = em.node("ArgMax", [probabilities], axis=1, keepdims=0)
+    # The class is the logits' argmax: softmax rounds near-equal logits (an untrained or
+    # a very confident model) to equal probabilities, and a source framework compares
+    # its own logits (exporter/parity.py).
+    scores = probabilities if found.kind == "probabilities" else logits
+    argmax = em.node("ArgMax", [scores], axis=1, keepdims=0)
     negative = em.node("Less", [TARGET_INPUT, em.ints([0])])
     graph.node.append(helper.make_node("Where", [negative, argmax, TARGET_INPUT], [CLASS_OUTPUT],
                                        name="bc_class_index"))

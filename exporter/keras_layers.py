@@ -1,22 +1,26 @@
-"""Split any Keras CNN (Sequential or Functional) into features -> explained layer -> head.
+"""The Keras side of a Keras export: which layer is explained, what the model outputs,
+and the TensorFlow reference the parity gate compares the ONNX graphs with.
 
-The Grad-CAM graph needs the activations of one convolutional layer and the
-gradient of a class score with respect to them. We therefore cut the model at
-that layer: `features(x)` runs everything up to it (a Keras sub-model, also when
-the layer sits inside a nested backbone), and `head` is the chain of layers after
-it, which we call one by one. Nested transfer-learning models cannot be cut with
-`keras.Model(outer.inputs, inner_layer.output)`, so the cut is made inside the
-nested model and the outer layers before it are replayed in front.
+The Grad-CAM graph itself is built on the converted ONNX graph (exporter/onnx_grad);
+here a *tap* marks the explained layer inside the whole model's own forward pass: the
+layer's `call` is wrapped while the model is traced (or run eagerly) so that its output
+is recorded, or replaced by given activations. Nothing is cut or replayed, so nested
+backbones (a Functional model inside a model), models reloaded from `.keras` and pooled
+backbones (`pooling="avg"`) all work the same way, and so do residual merges after the
+explained layer. The final softmax/sigmoid is switched off the same way, so the traced
+model returns the pre-activation scores (the logits Grad-CAM differentiates).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 from exporter.errors import ExportError
 
@@ -69,16 +73,19 @@ def _compute_layers(model: keras.Model) -> list[keras.layers.Layer]:
 
 
 @dataclass
-class ModelSplit:
-    """features(x) -> activations; head layers map activations to the last layer's input."""
+class KerasTarget:
+    """The explained layer and the model's output layer, resolved on a Keras model."""
 
-    features: Callable[..., Any]
-    head: list[keras.layers.Layer]
-    last: keras.layers.Layer | None  # the final Dense whose activation we strip, or None
+    layer: keras.layers.Layer  # whose output is explained (inside a nested model too)
+    last: keras.layers.Layer  # the model's output layer (a Dense or a Softmax)
     output_kind: OutputKind
-    layer_name: str
     activation_shape: tuple[int, int, int]
     num_outputs: int  # units of the model's output (1 for a single sigmoid unit)
+    path: list[keras.layers.Layer] = field(default_factory=list)  # top level -> layer
+
+    @property
+    def layer_name(self) -> str:
+        return str(self.layer.name)
 
     @property
     def num_classes(self) -> int:
@@ -101,7 +108,7 @@ def _auto_path(model: keras.Model) -> list[keras.layers.Layer] | None:
     """The last layer with a 4-D output, descending into nested models (backbones).
 
     A backbone is searched even when its own output is not 4-D (keras.applications
-    with `pooling="avg"`): its global pooling then joins the head.
+    with `pooling="avg"`): its global pooling then follows the explained layer.
     """
     for layer in reversed(_compute_layers(model)):
         if _is_model(layer):
@@ -142,26 +149,6 @@ def _descend_to_output(path: list[keras.layers.Layer]) -> list[keras.layers.Laye
     return path
 
 
-def _check_chain(
-    start: keras.layers.Layer, after: list[keras.layers.Layer], target: keras.layers.Layer
-) -> None:
-    """The head is replayed layer by layer, so after the cut each layer must take its
-    input from the one before: a residual merge or a branch there cannot be replayed."""
-    previous = start
-    for layer in after:
-        nodes = getattr(layer, "_inbound_nodes", None)
-        sources = (
-            {t._keras_history[0] for t in nodes[0].input_tensors} if nodes else set()
-        )
-        if sources != {previous}:
-            raise LayerError(
-                f"cannot explain layer '{target.name}': after it, layer '{layer.name}' does "
-                f"not simply take the output of '{previous.name}' (a residual merge or a "
-                "branch); explain a layer after the last merge (--layer)"
-            )
-        previous = layer
-
-
 def _names_hint(model: keras.Model, limit: int = 8) -> str:
     names = list(explainable_layers(model))
     if len(names) > limit:
@@ -178,43 +165,56 @@ def layer_names(model: keras.Model) -> list[str]:
     return names
 
 
-def _output_kind(
-    last: keras.layers.Layer, declared: str
-) -> tuple[OutputKind, keras.layers.Layer | None]:
+def explainable_layers(model: keras.Model) -> Sequence[str]:
+    """Names --layer accepts (a nested model's name stands for its output)."""
+    return [n for n in layer_names(model) if _rank(_find_path(model, n)[-1]) == 4]  # type: ignore[index]
+
+
+def _final_layer(model: keras.Model) -> keras.layers.Layer:
+    """The layer producing the model's output, inside nested models too."""
+    last = _compute_layers(model)[-1] if not model.outputs else _output_producer(model)
+    while _is_model(last):
+        last = _output_producer(last)
+    return last
+
+
+def _output_kind(last: keras.layers.Layer, declared: str) -> OutputKind:
     activation = getattr(last, "activation", None)
     act_name = getattr(activation, "__name__", "") if activation is not None else ""
     if isinstance(last, keras.layers.Softmax) or (
         isinstance(last, keras.layers.Activation) and act_name == "softmax"
     ):
-        return "softmax", None  # the head's previous layer already yields logits
+        return "softmax"  # the previous layer already yields logits
     if isinstance(last, keras.layers.Dense):
         if act_name in ("softmax", "sigmoid"):
             if declared == "logits":
                 raise ExportError(f"--outputs logits, but the last layer applies {act_name}")
-            return act_name, last  # type: ignore[return-value]
+            return act_name  # type: ignore[return-value]
         if act_name == "linear":
-            return "logits", last
+            return "logits"
         raise ExportError(
             f"the last Dense layer has activation '{act_name}', not softmax/sigmoid/linear"
         )
     if declared == "logits":
-        return "logits", None
+        return "logits"
     raise ExportError(
         f"cannot tell what the last layer '{last.name}' ({type(last).__name__}) outputs: "
         "end the model with a Dense layer, or pass --outputs logits"
     )
 
 
-def split_model(model: keras.Model, layer: str | None = None, outputs: str = "auto") -> ModelSplit:
-    """Cut `model` at the explained layer (auto-detected unless named)."""
+def choose_layer(model: keras.Model, layer: str | None = None,
+                 outputs: str = "auto") -> KerasTarget:
+    """The explained layer (auto-detected unless named) and what the model outputs."""
+    if len(model.outputs) != 1:
+        raise ExportError("models with several outputs are not supported")
     if layer is None:
-        auto = _auto_path(model)
-        if auto is None:
+        path = _auto_path(model)
+        if path is None:
             raise ExportError(
                 "the model has no layer with a 4-D output [N,h,w,C]: it is not a CNN that "
                 "Grad-CAM can explain (pass --layer to name one if auto-detection missed it)"
             )
-        path = auto
     else:
         found = _find_path(model, layer)
         if found is None:
@@ -229,41 +229,15 @@ def split_model(model: keras.Model, layer: str | None = None, outputs: str = "au
             f"layer '{target.name}' has {_shape_text(target)}, not [N,h,w,C]; "
             "layers with a 4-D output: " + _names_hint(model)
         )
-
-    # Features: outer layers before the nested model(s) on the path are replayed in front.
-    features_stack: list[Callable[..., Any]] = []
-    head: list[keras.layers.Layer] = []
-    container = model
-    for depth, node in enumerate(path):
-        layers = _compute_layers(container)
-        idx = layers.index(node)
-        if depth == len(path) - 1:
-            try:
-                cut = keras.Model(container.inputs, _output_tensor(node), name="features")
-            except ValueError as exc:  # e.g. a layer not connected to the model's input
-                raise LayerError(f"cannot cut the model at layer '{node.name}': {exc}") from exc
-            features_stack.append(cut)
-        else:
-            features_stack.extend(layers[:idx])
-        _check_chain(node, layers[idx + 1 :], target)
-        head = layers[idx + 1 :] + head
-        container = node
-
-    def features(x: Any) -> Any:
-        for fn in features_stack:
-            x = fn(x, training=False)
-        return x
-
-    if not head:
+    if len(getattr(target, "_inbound_nodes", ())) > 1:
+        raise LayerError(f"layer '{target.name}' is called more than once in the model: "
+                         "its output is ambiguous; name another layer with --layer")
+    last = _final_layer(model)
+    if last is target:
         raise ExportError(
             f"layer '{target.name}' is the model's output: there is no head to explain"
         )
-    last_layer = head[-1]
-    kind, last = _output_kind(last_layer, outputs)
-    if kind == "softmax" and last is None:
-        head = head[:-1]  # drop the separate Softmax layer: we need the logits
-    elif last is not None:
-        head = head[:-1]
+    kind = _output_kind(last, outputs)
     num_outputs = int(model.outputs[0].shape[-1])
     if kind == "sigmoid" and num_outputs != 1:
         raise ExportError(
@@ -272,7 +246,101 @@ def split_model(model: keras.Model, layer: str | None = None, outputs: str = "au
     activations = _output_tensor(target)
     assert activations is not None  # its rank was checked above
     shape = tuple(int(d) for d in activations.shape[1:])
-    return ModelSplit(features, head, last, kind, target.name, shape, num_outputs)  # type: ignore[arg-type]
+    return KerasTarget(target, last, kind, shape, num_outputs, path)  # type: ignore[arg-type]
+
+
+@dataclass
+class Tap:
+    """What the tapped forward pass recorded (tensors of the last call)."""
+
+    activations: Any = None
+    pooled: Any = None  # the input of the output Dense layer (penultimate features)
+
+
+def _unwrap(x: Any) -> Any:
+    return x[0] if isinstance(x, (list, tuple)) and len(x) == 1 else x
+
+
+@contextlib.contextmanager
+def tapped(target: KerasTarget, given: Any = None) -> Iterator[Tap]:
+    """While open: calling the model records the explained layer's output (or returns
+    `given` in its place) and the model returns its pre-activation scores."""
+    tap = Tap()
+    layer, last = target.layer, target.last
+    layer_call, last_call = layer.call, last.call
+    saved_activation = getattr(last, "activation", None)
+
+    def explained_call(*args: Any, **kwargs: Any) -> Any:
+        out = layer_call(*args, **kwargs)
+        if given is not None:
+            out = tf.convert_to_tensor(given, dtype=_unwrap(out).dtype)
+        tap.activations = _unwrap(out)
+        return out
+
+    def last_call_logits(*args: Any, **kwargs: Any) -> Any:
+        tap.pooled = _unwrap(args[0]) if args else None
+        if target.output_kind == "softmax" and not isinstance(last, keras.layers.Dense):
+            return args[0]  # a separate Softmax layer: its input is the logits
+        return last_call(*args, **kwargs)
+
+    layer.call = explained_call
+    last.call = last_call_logits
+    if target.output_kind in ("softmax", "sigmoid") and isinstance(last, keras.layers.Dense):
+        last.activation = keras.activations.linear
+    try:
+        yield tap
+    finally:
+        del layer.call  # back to the class's own method
+        if "call" in vars(last):
+            del last.call
+        if saved_activation is not None:
+            last.activation = saved_activation
+
+
+def two_way(scores: tf.Tensor, num_outputs: int) -> tf.Tensor:
+    """One sigmoid unit z -> logits [-z/2, z/2]: softmax of that is [1-σ(z), σ(z)]."""
+    if num_outputs == 1:
+        return tf.matmul(scores, tf.constant([[-0.5, 0.5]], dtype=scores.dtype))
+    return scores
+
+
+def forward(model: keras.Model, target: KerasTarget, x: Any, given: Any = None,
+            two_way_scores: bool = True) -> tuple[tf.Tensor, Tap]:
+    """(logits [N,K], tap): the model's pre-softmax scores and what the tap recorded;
+    a single sigmoid unit's own score [N,1] with `two_way_scores=False`."""
+    with tapped(target, given) as tap:
+        scores = _unwrap(model(x, training=False))
+    return (two_way(scores, target.num_outputs) if two_way_scores else scores), tap
+
+
+def model_logits(model: keras.Model, x: Any, outputs: str = "auto") -> tf.Tensor:
+    """The pre-softmax scores [N,K] of any model the exporter takes."""
+    return forward(model, choose_layer(model, None, outputs), x)[0]
+
+
+def gradients(model: keras.Model, target: KerasTarget, x: np.ndarray, classes: np.ndarray,
+              given: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """TensorFlow's autodiff on the Keras model: d(logit of `classes`, -1 = predicted) /
+    d(explained layer's output), with the layer's output replaced by `given` if set."""
+    given_t = None if given is None else tf.constant(given)
+    with tf.GradientTape() as tape:
+        if given_t is not None:
+            tape.watch(given_t)  # a constant: the tape only follows it when told
+        with tapped(target, given_t) as tap:
+            scores = _unwrap(model(tf.constant(x), training=False))
+        logits = two_way(scores, target.num_outputs)
+    cls = np.where(classes < 0, np.argmax(logits.numpy(), axis=1), classes).astype(np.int64)
+    seed = tf.one_hot(cls, target.num_classes, dtype=logits.dtype)
+    grads = tape.gradient(logits, tap.activations, output_gradients=seed)
+    if grads is None:
+        raise ExportError(f"the class scores do not depend on layer '{target.layer_name}'")
+    return {
+        "logits": logits.numpy(),
+        "class_index": cls,
+        "activations": np.asarray(tap.activations),
+        "gradients": grads.numpy(),
+        "pooled": np.asarray(tap.pooled) if tap.pooled is not None else None,  # type: ignore[dict-item]
+    }
 
 
 def keras_probabilities(model: keras.Model, x: np.ndarray, kind: OutputKind) -> np.ndarray:
@@ -286,8 +354,3 @@ def keras_probabilities(model: keras.Model, x: np.ndarray, kind: OutputKind) -> 
     if y.shape[-1] == 1:
         return np.concatenate([1 - y, y], axis=-1)
     return y
-
-
-def explainable_layers(model: keras.Model) -> Sequence[str]:
-    """Names --layer accepts (a nested model's name stands for its output)."""
-    return [n for n in layer_names(model) if _rank(_find_path(model, n)[-1]) == 4]  # type: ignore[index]
