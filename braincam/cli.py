@@ -5,6 +5,10 @@ only when that command runs, so `braincam predict` loads neither the web stack
 nor TensorFlow. A module either defines `add_arguments(parser)` and `run(args)`
 (its options join this parser), or, registered with `own_parser=True`, a
 `main(argv) -> int` that parses its own arguments. Adding a command is one entry.
+
+Packages above the core add commands through the `braincam.commands` entry point
+group (name = command, value = module, which also defines `HELP`): `braincam serve`
+comes from the service that way (service/command.py), so the core never imports it.
 """
 
 from __future__ import annotations
@@ -39,11 +43,6 @@ COMMANDS: tuple[Command, ...] = (
         "braincam.commands.info",
     ),
     Command(
-        "serve",
-        "serve the HTTP API and web page (the same BRAINCAM_* settings as python -m service)",
-        "braincam.commands.serve",
-    ),
-    Command(
         "dicomweb",
         "analyse a study on a DICOMweb PACS and store SR + Secondary Capture back",
         "braincam.dicomweb_cli",
@@ -52,11 +51,31 @@ COMMANDS: tuple[Command, ...] = (
 )
 
 
+PLUGIN_GROUP = "braincam.commands"
+
+
+def commands() -> tuple[Command, ...]:
+    """The core's commands, then those installed packages register (entry points)."""
+    from importlib.metadata import entry_points
+
+    names = {c.name for c in COMMANDS}
+    plugins = []
+    for ep in sorted(entry_points(group=PLUGIN_GROUP), key=lambda e: e.name):
+        if ep.name in names:
+            continue  # a core command keeps its name
+        names.add(ep.name)
+        help_text = getattr(importlib.import_module(ep.value), "HELP", "")
+        plugins.append(Command(ep.name, help_text, ep.value))
+    return (*COMMANDS, *plugins)
+
+
 class UsageError(Exception):
     """A mistake on the command line (or a model directory that cannot be used): exit 2."""
 
 
-def _parser(selected: Command | None) -> argparse.ArgumentParser:
+def _parser(
+    selected: Command | None, available: Sequence[Command]
+) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="braincam",
         description="Explainable brain-MRI tumour classification on ONNX Runtime. "
@@ -64,7 +83,7 @@ def _parser(selected: Command | None) -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"braincam {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for command in COMMANDS:
+    for command in available:
         p = sub.add_parser(command.name, help=command.help, description=command.help)
         if command is selected:  # only the command that runs imports its module
             importlib.import_module(command.module).add_arguments(p)
@@ -73,12 +92,13 @@ def _parser(selected: Command | None) -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    selected = next((c for c in COMMANDS if args and args[0] == c.name), None)
+    available = commands()
+    selected = next((c for c in available if args and args[0] == c.name), None)
     if selected is not None and selected.own_parser:
         return int(importlib.import_module(selected.module).main(args[1:]))
-    parser = _parser(selected)
+    parser = _parser(selected, available)
     parsed = parser.parse_args(args)
-    module = importlib.import_module(next(c for c in COMMANDS if c.name == parsed.command).module)
+    module = importlib.import_module(next(c for c in available if c.name == parsed.command).module)
     try:
         return int(module.run(parsed))
     except UsageError as exc:

@@ -35,9 +35,9 @@ from exporter.model_dir import (
     replace_dir,
     versions,
 )
-from exporter.ood_fit import TrustFit
 from exporter.onnx_export import build_for_export
 from exporter.onnx_grad.builder import BuiltGraphs
+from exporter.ood_fit import TrustFit
 
 __all__ = ["CALIBRATION_IMAGES", "ExportResult", "calibration_inputs", "export_model"]
 
@@ -200,9 +200,9 @@ def export_model(
                 + "\nfigures: "
                 + json.dumps(report.figures, indent=1)
             )
-        ood, calibration_spec = (
-            trust.spec_sections(fit, logits=built.anatomy.logits) if fit is not None else (None, None)
-        )
+        ood, calibration_spec = (None, None)
+        if fit is not None:
+            ood, calibration_spec = trust.spec_sections(fit, logits=built.anatomy.logits)
         spec = ModelSpec(
             name=name or run.get("name") or out_dir.name,
             version=version or str(run.get("version", "1")),

@@ -40,7 +40,7 @@ SEED = 0
 
 def from_trainer_run(run: dict[str, Any], prep: Preprocessing, labels: list[str]) -> FitImages:
     """The run's training split (fit) and validation split (held out), with labels."""
-    from trainer.pipeline import stratified_split  # the trainer's own split, same seed
+    from braincam.splits import stratified_split  # the trainer's own split, same seed
 
     config = run.get("config") or {}
     task: Task = "binary" if run.get("task") == "binary" else "multiclass"

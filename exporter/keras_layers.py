@@ -229,9 +229,6 @@ def choose_layer(model: keras.Model, layer: str | None = None,
             f"layer '{target.name}' has {_shape_text(target)}, not [N,h,w,C]; "
             "layers with a 4-D output: " + _names_hint(model)
         )
-    if len(getattr(target, "_inbound_nodes", ())) > 1:
-        raise LayerError(f"layer '{target.name}' is called more than once in the model: "
-                         "its output is ambiguous; name another layer with --layer")
     last = _final_layer(model)
     if last is target:
         raise ExportError(
@@ -255,6 +252,7 @@ class Tap:
 
     activations: Any = None
     pooled: Any = None  # the input of the output Dense layer (penultimate features)
+    calls: int = 0
 
 
 def _unwrap(x: Any) -> Any:
@@ -271,6 +269,10 @@ def tapped(target: KerasTarget, given: Any = None) -> Iterator[Tap]:
     saved_activation = getattr(last, "activation", None)
 
     def explained_call(*args: Any, **kwargs: Any) -> Any:
+        tap.calls += 1
+        if tap.calls > 1:
+            raise LayerError(f"layer '{layer.name}' is called more than once in the model: "
+                             "its output is ambiguous; name another layer with --layer")
         out = layer_call(*args, **kwargs)
         if given is not None:
             out = tf.convert_to_tensor(given, dtype=_unwrap(out).dtype)
@@ -339,7 +341,7 @@ def gradients(model: keras.Model, target: KerasTarget, x: np.ndarray, classes: n
         "class_index": cls,
         "activations": np.asarray(tap.activations),
         "gradients": grads.numpy(),
-        "pooled": np.asarray(tap.pooled) if tap.pooled is not None else None,  # type: ignore[dict-item]
+        "pooled": np.asarray(tap.pooled) if tap.pooled is not None else None,
     }
 
 

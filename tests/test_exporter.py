@@ -15,8 +15,8 @@ keras = pytest.importorskip("keras")
 ort = pytest.importorskip("onnxruntime")
 
 from braincam.model_spec import load_spec  # noqa: E402
-from exporter.export import calibration_inputs, export_model  # noqa: E402
 from exporter.errors import ExportError  # noqa: E402
+from exporter.export import calibration_inputs, export_model  # noqa: E402
 
 LABELS4 = ["glioma", "meningioma", "pituitary", "notumor"]
 

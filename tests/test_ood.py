@@ -24,8 +24,8 @@ from braincam.model_spec import MODEL_JSON, load_spec
 from braincam.ood import energy_score, mahalanobis_score
 from braincam.overlay import encode_png
 from exporter import ood_graph
-from exporter.fit_data import from_trainer_run
 from exporter.export import GRID_FEATURES_TENSOR
+from exporter.fit_data import from_trainer_run
 from exporter.ood_fit import RANK, precision_form
 from tests.clients import ready_client
 

@@ -19,11 +19,12 @@ from braincam import DISCLAIMER  # noqa: E402
 from braincam.datasets import BINARY_LABELS, MULTICLASS_LABELS, DatasetError  # noqa: E402
 from braincam.decoding import load_image  # noqa: E402
 from braincam.preprocessing import Preprocessing  # noqa: E402
+from braincam.splits import stratified_split  # noqa: E402
 from trainer import cli  # noqa: E402
 from trainer.errors import WeightsError  # noqa: E402
 from trainer.evaluate import youden_threshold  # noqa: E402
 from trainer.model import CNN_HEADS, DEFAULT_CNN_HEAD, build_model  # noqa: E402
-from trainer.pipeline import augmenter, stratified_split  # noqa: E402
+from trainer.pipeline import augmenter  # noqa: E402
 from trainer.train import TrainConfig, train  # noqa: E402
 
 TINY = 64

@@ -1,4 +1,5 @@
-"""tf.data input pipelines, training-time augmentation, validation split, class weights.
+"""tf.data input pipelines, training-time augmentation, class weights (the validation
+split: braincam/splits.py, shared with the exporter).
 
 Augmentation lives here, in the tf.data map, never inside the model: the saved and
 exported model must be exactly preprocess -> network, as the service runs it.
@@ -12,10 +13,8 @@ from collections.abc import Callable
 import keras
 import numpy as np
 import tensorflow as tf
-from sklearn.model_selection import train_test_split
 from sklearn.utils.class_weight import compute_class_weight
 
-from braincam.datasets import DatasetError
 from braincam.preprocessing import Scale
 
 # The reference notebooks' ImageDataGenerator settings.
@@ -31,24 +30,6 @@ VALUE_RANGES: dict[Scale, tuple[float, float]] = {
     "symmetric": (-1.0, 1.0),
     "none": (0.0, 255.0),
 }
-
-
-def stratified_split(
-    y: np.ndarray, val_split: float, seed: int, num_classes: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Indices (train, val), stratified by class and seeded."""
-    counts = np.bincount(y, minlength=num_classes)
-    if counts.min() < 2:
-        raise DatasetError(
-            "every class needs at least 2 training images for a stratified validation split"
-        )
-    # At least one validation image per class, however small the dataset.
-    n_val = max(math.ceil(val_split * len(y)), num_classes)
-    if len(y) - n_val < num_classes:
-        raise DatasetError(f"too few training images ({len(y)}) for a validation split")
-    idx = np.arange(len(y))
-    train_idx, val_idx = train_test_split(idx, test_size=n_val, stratify=y, random_state=seed)
-    return np.sort(train_idx), np.sort(val_idx)
 
 
 def class_weights(y: np.ndarray, num_classes: int) -> dict[int, float]:

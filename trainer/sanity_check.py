@@ -62,8 +62,8 @@ def randomization_check(
 
     `x` [N,H,W,C] are preprocessed images, `targets` the classes to explain.
     """
-    from exporter.export import export_model
     from exporter.errors import ExportError
+    from exporter.export import export_model
 
     with tempfile.TemporaryDirectory() as tmp:
         keras_file = Path(tmp) / "shuffled.keras"

@@ -33,6 +33,7 @@ from braincam.datasets import (
     scan_split,
 )
 from braincam.preprocessing import Preprocessing
+from braincam.splits import stratified_split
 from trainer import calibrate, evaluate, model_card, pipeline, plots
 from trainer.callbacks import RecalibrateBatchNorm
 from trainer.demo_data import DATASET_JSON
@@ -199,7 +200,7 @@ def train(config: TrainConfig) -> TrainResult:
     training, testing = _scan(config)
     log.info("loading %d training images at %dx%dx%d", len(training.paths), *prep.input_shape)
     loaded = load_split(training, prep)
-    train_idx, val_idx = pipeline.stratified_split(
+    train_idx, val_idx = stratified_split(
         loaded.y, config.val_split, config.seed, len(labels))
 
     run_dir = config.out

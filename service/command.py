@@ -1,5 +1,7 @@
 """`braincam serve`: the HTTP service, as `python -m service` runs it.
 
+The service adds this command to the `braincam` CLI through the `braincam.commands`
+entry point (pyproject.toml): the core (braincam/) never imports the service.
 Every setting is a BRAINCAM_* environment variable (service/core/config.py); the
 few options here set the common ones for this run and take precedence.
 """
@@ -9,6 +11,8 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
+
+HELP = "serve the HTTP API and web page (the same BRAINCAM_* settings as python -m service)"
 
 # option -> environment variable of service.core.config.Settings
 _OPTIONS = {
