@@ -14,6 +14,7 @@ from onnx import TensorProto, numpy_helper
 from tf2onnx import utils
 
 from braincam.model_spec import IMAGE_INPUT, PROBABILITIES_OUTPUT
+from braincam.preprocessing import Layout
 from exporter.errors import ExportError
 from exporter.keras_layers import KerasTarget
 from exporter.keras_layers import forward as keras_forward
@@ -132,12 +133,19 @@ EXPLAINED_OUTPUT = "bc_explained"
 # a Transpose that only moves 1-sized axes becomes a Reshape). The parity gate compares
 # the activations, so a wrong pick could not ship.
 _PASS_THROUGH = ("Identity", "Transpose", "Reshape")
+# (layout after a Transpose, its perm) -> the layout before it
+_BEFORE_TRANSPOSE: dict[tuple[str, tuple[int, ...]], Layout] = {
+    ("nhwc", (0, 2, 3, 1)): "nchw",
+    ("nchw", (0, 3, 1, 2)): "nhwc",
+    ("nhwc", (0, 1, 2, 3)): "nhwc",
+}
 
 
 @dataclass
 class KerasOnnx:
     model: onnx.ModelProto  # image -> probabilities (softmax, or one sigmoid unit)
     explained: str  # the tensor the Keras layer's output became
+    layout: Layout | None  # its layout, when the ops between it and the output tell
 
 
 def keras_to_onnx(
@@ -159,10 +167,10 @@ def keras_to_onnx(
         return {PROBABILITIES_OUTPUT: probabilities, EXPLAINED_OUTPUT: tap.activations}
 
     proto = to_onnx(classifier, opset)
-    return KerasOnnx(proto, _resolve_explained(proto))
+    return KerasOnnx(proto, *_resolve_explained(proto))
 
 
-def _resolve_explained(proto: onnx.ModelProto) -> str:
+def _resolve_explained(proto: onnx.ModelProto) -> tuple[str, Layout | None]:
     """Drop the explained output and return the tensor on the model's own path it reads:
     tf2onnx returns it through an Identity or a Transpose back to NHWC when the
     convolutions before it run NCHW."""
@@ -173,14 +181,20 @@ def _resolve_explained(proto: onnx.ModelProto) -> str:
         for name in node.input:
             consumers[name] = consumers.get(name, 0) + 1
     name = EXPLAINED_OUTPUT
+    layout: Layout | None = "nhwc"  # the Keras layer's own output
     while consumers.get(name, 0) == 0 and name in producers:
         node = producers[name]
         if node.op_type not in _PASS_THROUGH:
             break
+        if node.op_type == "Reshape":
+            layout = None  # the builder reads it from the ops before
+        elif node.op_type == "Transpose":
+            perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), [])
+            layout = _BEFORE_TRANSPOSE.get((layout, tuple(perm))) if layout else None
         name = node.input[0]
     if consumers.get(name, 0) == 0:
         raise ExportError("the explained layer's output is not on the model's path in the "
                           "converted ONNX graph")
     (output,) = [o for o in graph.output if o.name == EXPLAINED_OUTPUT]
     graph.output.remove(output)
-    return name
+    return name, layout

@@ -168,7 +168,8 @@ def export_model(
     # The whole model's forward pass through tf2onnx, then both graphs from the ONNX-level
     # builder (exporter/onnx_grad), explaining the tensor the Keras layer's output became.
     converted = keras_to_onnx(model, target, prep.input_shape, opset)
-    built = build_for_export(converted.model, prep, converted.explained)
+    built = build_for_export(converted.model, prep, converted.explained,
+                             layer_layout=converted.layout)
     if tuple(built.activation_shape) != target.activation_shape:
         raise ExportError(f"layer '{target.layer_name}' has output shape "
                           f"{target.activation_shape}, but its ONNX tensor "

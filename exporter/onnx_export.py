@@ -105,11 +105,11 @@ def resolve_preprocessing(model: onnx.ModelProto, options: dict[str, Any]) -> Pr
 
 def build_for_export(
     source: onnx.ModelProto, prep: Preprocessing, layer: str | None = None,
-    outputs: str = "auto",
+    outputs: str = "auto", layer_layout: Layout | None = None,
 ) -> BuiltGraphs:
     """Both graphs from the ONNX-level builder: what both exporters call (the Keras one
     with the tensor its explained layer's output became, exporter/convert.py)."""
-    return build_graphs(source, prep, layer, outputs)
+    return build_graphs(source, prep, layer, outputs, layer_layout)
 
 
 def export_onnx_model(

@@ -226,8 +226,11 @@ def find_pooled_features(info: GraphInfo, score: str) -> str | None:
 
 
 def analyse(
-    info: GraphInfo, image_layout: Layout, layer: str | None = None, outputs: str = "auto"
+    info: GraphInfo, image_layout: Layout, layer: str | None = None, outputs: str = "auto",
+    layer_layout: Layout | None = None,
 ) -> Found:
+    """`layer_layout`: the named tensor's layout when the caller knows it (the Keras path:
+    tf2onnx keeps a layer's NHWC output where no convolution or pooling shows it)."""
     graph = info.model.graph
     initializers = {i.name for i in graph.initializer}
     inputs = [i.name for i in graph.input if i.name not in initializers]
@@ -253,6 +256,8 @@ def analyse(
         tokens = token_grid(info, explained, _patches_before(info, explained, maps, layouts),
                             relevant, forward_reach)
     layout = "nhwc" if tokens is not None else layouts.get(explained)
+    if layer is not None and layer_layout is not None and tokens is None:
+        layout = layer_layout
     if layout is None:
         raise ExportError(f"cannot tell whether tensor {explained!r} is NCHW or NHWC: it is not "
                           "produced from a convolution or pooling by layout-preserving ops")

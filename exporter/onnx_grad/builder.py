@@ -24,7 +24,7 @@ from braincam.model_spec import (
     PROBABILITIES_OUTPUT,
     TARGET_INPUT,
 )
-from braincam.preprocessing import Preprocessing
+from braincam.preprocessing import Layout, Preprocessing
 from exporter.errors import ExportError
 from exporter.onnx_grad import rows
 from exporter.onnx_grad.anatomy import Found, GraphAnatomy, analyse, backward_reach, forward_reach
@@ -102,10 +102,12 @@ def build_graphs(
     prep: Preprocessing,
     layer: str | None = None,
     outputs: str = "auto",
+    layer_layout: Layout | None = None,
 ) -> BuiltGraphs:
+    """`layer_layout`: the layout of the tensor `layer` names, when the caller knows it."""
     source = prepare_model(model, prep)
     info = GraphInfo.of(source)
-    found = analyse(info, prep.layout, layer, outputs)
+    found = analyse(info, prep.layout, layer, outputs, layer_layout)
     base = copy.deepcopy(info.model)
     del base.graph.value_info[:]
     graph = base.graph
