@@ -1,12 +1,12 @@
 """Edits of an exported ONNX classifier that put trust into the graph itself.
 
 Every function works on a plain `onnx.ModelProto` given tensor names (the penultimate
-features [N,D] and the pre-softmax logits [N,K]), so any exporter can use them: the
-Keras path exposes both tensors as named outputs of its tf.function, an ONNX-level
-exporter names them in the graph it was given.
+features [N,D] and the pre-softmax logits [N,K]) that the ONNX-level builder finds
+(exporter/onnx_grad/anatomy.py) for both exporters.
 
 - `apply_temperature`: `probabilities` becomes Softmax(logits / T).
 - `append_mahalanobis` / `append_energy`: an `ood_score` [N] output.
+- `append_grid_features`: the explained feature map averaged on a coarse grid.
 - `tensor_values`: run the graph in ONNX Runtime to read internal tensors (the fit).
 """
 
