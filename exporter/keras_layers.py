@@ -82,6 +82,7 @@ class KerasTarget:
     activation_shape: tuple[int, int, int]
     num_outputs: int  # units of the model's output (1 for a single sigmoid unit)
     path: list[keras.layers.Layer] = field(default_factory=list)  # top level -> layer
+    dense: keras.layers.Layer | None = None  # the output Dense (before a Softmax layer)
 
     @property
     def layer_name(self) -> str:
@@ -243,7 +244,15 @@ def choose_layer(model: keras.Model, layer: str | None = None,
     activations = _output_tensor(target)
     assert activations is not None  # its rank was checked above
     shape = tuple(int(d) for d in activations.shape[1:])
-    return KerasTarget(target, last, kind, shape, num_outputs, path)  # type: ignore[arg-type]
+    dense = last if isinstance(last, keras.layers.Dense) else _input_producer(last)
+    return KerasTarget(target, last, kind, shape, num_outputs, path,  # type: ignore[arg-type]
+                       dense if isinstance(dense, keras.layers.Dense) else None)
+
+
+def _input_producer(layer: keras.layers.Layer) -> keras.layers.Layer | None:
+    nodes = getattr(layer, "_inbound_nodes", None)
+    tensors = nodes[0].input_tensors if nodes else []
+    return tensors[0]._keras_history[0] if len(tensors) == 1 else None
 
 
 @dataclass
@@ -251,7 +260,7 @@ class Tap:
     """What the tapped forward pass recorded (tensors of the last call)."""
 
     activations: Any = None
-    pooled: Any = None  # the input of the output Dense layer (penultimate features)
+    pooled: Any = None  # the output Dense layer's input (the penultimate features)
     calls: int = 0
 
 
@@ -264,8 +273,9 @@ def tapped(target: KerasTarget, given: Any = None) -> Iterator[Tap]:
     """While open: calling the model records the explained layer's output (or returns
     `given` in its place) and the model returns its pre-activation scores."""
     tap = Tap()
-    layer, last = target.layer, target.last
+    layer, last, dense = target.layer, target.last, target.dense
     layer_call, last_call = layer.call, last.call
+    dense_call = dense.call if dense is not None and dense is not last else None
     saved_activation = getattr(last, "activation", None)
 
     def explained_call(*args: Any, **kwargs: Any) -> Any:
@@ -280,21 +290,29 @@ def tapped(target: KerasTarget, given: Any = None) -> Iterator[Tap]:
         return out
 
     def last_call_logits(*args: Any, **kwargs: Any) -> Any:
-        tap.pooled = _unwrap(args[0]) if args else None
+        if dense is last:
+            tap.pooled = _unwrap(args[0])
         if target.output_kind == "softmax" and not isinstance(last, keras.layers.Dense):
             return args[0]  # a separate Softmax layer: its input is the logits
         return last_call(*args, **kwargs)
 
+    def dense_call_recorded(*args: Any, **kwargs: Any) -> Any:
+        tap.pooled = _unwrap(args[0])
+        return dense_call(*args, **kwargs)  # type: ignore[misc]
+
     layer.call = explained_call
     last.call = last_call_logits
+    if dense_call is not None:
+        dense.call = dense_call_recorded  # type: ignore[union-attr]
     if target.output_kind in ("softmax", "sigmoid") and isinstance(last, keras.layers.Dense):
         last.activation = keras.activations.linear
     try:
         yield tap
     finally:
         del layer.call  # back to the class's own method
-        if "call" in vars(last):
-            del last.call
+        for patched in (last, dense):
+            if patched is not None and "call" in vars(patched):
+                del patched.call
         if saved_activation is not None:
             last.activation = saved_activation
 

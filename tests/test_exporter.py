@@ -335,3 +335,23 @@ def test_bad_inputs_give_clear_errors(
     assert message in res.stderr
     assert "Traceback" not in res.stderr
     assert not out.exists()
+
+
+def test_pooled_features_before_a_softmax_layer(demo_data: Path, tmp_path: Path) -> None:
+    # --ood-features pooled: the detector reads the output Dense's input, found by the
+    # builder in the ONNX graph and tapped on the Keras side for the parity gate, also
+    # when a separate Softmax layer follows that Dense.
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((64, 64, 1))
+    x = keras.layers.Conv2D(8, 3, activation="relu", name="conv")(inputs)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    x = keras.layers.Dense(6, activation="relu", name="penultimate")(x)
+    x = keras.layers.Dense(4, name="scores")(x)
+    model = keras.Model(inputs, keras.layers.Softmax(name="softmax")(x))
+    out = _export_and_check(model, tmp_path, demo_data / "Testing", LABELS4,
+                            ood_features="pooled")
+    spec = load_spec(out)
+    assert spec.source["output_kind"] == "softmax"
+    assert spec.ood is not None and spec.ood.features != "grid_features"
+    assert spec.ood.feature_dim == 6
+    assert spec.parity["classifier_ood_rel"] <= 1e-3
