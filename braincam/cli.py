@@ -54,8 +54,11 @@ COMMANDS: tuple[Command, ...] = (
 PLUGIN_GROUP = "braincam.commands"
 
 
-def commands() -> tuple[Command, ...]:
-    """The core's commands, then those installed packages register (entry points)."""
+def commands(with_help: bool = True) -> tuple[Command, ...]:
+    """The core's commands, then those installed packages register (entry points).
+
+    A plugin's module is imported for its `HELP` only when `with_help` (the command
+    list is shown): running `braincam predict` must not import the web stack."""
     from importlib.metadata import entry_points
 
     names = {c.name for c in COMMANDS}
@@ -64,7 +67,12 @@ def commands() -> tuple[Command, ...]:
         if ep.name in names:
             continue  # a core command keeps its name
         names.add(ep.name)
-        help_text = getattr(importlib.import_module(ep.value), "HELP", "")
+        help_text = ""
+        if with_help:
+            try:
+                help_text = getattr(importlib.import_module(ep.value), "HELP", "")
+            except ImportError as exc:  # a plugin whose dependencies are missing
+                help_text = f"(unavailable: {exc})"
         plugins.append(Command(ep.name, help_text, ep.value))
     return (*COMMANDS, *plugins)
 
@@ -84,16 +92,20 @@ def _parser(
     parser.add_argument("--version", action="version", version=f"braincam {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for command in available:
-        p = sub.add_parser(command.name, help=command.help, description=command.help)
-        if command is selected:  # only the command that runs imports its module
-            importlib.import_module(command.module).add_arguments(p)
+        if selected is not None and command.name == selected.name:
+            # only the command that runs imports its module
+            module = importlib.import_module(command.module)
+            text = getattr(module, "HELP", command.help)
+            module.add_arguments(sub.add_parser(command.name, help=text, description=text))
+        else:
+            sub.add_parser(command.name, help=command.help, description=command.help)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    available = commands()
-    selected = next((c for c in available if args and args[0] == c.name), None)
+    selected = next((c for c in commands(with_help=False) if args and args[0] == c.name), None)
+    available = commands(with_help=selected is None)  # help texts: the list is shown
     if selected is not None and selected.own_parser:
         return int(importlib.import_module(selected.module).main(args[1:]))
     parser = _parser(selected, available)
