@@ -227,7 +227,7 @@ def test_wrong_conv_gradient_fails_the_parity_gate(
 
     conv = rules.RULES["Conv"]
 
-    def unflipped(em, node, g):  # type: ignore[no-untyped-def]
+    def unflipped(em, node, g):
         flipped = em.node("Slice", [node.input[1], em.ints([-1, -1]),
                                     em.ints([-(2**62), -(2**62)]), em.ints([2, 3]),
                                     em.ints([-1, -1])])
