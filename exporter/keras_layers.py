@@ -338,10 +338,25 @@ def model_logits(model: keras.Model, x: Any, outputs: str = "auto") -> tf.Tensor
     return forward(model, choose_layer(model, None, outputs), x)[0]
 
 
+# Images per GradientTape run: the tape holds every activation of the model for them
+# (ResNet50 at 224 px: ~0.1 GB an image).
+TAPE_BATCH = 8
+
+
 def gradients(model: keras.Model, target: KerasTarget, x: np.ndarray, classes: np.ndarray,
               given: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """TensorFlow's autodiff on the Keras model: d(logit of `classes`, -1 = predicted) /
     d(explained layer's output), with the layer's output replaced by `given` if set."""
+    parts = [
+        _gradients(model, target, x[i : i + TAPE_BATCH], classes[i : i + TAPE_BATCH],
+                   None if given is None else given[i : i + TAPE_BATCH])
+        for i in range(0, len(x), TAPE_BATCH)
+    ]
+    return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+
+
+def _gradients(model: keras.Model, target: KerasTarget, x: np.ndarray, classes: np.ndarray,
+               given: np.ndarray | None) -> dict[str, np.ndarray]:
     given_t = None if given is None else tf.constant(given)
     with tf.GradientTape() as tape:
         if given_t is not None:
@@ -354,13 +369,15 @@ def gradients(model: keras.Model, target: KerasTarget, x: np.ndarray, classes: n
     grads = tape.gradient(logits, tap.activations, output_gradients=seed)
     if grads is None:
         raise ExportError(f"the class scores do not depend on layer '{target.layer_name}'")
-    return {
+    found = {
         "logits": logits.numpy(),
         "class_index": cls,
         "activations": np.asarray(tap.activations),
         "gradients": grads.numpy(),
-        "pooled": np.asarray(tap.pooled) if tap.pooled is not None else None,
     }
+    if tap.pooled is not None:
+        found["pooled"] = np.asarray(tap.pooled)
+    return found
 
 
 def keras_probabilities(model: keras.Model, x: np.ndarray, kind: OutputKind) -> np.ndarray:

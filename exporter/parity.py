@@ -73,6 +73,16 @@ def _relative(a: np.ndarray, ref: np.ndarray) -> float:
     return float(np.abs(a - ref).max()) / (scale if scale > 0 else 1.0)
 
 
+RUN_BATCH = 8  # images per ORT run of the Grad-CAM graph (real-size models' memory)
+
+
+def _run_batched(session: Any, names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    n = len(next(iter(feeds.values())))
+    parts = [session.run(names, {k: v[i : i + RUN_BATCH] for k, v in feeds.items()})
+             for i in range(0, n, RUN_BATCH)]
+    return [np.concatenate([p[j] for p in parts]) for j in range(len(names))]
+
+
 def check_parity(
     model: Any,
     target: KerasTarget,
@@ -120,22 +130,23 @@ def check_parity(
         if kind == "grid":
             feats = grid_pool(refs["predicted"]["activations"], GRID)
         elif kind == "pooled":
-            feats = refs["predicted"]["pooled"]
+            feats = refs["predicted"].get("pooled", tf_logits)
         else:
             feats = tf_logits
         ref_score = score(trust.detector, feats.reshape(len(x), -1), tf_logits, trust.gaussians)
-    (onnx_probs,) = classifier.run([PROBABILITIES_OUTPUT], {IMAGE_INPUT: x})
+    (onnx_probs,) = _run_batched(classifier, [PROBABILITIES_OUTPUT], {IMAGE_INPUT: x})
     report.figures["classifier_probabilities_max_abs"] = float(
         np.abs(onnx_probs - ref_probs).max()
     )
     if ref_score is not None:
-        (onnx_score,) = classifier.run([OOD_SCORE_OUTPUT], {IMAGE_INPUT: x})
+        (onnx_score,) = _run_batched(classifier, [OOD_SCORE_OUTPUT], {IMAGE_INPUT: x})
         report.figures["classifier_ood_rel"] = _relative(onnx_score, ref_score)
 
     for tag, targets in (("predicted", np.full(len(x), -1)), ("other", (predicted + 1) % k)):
         ref = refs[tag]
         t = targets.astype(np.int64)
-        probs, cls, acts, grads = gradcam.run(
+        probs, cls, acts, grads = _run_batched(
+            gradcam,
             [PROBABILITIES_OUTPUT, CLASS_OUTPUT, ACTIVATIONS_OUTPUT, GRADIENTS_OUTPUT],
             {IMAGE_INPUT: x, TARGET_INPUT: t},
         )
@@ -149,7 +160,8 @@ def check_parity(
         f = report.figures
         f[f"gradcam_{tag}_probabilities_max_abs"] = float(np.abs(probs - ref_probs).max())
         if ref_score is not None:
-            (g_score,) = gradcam.run([OOD_SCORE_OUTPUT], {IMAGE_INPUT: x, TARGET_INPUT: t})
+            (g_score,) = _run_batched(gradcam, [OOD_SCORE_OUTPUT],
+                                      {IMAGE_INPUT: x, TARGET_INPUT: t})
             f[f"gradcam_{tag}_ood_rel"] = _relative(g_score, ref_score)
         f[f"gradcam_{tag}_activations_rel"] = _relative(acts, ref[ACTIVATIONS_OUTPUT])
         f[f"gradcam_{tag}_gradients_rel"] = _relative(grads, given[GRADIENTS_OUTPUT])

@@ -156,3 +156,17 @@ def test_cli_unusable_layer_is_a_usage_error(tmp_path: Path, demo_data: Path) ->
     assert "its last 4-D layer is 'conv'" in res.stderr
     assert "Traceback" not in res.stderr
     assert not out.exists()
+
+
+def test_export_of_a_layer_before_a_residual_merge(tmp_path: Path, demo_data: Path) -> None:
+    # block_14_add feeds both block_15's convolutions and block_15_add: the builder's
+    # backward pass sums both paths, and the gate holds it to TensorFlow's tape.
+    _, path, _, _ = _saved_and_reloaded(tmp_path, "MobileNetV2", logits=False)
+    out = tmp_path / "out"
+    export_model(
+        path, out, labels=LABELS4, calibration=demo_data / "Testing", channels=3,
+        scale="symmetric", layer="block_14_add",
+    )
+    spec = load_spec(out)
+    assert spec.explanation.layer == "block_14_add"
+    assert spec.parity["passed"] and spec.parity["gradcam_predicted_gradients_rel"] <= 1e-4
