@@ -41,7 +41,6 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
-from scipy import ndimage
 
 # The long side of the grid the mask is computed on (px).
 WORK_SIDE = 64
@@ -75,9 +74,11 @@ def work_size(shape: tuple[int, ...], side: int = WORK_SIDE) -> tuple[int, int]:
     return max(1, round(w * scale)), max(1, round(h * scale))
 
 
-def _disk(diameter: int) -> np.ndarray:
-    d = max(1, int(diameter)) | 1  # odd: centred
-    return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (d, d)).astype(bool)
+def _fill_holes(mask: np.ndarray) -> np.ndarray:
+    """uint8 0/1 mask with every region not reachable from the border filled."""
+    padded = cv2.copyMakeBorder(mask, 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0)
+    cv2.floodFill(padded, None, (0, 0), 2)  # the background reachable from outside
+    return np.asarray(padded[1:-1, 1:-1] != 2, dtype=np.uint8)
 
 
 def head_mask(image: np.ndarray, side: int = WORK_SIDE) -> np.ndarray:
@@ -88,18 +89,18 @@ def head_mask(image: np.ndarray, side: int = WORK_SIDE) -> np.ndarray:
     top = float(np.percentile(small, 99))
     if not np.isfinite(top) or top <= float(small.min()):
         return np.zeros((height, width), dtype=bool)  # a flat image has no head
-    fg = small > THRESHOLD_FRACTION * top
-    # Pad before closing so that a head touching the border is not shrunk there.
+    fg = (small > THRESHOLD_FRACTION * top).astype(np.uint8)
+    # Padded before closing so that a head touching the border is not shrunk there.
     pad = max(1, round(CLOSE_FRACTION * max(width, height)))
-    fg = np.pad(fg, pad)
-    fg = ndimage.binary_closing(fg, structure=_disk(2 * pad - 1))[pad:-pad, pad:-pad]
-    fg = ndimage.binary_fill_holes(fg)
-    labels, n = ndimage.label(fg)
-    if n == 0:
+    disk = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * pad - 1, 2 * pad - 1))
+    fg = cv2.copyMakeBorder(fg, pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=0)
+    fg = cv2.morphologyEx(fg, cv2.MORPH_CLOSE, disk)[pad:-pad, pad:-pad]
+    fg = _fill_holes(np.ascontiguousarray(fg))
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(fg, connectivity=8)
+    if n < 2:
         return np.zeros((height, width), dtype=bool)
-    sizes = np.bincount(labels.ravel())
-    sizes[0] = 0
-    return np.asarray(ndimage.binary_fill_holes(labels == int(sizes.argmax())), dtype=bool)
+    largest = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+    return _fill_holes((labels == largest).astype(np.uint8)).astype(bool)
 
 
 def head_rim(mask: np.ndarray) -> np.ndarray:
