@@ -93,9 +93,9 @@ def head_mask(image: np.ndarray, side: int = WORK_SIDE) -> np.ndarray:
     # Padded before closing so that a head touching the border is not shrunk there.
     pad = max(1, round(CLOSE_FRACTION * max(width, height)))
     disk = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * pad - 1, 2 * pad - 1))
-    fg = cv2.copyMakeBorder(fg, pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=0)
-    fg = cv2.morphologyEx(fg, cv2.MORPH_CLOSE, disk)[pad:-pad, pad:-pad]
-    fg = _fill_holes(np.ascontiguousarray(fg))
+    padded = cv2.copyMakeBorder(fg, pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=0)
+    closed = cv2.morphologyEx(padded, cv2.MORPH_CLOSE, disk)[pad:-pad, pad:-pad]
+    fg = _fill_holes(np.ascontiguousarray(closed, dtype=np.uint8))
     n, labels, stats, _ = cv2.connectedComponentsWithStats(fg, connectivity=8)
     if n < 2:
         return np.zeros((height, width), dtype=bool)
