@@ -57,14 +57,19 @@ HEAD_WARNING = "heat_outside_head"
 
 
 def _gray(image: np.ndarray) -> np.ndarray:
-    """uint8/float HxW, HxWx1, HxWx3 (RGB) or HxWx4 (RGBA) -> float32 HxW."""
+    """HxW, HxWx1, HxWx3 (RGB) or HxWx4 (RGBA), uint8 or any real type -> HxW, uint8
+    kept as it is (no full-size copy: the mask needs only a small grid of it)."""
     arr = np.asarray(image)
-    if arr.ndim == 3:
-        # RGB(A): the mean of the colour channels (an MRI is grey anyway).
-        arr = arr[:, :, 0] if arr.shape[2] == 1 else arr[:, :, :3].astype(np.float32).mean(2)
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[:, :, 0]
+    elif arr.ndim == 3 and arr.shape[2] in (3, 4):
+        if arr.dtype != np.uint8:
+            arr = arr.astype(np.float32)
+        # Luma of the colour channels (an MRI is grey anyway).
+        arr = cv2.cvtColor(arr, cv2.COLOR_RGB2GRAY if arr.shape[2] == 3 else cv2.COLOR_RGBA2GRAY)
     if arr.ndim != 2:
         raise ValueError(f"image must be HxW or HxWxC, got shape {np.shape(image)}")
-    return arr.astype(np.float32)
+    return arr if arr.dtype in (np.uint8, np.float32) else arr.astype(np.float32)
 
 
 def work_size(shape: tuple[int, ...], side: int = WORK_SIDE) -> tuple[int, int]:
@@ -85,7 +90,7 @@ def head_mask(image: np.ndarray, side: int = WORK_SIDE) -> np.ndarray:
     """The head, bool [h,w] on the working grid (`work_size`); all False if none."""
     gray = _gray(image)
     width, height = work_size(gray.shape, side)
-    small = cv2.resize(gray, (width, height), interpolation=cv2.INTER_AREA)
+    small = cv2.resize(gray, (width, height), interpolation=cv2.INTER_AREA).astype(np.float32)
     top = float(np.percentile(small, 99))
     if not np.isfinite(top) or top <= float(small.min()):
         return np.zeros((height, width), dtype=bool)  # a flat image has no head
@@ -116,42 +121,46 @@ def head_rim(mask: np.ndarray) -> np.ndarray:
 
 
 def _on_grid(cam: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """The map [H,W] area-resized to `shape` (h, w): mass per region is kept."""
-    values = np.nan_to_num(np.asarray(cam, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+    """The map [H,W] area-resized to `shape` (h, w): mass per region is kept. Non-finite
+    values count as 0 (their grid cell does: the full-size map is never copied)."""
+    values = np.asarray(cam, dtype=np.float32)
     if values.ndim != 2:
         raise ValueError(f"a map must be [H,W], got shape {values.shape}")
     if values.shape != tuple(shape[:2]):
         values = np.asarray(
             cv2.resize(values, (shape[1], shape[0]), interpolation=cv2.INTER_AREA), np.float32
         )
+    values = np.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)
     return np.maximum(values, np.float32(0.0))
 
 
-def _share(cam: np.ndarray, region: np.ndarray, inside: bool) -> float | None:
-    region = np.asarray(region, dtype=bool)
-    values = _on_grid(cam, region.shape)
-    total = float(values.sum())
+def _share(grid: np.ndarray, region: np.ndarray, inside: bool) -> float | None:
+    """Share of the grid's mass in (or outside) the region; None without mass."""
+    total = float(grid.sum())
     if total <= 0.0:
         return None  # a flat map: no mass, no location
-    part = float(values[region].sum()) if inside else total - float(values[region].sum())
-    return round(min(max(part / total, 0.0), 1.0), 4)
+    part = float(grid[region].sum())
+    share = part / total if inside else 1.0 - part / total
+    return round(min(max(share, 0.0), 1.0), 4)
 
 
 def heat_outside_head(cam: np.ndarray, mask: np.ndarray) -> float | None:
     """Share of the map's mass outside the head, in [0,1]; None for a flat map or when
     no head was found. `cam` [H,W] is the map at the image's size (or any size: it is
     area-resized onto the mask's grid)."""
-    if not np.asarray(mask).any():
+    mask = np.asarray(mask, dtype=bool)
+    if not mask.any():
         return None
-    return _share(cam, mask, inside=False)
+    return _share(_on_grid(cam, mask.shape), mask, inside=False)
 
 
 def heat_on_rim(cam: np.ndarray, rim: np.ndarray) -> float | None:
     """Share of the map's mass on the head's rim (`head_rim`), in [0,1]; None for a
     flat map or when no head was found."""
-    if not np.asarray(rim).any():
+    rim = np.asarray(rim, dtype=bool)
+    if not rim.any():
         return None
-    return _share(cam, rim, inside=True)
+    return _share(_on_grid(cam, rim.shape), rim, inside=True)
 
 
 @dataclass(frozen=True)
@@ -188,5 +197,10 @@ class HeadCheck:
 def check_head(image: np.ndarray, cam: np.ndarray, meaningful: bool = True) -> HeadCheck:
     """The head check of one map [H,W] over the image it is drawn on."""
     mask = head_mask(image)
+    if not mask.any():
+        return HeadCheck(None, None, meaningful)
     rim = head_rim(mask)
-    return HeadCheck(heat_outside_head(cam, mask), heat_on_rim(cam, rim), meaningful)
+    grid = _on_grid(cam, mask.shape)  # once: the map's resize is most of the cost
+    return HeadCheck(
+        _share(grid, mask, inside=False), _share(grid, rim, inside=True), meaningful
+    )
