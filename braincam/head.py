@@ -186,8 +186,8 @@ class HeadCheck:
             return None
         return (
             f"the explanation lies mostly outside the head ({self.heat_outside_head:.0%} of "
-            f"the heatmap's mass, more than {OUTSIDE_THRESHOLD:.0%}): the model may rest its "
-            "decision on the background rather than on the brain"
+            f"the heatmap's mass, more than {OUTSIDE_THRESHOLD:.0%}): the class score it "
+            "explains may rest on the background rather than on the brain"
         )
 
     def as_dict(self) -> dict[str, float | None]:
