@@ -114,14 +114,13 @@ class Row:
 
     def warnings(self) -> list[tuple[str, str]]:
         """(code, text) of what a reader of the row must know, as the service's answers."""
-        found = []
-        if self.ood is not None and not self.ood.in_distribution:
-            found.append(("out_of_distribution", "the image is unlike the images the model "
-                          "was trained on; its answer should not be trusted"))
-        text = None if self.head is None else self.head.warning()
-        if text is not None:
-            found.append((HEAD_WARNING, text))
-        return found
+        ood = None if self.ood is None else self.ood.warning()
+        head = None if self.head is None else self.head.warning()
+        return [
+            (code, text)
+            for code, text in (("out_of_distribution", ood), (HEAD_WARNING, head))
+            if text is not None
+        ]
 
 
 @dataclass(frozen=True)

@@ -366,13 +366,9 @@ def explain(
 
 def answer_warnings(verdict: OodVerdict | None, head: HeadCheck | None) -> list[AnswerWarning]:
     """/explain's `warnings`: the gate's (as `in_distribution` says), then the map's."""
-    found = head_warnings(head)
-    if verdict is not None and not verdict.in_distribution:
-        found.insert(0, ResultWarning("out_of_distribution", (
-            f"the image is unlike the images the model was trained on (out-of-distribution "
-            f"score {verdict.ood_score:.4g} > threshold {verdict.ood_threshold:.4g}); its "
-            "answer should not be trusted"
-        )))
+    ood = None if verdict is None else verdict.warning()
+    found = [ResultWarning("out_of_distribution", ood)] if ood else []
+    found += head_warnings(head)
     return [AnswerWarning(code=w.code, detail=w.text) for w in found]
 
 

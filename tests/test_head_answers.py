@@ -102,8 +102,10 @@ def test_a_map_in_the_background_earns_the_warning(
     assert 0.0 <= body["heat_on_rim"] <= 1.0
     (warning,) = [w for w in body["warnings"] if w["code"] == HEAD_WARNING]
     assert "outside the head" in warning["detail"] and f"{share:.0%}" in warning["detail"]
-    # The gate's verdict is in the same list, as `in_distribution` says.
-    assert ("out_of_distribution" in _codes(body)) == (body["in_distribution"] is False)
+    # The gate's verdict is in the same list, first, as `in_distribution` says.
+    assert body["in_distribution"] is False  # a small head in a dark field
+    assert _codes(body) == ["out_of_distribution", HEAD_WARNING]
+    assert f"{body['ood_threshold']:.4g}" in body["warnings"][0]["detail"]
 
     # The no-finding class's map: its share is reported, but it earns no warning.
     healthy = _explain(service, data, target="notumor")
@@ -238,7 +240,10 @@ def test_cli_rows_carry_the_share_and_the_warning(
         explained, share = expected_share(model, data, None)
         assert row["label"] == model.spec.labels[explained]
         assert row["heat_outside_head"] == pytest.approx(share, abs=1e-3)
-        warned = HEAD_WARNING in [w["code"] for w in row["warnings"]]
+        codes = [w["code"] for w in row["warnings"]]
+        # The gate's warning is the service's, as `in_distribution` says.
+        assert ("out_of_distribution" in codes) == (row["in_distribution"] is False)
+        warned = HEAD_WARNING in codes
         assert warned == (share is not None and share > OUTSIDE_THRESHOLD
                           and row["label"] != "notumor")
     corner, demo = rows
