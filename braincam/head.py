@@ -13,8 +13,9 @@ The mask (`head_mask`), on a copy shrunk to at most `WORK_SIDE` px on its long s
    air (noise only), the head's tissues are far brighter; a fraction of a high
    percentile keeps the dark tissues (CSF, muscle, marrow) that Otsu's two-class
    split would cut away with the background, and ignores a few hot pixels;
-2. a closing (a disk of `CLOSE_FRACTION` of the long side) bridges the skull's dark
-   cortical bone between the brain and the bright scalp, and holes are filled;
+2. a closing (a disk of radius `CLOSE_FRACTION` of the long side, ~4 px of 64)
+   bridges the skull's dark cortical bone between the brain and the bright scalp,
+   and holes are filled;
 3. the largest connected component is the head (specks of noise, labels, a second
    small object are dropped), its holes filled again.
 
@@ -32,7 +33,9 @@ The warning (`HEAD_WARNING`): above `OUTSIDE_THRESHOLD` (0.5) of the mass outsid
 the head, the explanation "lies mostly outside the head". It is not raised for a map
 of the no-finding class (`notumor`, a binary model's negative): evidence *for* the
 absence of a tumour has no expected place, and a class-discriminative map of it is
-not meant to point at anything; its share is still reported.
+not meant to point at anything (the demo model's notumor maps put 70 % of their mass
+outside the head on average, its tumour maps 4-16 %: benchmarks/bench_head.py); its
+share is still reported.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ import numpy as np
 WORK_SIDE = 64
 # Foreground: brighter than this fraction of the image's 99th percentile.
 THRESHOLD_FRACTION = 0.1
-# The closing's disk diameter, as a fraction of the long side of the working grid.
+# The closing disk's radius, as a fraction of the long side of the working grid.
 CLOSE_FRACTION = 0.06
 # The rim's width, as a fraction of the head's equivalent diameter.
 RIM_FRACTION = 0.06
