@@ -389,6 +389,12 @@
         `${r.ood_threshold.toPrecision(4)} that 95 % of held-out training-like images stay under. ` +
         "The prediction below is shown but should not be trusted."
       : "";
+    // The map's mass lies mostly in the background (`warnings`, code heat_outside_head).
+    const outside = (r.warnings || []).find((w) => w.code === "heat_outside_head");
+    $("head-warning").hidden = !outside;
+    $("head-detail").textContent = outside
+      ? `${outside.detail.charAt(0).toUpperCase()}${outside.detail.slice(1)}.`
+      : "";
     $("result").classList.toggle("untrusted", foreign);
     $("label").textContent = r.label;
     $("confidence").textContent = pct(r.confidence);
