@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from braincam.audit.imputation import noisy_linear_impute
-from braincam.localization import CAUSAL_STEPS, auc, causal_aucs, cam_order, random_order
+from braincam.localization import CAUSAL_STEPS, auc, cam_order, causal_aucs, random_order
 
 Predict = Callable[[np.ndarray], np.ndarray]  # float32 [N,H,W,C] -> probabilities [N,K]
 
@@ -52,7 +52,7 @@ def _removed_masks(order: np.ndarray, shape: tuple[int, int], fractions: np.ndar
     rank[order] = np.arange(n)
     masks = []
     for f in fractions:
-        first = rank < int(round(f * n))
+        first = rank < int(np.rint(f * n))
         masks.append((first if mode == "deletion" else ~first).reshape(shape))
     return masks
 
