@@ -142,8 +142,7 @@ def run(args: argparse.Namespace) -> int:
         graphs = model.spec.graphs
         names = [graphs.gradcam.file] if graphs.gradcam and set(methods) - {"occlusion"} else []
         names += [graphs.classifier.file] if "occlusion" in methods else []
-        groups = sum(len(layer_groups(onnx_lib.load(str(model.model_dir / f),
-                                                    load_external_data=False),
+        groups = sum(len(layer_groups(onnx_lib.load(str(model.model_dir / f)),
                                       "probabilities")) for f in names)
     bar = _progress_bar(args.quiet)
     totals = {"faithfulness": n, "stability": n if settings.stability else 0,

@@ -16,6 +16,8 @@ ordering and gives the same solution to 1e-13.
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
 import scipy.sparse as sp
 from scipy.sparse.linalg import splu
@@ -29,6 +31,18 @@ NEIGHBOURS: tuple[tuple[tuple[int, int], float], ...] = (
 # 1 % of each channel's own std, which is the same thing in any model's input scale.
 NOISE = 0.01
 _LEAF = 32  # unknowns per nested-dissection leaf
+
+
+@lru_cache(maxsize=8)
+def _grid_rank(h: int, w: int) -> np.ndarray:
+    """Every pixel's place [h*w] in a nested-dissection order of the full h x w grid.
+
+    Computed once per image size; the removed pixels of any mask are eliminated in
+    this order (a separator of the grid still separates any subset of it)."""
+    ys, xs = np.divmod(np.arange(h * w), w)
+    rank = np.empty(h * w, dtype=np.int64)
+    rank[_nested_dissection(ys, xs)] = np.arange(h * w)
+    return rank
 
 
 def _nested_dissection(ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
@@ -94,7 +108,7 @@ def linear_impute(image: np.ndarray, removed: np.ndarray) -> np.ndarray:
     # singular. Give such pixels a weak tie to the image mean instead of failing.
     a = a + sp.identity(n, format="csc") * 1e-9
     rhs += 1e-9 * img.mean(axis=(0, 1))[None, :]
-    p = _nested_dissection(ys, xs)
+    p = np.argsort(_grid_rank(h, w)[idx], kind="stable")
     lu = splu(
         a[p][:, p].tocsc(),
         permc_spec="NATURAL",
