@@ -16,7 +16,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from braincam.audit.engine import AuditSettings, audit, load_images
+from braincam.audit.engine import AuditSettings, audit, load_images, randomise
 from braincam.audit.faithfulness import FaithfulnessSettings, image_faithfulness
 from braincam.audit.imputation import NEIGHBOURS, linear_impute, noisy_linear_impute
 from braincam.audit.maps import Explainer
@@ -73,7 +73,7 @@ def test_folded_weight_copies_are_randomised_with_their_weights() -> None:
     # tf2onnx folded the transposed Dense kernels of the backward pass into new initializers.
     assert {n for c in groups[0].copies.values() for n, _ in c} == {"const_fold_opt__237"}
     assert {n for c in groups[1].copies.values() for n, _ in c} == {"const_fold_opt__229"}
-    inits = {i.name: i for i in graph.initializer}
+    inits = {i.name: i for i in graph.graph.initializer}
     before = numpy_helper.to_array(inits["ReadVariableOp:0"]).copy()
     _, edited = next(cascade(graph, groups, seed=0))
     now = {i.name: numpy_helper.to_array(i) for i in edited.graph.initializer}
@@ -91,19 +91,18 @@ def test_randomisation_lowers_gradcam_spearman_on_the_demo_model(
     demo_model: OnnxModel,
 ) -> None:
     images = _examples(demo_model)
-    settings = AuditSettings(("gradcam", "eigencam"), FAST, sanity_images=4, stability=False)
-    result = audit(demo_model, images, settings)
-    steps = result["randomisation"]["gradcam"]
+    explainer = Explainer(demo_model, ["gradcam"])
+    x = np.stack([im.x for im in images])
+    t = np.argmax(explainer.predict(x), axis=1)
+    settings = AuditSettings(("gradcam",), sanity_images=4)
+    result = randomise(demo_model, explainer, x, t, settings, lambda stage, n: None)
+    steps = result["gradcam"]
     assert [s["step"] for s in steps] == list(range(1, 7))
     assert steps[0]["layer"] == "logits" and steps[-1]["layer"].endswith("block1_conv_1")
     assert steps[0]["folded_copies"] == ["const_fold_opt__237"]
     # The trained maps are reproducible (rho 1 with themselves) ...
-    explainer = Explainer(demo_model, ["gradcam"])
-    x = np.stack([im.x for im in images])
-    t = np.array([im.target for im in images])
-    again = explainer.maps(x, t, at_input=False)["gradcam"]
     first = explainer.maps(x, t, at_input=False)["gradcam"]
-    assert np.array_equal(again, first)
+    assert np.array_equal(explainer.maps(x, t, at_input=False)["gradcam"], first)
     # ... and a fully random model's Grad-CAM no longer ranks pixels like them.
     assert steps[-1]["spearman"] is not None and abs(steps[-1]["spearman"]) < 0.5
     assert all(s["spearman"] is None or s["spearman"] < 0.9 for s in steps)
@@ -162,15 +161,18 @@ def test_shared_figures_equal_explain_evals(tiny_model_dir: Path, demo_data: Pat
 # --- model directories: classifier-only, ONNX-exported ---------------------------------
 
 
-def test_a_classifier_only_model_is_audited_by_occlusion(tmp_path: Path) -> None:
+def test_a_classifier_only_model_is_audited_by_occlusion(
+    tiny_model_dir: Path, demo_data: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "nogradcam"
-    shutil.copytree(DEMO, out)
+    shutil.copytree(tiny_model_dir, out)
     (out / GRADCAM_ONNX).unlink()
     raw = json.loads((out / MODEL_JSON).read_text())
     del raw["graphs"]["gradcam"]
     (out / MODEL_JSON).write_text(json.dumps(raw))
+    image = sorted((demo_data / "Testing" / "glioma").glob("*.png"))[0]
     report_dir = tmp_path / "report"
-    code = main(["audit", str(EXAMPLES / "glioma.png"), "--model-dir", str(out), "--out",
+    code = main(["audit", str(image), "--model-dir", str(out), "--out",
                  str(report_dir), "--road-steps", "4", "--blur-steps", "4",
                  "--sanity-images", "1", "--no-stability", "--quiet",
                  "--providers", "CPUExecutionProvider"])
@@ -181,7 +183,7 @@ def test_a_classifier_only_model_is_audited_by_occlusion(tmp_path: Path) -> None
     occ = im["methods"]["occlusion"]
     assert 0.0 <= occ["deletion_auc"] <= 1.0 and occ["heat_outside_head"] is not None
     steps = report["randomisation"]["occlusion"]
-    assert [s["layer"] for s in steps][0] == "logits" and len(steps) == 6
+    assert len(steps) >= 2 and all(-1.0 <= (s["spearman"] or 0.0) <= 1.0 for s in steps)
 
 
 def _tiny_onnx_cnn(path: Path, size: int) -> None:
