@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from braincam import DISCLAIMER
 from braincam.cam import CLASSIFIER_METHODS, METHODS, available_methods, resize_cam
 from braincam.cli import UsageError
@@ -182,7 +184,7 @@ def run(args: argparse.Namespace) -> int:
     rows = []
     for i in picked:
         im = loaded.images[i]
-        maps = explainer.maps(im.x[None], [im.target])
+        maps = explainer.maps(im.x[None], np.array([im.target]))
         h, w = im.pixels.shape[:2]
         heat = report["images"][i]["methods"][methods[0]]["heat_outside_head"]
         caption = f"{report['images'][i]['label']}: {Path(im.path).name}, {methods[0]} " + (
