@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -65,7 +66,7 @@ def road_curves(
     settings: FaithfulnessSettings,
     rng: np.random.Generator,
     decide_index: Callable[[np.ndarray], int] | None = None,
-) -> dict[str, dict[str, object]]:
+) -> dict[str, dict[str, Any]]:
     """Per order: ROAD deletion and insertion curves of p(target), their AUCs, and the
     class decided with the first `flip_fraction` of the order imputed. One predict call."""
     img = np.asarray(image, dtype=np.float32)
@@ -84,7 +85,7 @@ def road_curves(
         spans[(name, "flip")] = slice(len(batch), len(batch) + 1)
         batch.append(noisy_linear_impute(img, flip_mask, rng))
     probs = np.asarray(predict(np.stack(batch)), dtype=np.float64)
-    out: dict[str, dict[str, object]] = {}
+    out: dict[str, dict[str, Any]] = {}
     for name in orders:
         deletion = probs[spans[(name, "deletion")], target]
         insertion = probs[spans[(name, "insertion")], target]
@@ -109,7 +110,7 @@ def image_faithfulness(
     settings: FaithfulnessSettings,
     rng: np.random.Generator,
     decide_index: Callable[[np.ndarray], int] | None = None,
-) -> dict[str, dict[str, object]]:
+) -> dict[str, dict[str, Any]]:
     """Figures of every map of one image, plus the `random` and `uniform` references.
 
     `image` [H,W,C] is the preprocessed model input, `maps` [H,W] at that size,
@@ -129,7 +130,7 @@ def image_faithfulness(
     # The blur figures go through the very function trainer.explain_eval calls.
     blur = causal_aucs(predict, img, {**maps, UNIFORM: uniform}, target,
                        steps=settings.blur_steps, baseline="blur", seed=settings.seed)
-    out: dict[str, dict[str, object]] = {}
+    out: dict[str, dict[str, Any]] = {}
     for name in orders:
         r = road[name]
         out[name] = {
