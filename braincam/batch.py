@@ -22,11 +22,13 @@ from braincam.cam import compute_cam
 from braincam.decision import decide
 from braincam.decoding import DEFAULT_MAX_PIXELS, MAX_VOLUME_BYTES, OpenedImage, open_image
 from braincam.errors import InputError, PayloadTooLarge
+from braincam.head import HEAD_WARNING, HeadCheck, check_head
 from braincam.inference import OnnxModel
 from braincam.occlusion import OCCLUSION, OcclusionSensitivity
 from braincam.ood import OodVerdict, ood_verdict
 from braincam.overlay import blend, colorize, encode_png, with_banner
 from braincam.pipeline import Prepared, gradients_for, input_errors, prepare_slice
+from braincam.series_analysis import negative_index
 
 # A file is read whole before it is sniffed. Volumes may hold up to MAX_VOLUME_BYTES
 # of pixel data (checked from their headers); this bounds the read itself, with
@@ -103,10 +105,23 @@ class Row:
     overlay: str | None = None  # the overlay PNG written for it (--explain)
     # The out-of-distribution gate's verdict (models exported with a detector).
     ood: OodVerdict | None = None
+    # Where the overlay's map lies against the head (--explain; braincam.head).
+    head: HeadCheck | None = None
 
     @property
     def ok(self) -> bool:
         return self.error is None
+
+    def warnings(self) -> list[tuple[str, str]]:
+        """(code, text) of what a reader of the row must know, as the service's answers."""
+        found = []
+        if self.ood is not None and not self.ood.in_distribution:
+            found.append(("out_of_distribution", "the image is unlike the images the model "
+                          "was trained on; its answer should not be trusted"))
+        text = None if self.head is None else self.head.warning()
+        if text is not None:
+            found.append((HEAD_WARNING, text))
+        return found
 
 
 @dataclass(frozen=True)
@@ -263,9 +278,12 @@ class BatchPredictor:
                 compute_cam(method, acts[i], grads[i], size=r.prepared.decoded.size)[0]
                 for i, r in enumerate(ready)
             ]
+        negative = negative_index(self.spec)
         for entry, row, cam in zip(ready, rows, cams, strict=True):
             flagged = row.ood is not None and not row.ood.in_distribution
             row.overlay = str(self._write_overlay(entry, cam, flagged))
+            meaningful = self.spec.label_index(str(row.label)) != negative
+            row.head = check_head(entry.prepared.decoded.pixels, cam, meaningful)
         return rows
 
     def _targets(self, rows: list[Row]) -> np.ndarray:

@@ -17,11 +17,13 @@ import numpy as np
 from braincam.cam import METHODS, available_methods, compute_cam, default_method, flip_smoothed
 from braincam.decision import Decision, decide
 from braincam.decoding import DecodedImage
+from braincam.dicom_results import ResultWarning, head_warnings
 from braincam.errors import InvalidParameter, MethodUnavailable
+from braincam.head import HeadCheck, check_head
 from braincam.inference import OnnxModel
 from braincam.model_spec import IMAGE_INPUT, ModelSpec
 from braincam.occlusion import OCCLUSION, OcclusionSensitivity
-from braincam.ood import ood_verdict
+from braincam.ood import OodVerdict, ood_verdict
 from braincam.overlay import (
     IMAGE_FORMATS,
     ImageFormat,
@@ -33,8 +35,10 @@ from braincam.overlay import (
     to_base64,
 )
 from braincam.pipeline import Prepared, gradients_for, prepare
+from braincam.series_analysis import negative_index
 from service.metrics import Metrics
 from service.schemas import (
+    AnswerWarning,
     ExplainResponse,
     ExplainTiming,
     InputInfo,
@@ -311,6 +315,8 @@ def explain(
         small = maps.small
         small_cam = flip_smoothed(small[0], small[1]) if params.smooth else small[0]
         raw = raw_cam(small_cam, params.heatmap)
+    # Where the returned map lies against the head, on the image it is drawn over.
+    head = check_head(decoded.pixels, cam, meaningful=explained != negative_index(spec))
     t2 = time.perf_counter()
     images = params.images
     encoded: dict[str, str] = {}
@@ -344,6 +350,9 @@ def explain(
         gradcam_runs=maps.gradcam_runs,
         image_format=params.image_format,
         cam=raw,
+        heat_outside_head=head.heat_outside_head,
+        heat_on_rim=head.heat_on_rim,
+        warnings=answer_warnings(ood_verdict(maps.ood_score, spec), head),
         timing_ms=ExplainTiming(
             decode=_ms(prepared.decode_s),
             preprocess=_ms(prepared.preprocess_s),
@@ -353,6 +362,18 @@ def explain(
             total=_ms(time.perf_counter() - started),
         ),
     ).model_copy(update=encoded)  # the image fields (all str)
+
+
+def answer_warnings(verdict: OodVerdict | None, head: HeadCheck | None) -> list[AnswerWarning]:
+    """/explain's `warnings`: the gate's (as `in_distribution` says), then the map's."""
+    found = head_warnings(head)
+    if verdict is not None and not verdict.in_distribution:
+        found.insert(0, ResultWarning("out_of_distribution", (
+            f"the image is unlike the images the model was trained on (out-of-distribution "
+            f"score {verdict.ood_score:.4g} > threshold {verdict.ood_threshold:.4g}); its "
+            "answer should not be trusted"
+        )))
+    return [AnswerWarning(code=w.code, detail=w.text) for w in found]
 
 
 def warmup(model: OnnxModel) -> None:

@@ -122,9 +122,15 @@ def _output_format(args: argparse.Namespace) -> str:
     return fmt
 
 
+# With --explain: where the overlay's map lies against the head (braincam.head), and
+# the codes of the row's warnings (out_of_distribution, heat_outside_head).
+EXPLAIN_FIELDS = ("heat_outside_head", "heat_on_rim", "warnings")
+
+
 class CsvRows:
     """path, slice, label, confidence, p_<label>..., ood_score, ood_threshold,
-    in_distribution (empty for models without a detector), error (, overlay)."""
+    in_distribution (empty for models without a detector), error (, overlay,
+    heat_outside_head, heat_on_rim, warnings: codes joined by ';')."""
 
     def __init__(self, stream: IO[str], labels: list[str], overlays: bool) -> None:
         self.labels = labels
@@ -132,7 +138,7 @@ class CsvRows:
         self.writer = csv.writer(stream)
         header = ["path", "slice", "label", "confidence", *(f"p_{x}" for x in labels),
                   *OOD_FIELDS, "error"]
-        self.writer.writerow([*header, "overlay"] if overlays else header)
+        self.writer.writerow([*header, "overlay", *EXPLAIN_FIELDS] if overlays else header)
 
     def write(self, row: Row) -> None:
         probs = row.probabilities or {}
@@ -145,7 +151,12 @@ class CsvRows:
             *(row.ood.as_dict()[k] if row.ood else "" for k in OOD_FIELDS),
             row.error or "",
         ]
-        self.writer.writerow([*cells, row.overlay or ""] if self.overlays else cells)
+        if self.overlays:
+            head = row.head.as_dict() if row.head else {}
+            shares = ["" if head.get(k) is None else head[k] for k in EXPLAIN_FIELDS[:2]]
+            codes = ";".join(code for code, _ in row.warnings())
+            cells += [row.overlay or "", *shares, codes]
+        self.writer.writerow(cells)
 
 
 class JsonlRows:
@@ -167,6 +178,10 @@ class JsonlRows:
         }
         if self.overlays:
             record["overlay"] = row.overlay
+            head = row.head.as_dict() if row.head else {}
+            record["heat_outside_head"] = head.get("heat_outside_head")
+            record["heat_on_rim"] = head.get("heat_on_rim")
+            record["warnings"] = [{"code": c, "detail": t} for c, t in row.warnings()]
         self.stream.write(json.dumps(record) + "\n")
 
 
@@ -281,7 +296,7 @@ def _predict_all(
 
 
 def _light(row: Row) -> Row:
-    return Row(row.path, row.slice, label=row.label, error=row.error)
+    return Row(row.path, row.slice, label=row.label, error=row.error, head=row.head)
 
 
 def _summary(
@@ -311,6 +326,10 @@ def _summary(
     if spec.ood is not None:
         print(f"unlike the training data (out-of-distribution gate, {spec.ood.detector}): "
               f"{foreign} of {len(predicted)}", file=out)
+    if args.explain is not None:
+        outside = sum(r.head is not None and r.head.outside for r in predicted)
+        print(f"explanations lying mostly outside the head: {outside} of {len(predicted)}",
+              file=out)
     if failed:
         skipped_files = {r.path for r in failed if r.slice is None} - {r.path for r in predicted}
         bad_slices = sum(r.slice is not None for r in failed)
