@@ -16,7 +16,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from braincam.audit.engine import AuditSettings, audit, load_images, randomise
+from braincam.audit.engine import AuditImage, AuditSettings, audit, load_images, randomise
 from braincam.audit.faithfulness import FaithfulnessSettings, image_faithfulness
 from braincam.audit.imputation import NEIGHBOURS, linear_impute, noisy_linear_impute
 from braincam.audit.maps import Explainer
@@ -83,7 +83,7 @@ def test_folded_weight_copies_are_randomised_with_their_weights() -> None:
     np.testing.assert_array_equal(now["const_fold_opt__237"], kernel.T)
 
 
-def _examples(model: OnnxModel) -> list:  # type: ignore[type-arg]
+def _examples(model: OnnxModel) -> list[AuditImage]:
     return load_images([EXAMPLES], model, recursive=False, exclude=[]).images
 
 
@@ -115,7 +115,7 @@ def test_uniform_deletion_curve_differs_from_gradcams(demo_model: OnnxModel) -> 
     (im,) = [i for i in _examples(demo_model) if "glioma" in i.path]
     explainer = Explainer(demo_model, ["gradcam"])
     target = int(np.argmax(explainer.predict(im.x[None])[0]))
-    maps = {"gradcam": explainer.maps(im.x[None], [target])["gradcam"][0]}
+    maps = {"gradcam": explainer.maps(im.x[None], np.array([target]))["gradcam"][0]}
     out = image_faithfulness(explainer.predict, im.x, maps, target,
                              FaithfulnessSettings(road_steps=5, blur_steps=8),
                              np.random.default_rng(0))
