@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -285,3 +287,13 @@ def test_cli_end_to_end_on_a_folder(tiny_model_dir: Path, demo_data: Path,
                  "--out", str(tmp_path / "x"), "--quiet"]) == 1
     assert main(["audit", str(scans), "--model-dir", str(tiny_model_dir), "--out",
                  str(tmp_path / "y"), "--methods", "nosuch", "--quiet"]) == 2
+
+
+def test_the_audit_imports_neither_tensorflow_nor_trainer() -> None:
+    code = ("import sys, braincam.cli, braincam.audit.command, braincam.audit.engine, "
+            "braincam.audit.report; "
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'trainer', "
+            "'fastapi', 'torch')]; print(bad); sys.exit(1 if bad else 0)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=ROOT, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
