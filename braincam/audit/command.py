@@ -204,7 +204,7 @@ def _print_summary(report: dict[str, Any], out: Path) -> None:
     print(f"\naudited {summary['n_images']} image(s) in {report['elapsed_s']} s "
           f"({len(report['skipped'])} skipped)", file=err)
     print(f"{'map':<12} {'del ROAD':>9} {'ins ROAD':>9} {'del blur':>9} {'flip':>6} "
-          f"{'outside':>8} {'mirror':>7} {'random ρ':>9}", file=err)
+          f"{'outside':>8} {'mirror':>7} {'max rnd ρ':>9}", file=err)
 
     def f(v: Any, pct: bool = False) -> str:
         return "-" if v is None else (f"{100 * v:.0f}%" if pct else f"{v:.3f}")
@@ -215,6 +215,6 @@ def _print_summary(report: dict[str, Any], out: Path) -> None:
         print(f"{name:<12} {f(v['deletion_auc']):>9} {f(v['insertion_auc']):>9} "
               f"{f(v['deletion_auc_blur']):>9} {f(v['flip_share'], True):>6} "
               f"{f(v.get('heat_outside_head'), True):>8} {f(v.get('flip_spearman')):>7} "
-              f"{f(v.get('randomised_spearman')):>9}", file=err)
+              f"{f(v.get('max_randomised_spearman')):>9}", file=err)
     print(f"wrote {out / 'audit.json'}, {out / 'audit.md'}, {out / 'worst_images.png'}",
           file=err)

@@ -18,8 +18,8 @@ from braincam.overlay import blend, colorize, encode_png, to_rgb
 AUDIT_JSON = "audit.json"
 AUDIT_MD = "audit.md"
 GRID_PNG = "worst_images.png"
-# Spearman after the whole model is randomised: at or above it, the method's maps
-# survive the loss of everything the model learned (Adebayo et al.'s failure).
+# |Spearman| with the trained model's maps at or above which a randomisation step
+# left a method's maps standing (Adebayo et al.'s failure).
 RANDOMISATION_LIMIT = 0.5
 FAITH_KEYS = ("deletion_auc", "insertion_auc", "deletion_auc_blur", "insertion_auc_blur")
 DEMO_KEYS = (*LESION_METRICS, "off_brain_mass", "off_brain_peak")
@@ -77,9 +77,15 @@ def summarise(result: dict[str, Any], methods: Sequence[str],
             summary["demo_masks"] = {k: _mean([r[k] for r in demo]) for k in DEMO_KEYS}
             summary["demo_masks"]["n_images"] = len(demo)
         steps = result["randomisation"].get(m) or []
-        final = steps[-1]["spearman"] if steps else None
-        summary["randomised_spearman"] = final
-        summary["explains_model"] = None if final is None else abs(final) < RANDOMISATION_LIMIT
+        summary["randomised_spearman"] = steps[-1]["spearman"] if steps else None
+        # Flagged when the maps survive any step: a map that stays put while the layers
+        # above some point are noise does not depend on what those layers learned.
+        rhos = [(abs(st["spearman"]), st["layer"]) for st in steps if st["spearman"] is not None]
+        top = max(rhos) if rhos else None
+        summary["max_randomised_spearman"] = top[0] if top else None
+        summary["survives_randomisation_of"] = (
+            top[1] if top and top[0] >= RANDOMISATION_LIMIT else None)
+        summary["explains_model"] = None if top is None else top[0] < RANDOMISATION_LIMIT
         out["methods"][m] = summary
     return out
 
@@ -135,8 +141,9 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         f"The model's weights replaced by noise of the same std, layer group by layer group "
         f"from the top, on {s['sanity_images']} images; mean Spearman rank correlation of "
-        f"each map with the trained model's (Adebayo et al. 2018). A method still at "
-        f"|ρ| ≥ {RANDOMISATION_LIMIT} once every layer is noise does not explain the model.",
+        f"each map with the trained model's (Adebayo et al. 2018). A method whose maps keep "
+        f"|ρ| ≥ {RANDOMISATION_LIMIT} at any step (the layers above some point are noise, "
+        f"the maps stand) does not explain what those layers learned.",
         "",
     ]
     rnd = report["randomisation"]
