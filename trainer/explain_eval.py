@@ -41,6 +41,8 @@ from braincam.cam import METHODS, compute_cam, normalize, resize_cam
 from braincam.datasets import MULTICLASS_LABELS, Task, find_split_dir, scan_split, task_label
 from braincam.decision import decide
 from braincam.decoding import load_image
+from braincam.demo_masks import LESION_METRICS, load_mask, mask_scores
+from braincam.demo_masks import mask_path as _mask_path
 from braincam.errors import InputError, InvalidParameter
 from braincam.inference import DEFAULT_PROVIDERS, OnnxModel
 from braincam.localization import (
@@ -49,13 +51,6 @@ from braincam.localization import (
     TOP_FRACTION,
     Baseline,
     causal_aucs,
-    energy_in_mask,
-    lesion_auroc,
-    off_brain_mass,
-    off_brain_peak,
-    pointing_game,
-    tolerance_px,
-    top_fraction_iou,
 )
 from braincam.overlay import blend, colorize, to_rgb
 from braincam.preprocessing import preprocess
@@ -94,9 +89,7 @@ METRICS: dict[str, str] = {
 }
 _DERIVED = ("deletion_ratio", "off_brain_mass_tumour")  # computed from the per-image keys
 _PER_IMAGE = [k for k in METRICS if k not in _DERIVED]
-_LESION_ONLY = (
-    "pointing_game", "pointing_game_strict", "energy_in_mask", "top15_iou", "lesion_auroc"
-)
+_LESION_ONLY = LESION_METRICS
 _CAUSAL = ("deletion_auc", "random_deletion_auc", "insertion_auc", "random_insertion_auc")
 GRID_CELL = 180  # px, longer side of each grid thumbnail
 
@@ -130,13 +123,6 @@ class GridRow:
     cells: list[np.ndarray] = field(default_factory=list)
 
 
-def _mask_path(root: Path, kind: str, image: Path, split_dir: Path) -> Path:
-    rel = image.relative_to(split_dir)
-    base = root / kind / split_dir.name / rel.parent
-    png = base / f"{rel.stem}.png"
-    return png if png.is_file() or not (base / rel.name).is_file() else base / rel.name
-
-
 def collect_samples(
     data: Path, split: str, task: Task, labels: Sequence[str], limit: int | None
 ) -> list[Sample]:
@@ -161,19 +147,6 @@ def collect_samples(
     return samples
 
 
-def load_mask(path: Path, shape: tuple[int, int]) -> np.ndarray | None:
-    """Boolean mask at the image's [H,W]; None (with a warning) if the file is missing."""
-    if not path.is_file():
-        return None
-    m = load_image(path)
-    if m.ndim == 3:
-        m = m[:, :, :3].max(axis=2)
-    if m.shape != shape:
-        log.warning("%s is %s, image is %s: resized (nearest)", path, m.shape, shape)
-        m = cv2.resize(m, (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST)
-    return np.asarray(m > 127)
-
-
 def _chunked(model: OnnxModel, max_batch: int) -> Any:
     """predict over [N,H,W,C] images (the pixel-deletion code's layout) in chunks,
     transposed to [N,C,H,W] for a model that takes NCHW."""
@@ -192,26 +165,8 @@ def _chunked(model: OnnxModel, max_batch: int) -> Any:
     return predict
 
 
-def image_scores(
-    cam: np.ndarray, lesion: np.ndarray | None, brain: np.ndarray | None
-) -> dict[str, float]:
-    """Localisation metrics of one CAM at image resolution; NaN where a mask is missing."""
-    nan = float("nan")
-    scores = dict.fromkeys(_LESION_ONLY, nan)
-    if lesion is not None and lesion.any():
-        scores.update(
-            pointing_game=pointing_game(cam, lesion, tolerance_px(cam.shape)),
-            pointing_game_strict=pointing_game(cam, lesion, 0.0),
-            energy_in_mask=energy_in_mask(cam, lesion),
-            top15_iou=top_fraction_iou(cam, lesion, TOP_FRACTION),
-            lesion_auroc=lesion_auroc(cam, lesion),
-        )
-    scores["off_brain_mass"] = off_brain_mass(cam, brain) if brain is not None else nan
-    scores["off_brain_peak"] = off_brain_peak(cam, brain) if brain is not None else nan
-    # An all-zero map explains nothing: its off-brain figures are NaN (left out of the
-    # means), so the share of such maps is reported beside them.
-    scores["empty_map"] = float(not cam.max() > 0)
-    return scores
+# One implementation for both tools (`braincam audit` scores demo masks the same way).
+image_scores = mask_scores
 
 
 def oracle_cam(lesion: np.ndarray, layer_hw: tuple[int, int],
