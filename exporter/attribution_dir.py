@@ -96,6 +96,9 @@ def source_of(model_dir: Path, spec: ModelSpec) -> onnx.ModelProto:
         raise ExportError(f"{spec.graphs.classifier.file} has no {PROBABILITIES_OUTPUT!r} output")
     del proto.graph.output[:]
     proto.graph.output.extend(keep)
+    for node in proto.graph.node:  # an ONNX-path export's own bc_image, bc_probabilities
+        if node.name.startswith("bc_"):
+            node.name = f"{node.name}__source"
     return proto
 
 

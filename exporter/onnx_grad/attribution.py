@@ -69,20 +69,33 @@ class BuiltAttribution:
     candidates: list[Layer]  # every map --layers could name
 
 
-def short_name(tensor: str) -> str:
-    """A layer's name from its tensor's: 'features_1/block3_relu_1/Relu:0' -> 'block3_relu',
-    '/layer3/layer3.5/relu_2/Relu_output_0' -> 'relu' (made unique by the caller)."""
-    parts = [p for p in re.split(r"[/]", tensor) if p]
-    if len(parts) > 1 and re.match(r"^[A-Z]\w*?(_output_\d+)?(:\d+)?$", parts[-1]):
+def _parts(tensor: str) -> list[str]:
+    """A tensor name's path components without the op's own: 'features_1/block3_relu_1/
+    Relu:0' -> ['features_1', 'block3_relu_1']; '/layer3/relu_1/Relu_output_0' ->
+    ['layer3', 'relu_1']."""
+    parts = [p for p in tensor.split("/") if p]
+    if len(parts) < 2:  # no path: the name as it is ('Conv__46:0' -> 'Conv__46')
+        return [re.sub(r":\d+$", "", tensor) or tensor]
+    if re.match(r"^[A-Z]\w*?(_output_\d+)?(:\d+)?$", parts[-1]):
         parts = parts[:-1]
-    name = parts[-1] if parts else tensor
-    name = re.sub(r":\d+$", "", name)
-    return re.sub(r"_\d+$", "", name) or name
+    return [re.sub(r"_\d+$", "", re.sub(r":\d+$", "", p)) or p for p in parts] or [tensor]
 
 
 def _unique_names(tensors: list[str]) -> list[str]:
-    names = [short_name(t) for t in tensors]
-    return [t if names.count(n) > 1 else n for n, t in zip(names, tensors, strict=True)]
+    """Short layer names (`tensors` in graph order): the last path component
+    ('block3_relu') where unique among the model's maps, else the first ('layer3') for
+    the last map under it (the module's output), else the tensor's own name."""
+    parts = [_parts(t) for t in tensors]
+    out = []
+    for i, (tensor, p) in enumerate(zip(tensors, parts, strict=True)):
+        last_under = all(q[0] != p[0] for q in parts[i + 1:])  # the module's output
+        if sum(q[-1] == p[-1] for q in parts) == 1 and (len(p) > 1 or last_under):
+            out.append(p[-1])
+        elif last_under and p[0] not in out:
+            out.append(p[0])
+        else:
+            out.append(tensor)
+    return out
 
 
 def _through_layout_ops(info: GraphInfo, name: str, maps: set[str]) -> str:
