@@ -132,7 +132,7 @@ def test_gradients_equal_torch_autograd(model: OnnxModel, resnet: Any) -> None:
     score = logits.gather(1, torch.from_numpy(out.class_index)[:, None]).sum()
     refs = torch.autograd.grad(score, [*captured, image])
     for name, ref in zip(names, refs[:3], strict=True):
-        acts, grads = out.layers[name]
+        _, grads = out.layers[name]
         ref_nhwc = ref.numpy().transpose(0, 2, 3, 1)
         assert grads.shape == ref_nhwc.shape
         assert np.abs(grads - ref_nhwc).max() <= 1e-4 * np.abs(ref_nhwc).max(), name
@@ -186,7 +186,7 @@ def test_an_old_model_json_still_loads(tmp_path: Path) -> None:
     (model_dir / "model.json").write_text(json.dumps(data))
     model = OnnxModel(model_dir, providers=[CPU])
     assert not model.has_attribution and cam_layers(model) == [old.explanation.layer]
-    with pytest.raises(MethodUnavailable, match="attribution.onnx"):
+    with pytest.raises(MethodUnavailable, match=r"attribution\.onnx"):
         make_explainer("smoothgrad", None, None, model)
 
 
