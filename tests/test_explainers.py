@@ -324,3 +324,25 @@ def test_the_demo_models_attribution_graph_is_served() -> None:
                             data={**form, "heatmap": "raw"})
             assert r.status_code == 200, r.text
             assert r.json()["label"] == "glioma" and r.json()["cam"]["shape"] == shape
+
+
+def test_the_attribution_graph_over_the_open_inference_protocol() -> None:
+    from service.core.config import Settings
+
+    with ready_client(Settings(model_dir=SHIPPED, providers=[CPU])) as client:
+        meta = client.get("/v2/models/demo-attribution").json()
+        assert {o["name"] for o in meta["outputs"]} >= {"image_gradients", "gradients_0"}
+        x = np.random.default_rng(0).random((1, 150, 150, 1), dtype=np.float32)
+        body = {"inputs": [
+            {"name": "image", "shape": [1, 150, 150, 1], "datatype": "FP32",
+             "data": x.ravel().tolist()},
+            {"name": "target", "shape": [1], "datatype": "INT64", "data": [-1]},
+        ], "outputs": [{"name": "image_gradients"}, {"name": "class_index"}]}
+        r = client.post("/v2/models/demo-attribution/infer", json=body)
+        assert r.status_code == 200, r.text
+        outs = {o["name"]: o for o in r.json()["outputs"]}
+        assert outs["image_gradients"]["shape"] == [1, 150, 150, 1]
+        expected = OnnxModel(SHIPPED, providers=[CPU]).attribution(x, None, (), True)
+        assert expected.image_gradients is not None
+        got = np.asarray(outs["image_gradients"]["data"], np.float32).reshape(1, 150, 150, 1)
+        np.testing.assert_allclose(got, expected.image_gradients, rtol=1e-5, atol=1e-7)
