@@ -26,7 +26,7 @@ import cv2
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
-sys.modules.setdefault("triton", None)  # see tests/conftest.py
+sys.modules.setdefault("triton", None)  # type: ignore[arg-type]  # see tests/conftest.py
 
 REQUESTS: list[tuple[str, dict[str, str]]] = [
     ("gradcam", {"method": "gradcam"}),
@@ -59,13 +59,14 @@ def resnet_dir(size: int, tmp: Path) -> Path:
 def measure(model_dir: Path, size: int, repeats: int) -> list[tuple[str, float, float]]:
     from clients import ready_client
 
+    from braincam.decoding import load_image
     from braincam.inference import CPU
     from braincam.overlay import encode_png
     from service.core.config import Settings
 
-    image = cv2.imread(str(ROOT / "examples" / "images" / "glioma.png"), cv2.IMREAD_GRAYSCALE)
+    image = load_image(ROOT / "examples" / "images" / "glioma.png")
     data = encode_png(cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA))
-    with ready_client(Settings(model_dir=model_dir, providers=[CPU])) as client:
+    with ready_client(Settings(model_dir=model_dir, providers=[CPU])) as client:  # type: ignore[arg-type]
         layers = client.get("/metadata").json()["cam_layers"]
 
         def call(form: dict[str, str] | None) -> float:
