@@ -30,7 +30,7 @@ sys.modules.setdefault("triton", None)  # type: ignore[arg-type]  # see tests/co
 
 REQUESTS: list[tuple[str, dict[str, str]]] = [
     ("gradcam", {"method": "gradcam"}),
-    ("hirescam@2nd-last stage", {"method": "hirescam", "layer": "@1"}),
+    ("hirescam@earliest attribution layer", {"method": "hirescam", "layer": "@1"}),
     ("layercam (fused)", {"method": "layercam"}),
     ("smoothgrad (8)", {"method": "smoothgrad"}),
     ("integrated_gradients (8)", {"method": "integrated_gradients"}),

@@ -168,7 +168,8 @@ def cam_layers(model: OnnxModel) -> list[str]:
     """The layers `layer=` can name: the Grad-CAM graph's, then attribution.onnx's."""
     layers = [model.spec.explanation.layer] if model.has_gradcam else []
     if model.spec.attribution is not None and model.has_attribution:
-        layers += [la.name for la in model.spec.attribution.layers if la.name not in layers]
+        layers += [la.name for la in model.spec.attribution.layers
+                   if la.name not in layers and la.tensor not in layers]
     return layers
 
 

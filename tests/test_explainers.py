@@ -254,7 +254,8 @@ def test_service_explains_at_layers_and_pixels(
         meta = client.get("/metadata").json()
         assert {"layercam", "smoothgrad", "integrated_gradients"} <= set(meta["cam_methods"])
         layers = meta["cam_layers"]  # the Grad-CAM graph's first, then attribution's
-        assert layers == ["/layer2/relu_1/Relu_output_0", "stem.2", "layer1", "layer2"]
+        # layer2's output is the Grad-CAM graph's layer: listed once, by its tensor name
+        assert layers == ["/layer2/relu_1/Relu_output_0", "stem.2", "layer1"]
         for form, layer, shape in [
             ({"method": "hirescam", "layer": layers[1]}, layers[1], [16, 16]),
             ({"method": "layercam"}, "stem.2+layer1+layer2", [16, 16]),
