@@ -18,10 +18,11 @@ from typing import Any, Literal
 
 import numpy as np
 
-from braincam.cam import compute_cam
+from braincam.cam import compute_cam, resize_cam
 from braincam.decision import decide
 from braincam.decoding import DEFAULT_MAX_PIXELS, MAX_VOLUME_BYTES, OpenedImage, open_image
 from braincam.errors import InputError, PayloadTooLarge
+from braincam.explainers import make_explainer, uses_attribution
 from braincam.head import HEAD_WARNING, HeadCheck, check_head
 from braincam.inference import OnnxModel
 from braincam.occlusion import OCCLUSION, OcclusionSensitivity
@@ -129,6 +130,8 @@ class ExplainOptions:
     method: str = "gradcam"
     colormap: str = "jet"
     alpha: float = 0.4
+    layer: str | None = None  # another layer than the Grad-CAM graph's (attribution.onnx)
+    samples: int | None = None  # smoothgrad / integrated_gradients
 
 
 @dataclass
@@ -269,6 +272,13 @@ class BatchPredictor:
                 occlusion.maps(drops[i : i + 1], r.prepared.decoded.size)[0]
                 for i, r in enumerate(ready)
             ]
+        elif uses_attribution(method, self.explain.layer, self.model):
+            explainer = make_explainer(method, self.explain.layer, self.explain.samples,
+                                       self.model)
+            classified = self.model.classify(batch)
+            rows = self._rows(ready, classified.probabilities, classified.ood_score)
+            small = explainer(self.model, batch, self._targets(rows))
+            cams = [resize_cam(small[i], r.prepared.decoded.size) for i, r in enumerate(ready)]
         else:
             out = self.model.gradcam(batch)
             rows = self._rows(ready, out.probabilities, out.ood_score)

@@ -240,6 +240,10 @@ class MetadataResponse(BaseModel):
     gpu: bool
     batching: BatchingInfo | None = None
     cam_methods: list[str]
+    cam_layers: list[str] = Field(
+        default_factory=list,
+        description="layers /explain's `layer` can name (the Grad-CAM graph's first)",
+    )
     colormaps: list[str]
     defaults: dict[str, Any]
     limits: Limits

@@ -589,3 +589,22 @@ def test_explanation_outside_the_head_warning(
     answer = page.explain_after(lambda: page.page.select_option("#target", "glioma"))
     assert answer["heat_outside_head"] <= 0.5
     assert not page.visible("#head-warning")
+
+
+def test_a_layer_and_the_pixel_methods(page: Page, chromium: Any, glioma_image: Path,
+                                       tmp_path: Path) -> None:
+    """A model without attribution.onnx offers no layer choice; the shipped demo model
+    (with one) does, and turns it off for the pixel methods."""
+    page.upload(glioma_image)
+    assert not page.visible("#layer-field")
+    shipped = Path(__file__).resolve().parents[1] / "models" / "demo"
+    with _live_server(shipped, tmp_path / "server.log") as url:
+        demo = Page(chromium, url)
+        demo.upload(glioma_image)
+        assert demo.visible("#layer-field")
+        answer = demo.explain_after(lambda: demo.page.select_option("#layer", "block3_relu"))
+        assert answer["layer"] == "block3_relu" and answer["method"] == "gradcam"
+        answer = demo.explain_after(lambda: demo.page.select_option("#method", "smoothgrad"))
+        assert answer["method"] == "smoothgrad" and answer["layer"] == "image"
+        assert demo.page.is_disabled("#layer")
+        demo.close()

@@ -32,6 +32,8 @@ from braincam.cam import CLASSIFIER_METHODS, METHODS, available_methods, default
 from braincam.cli import UsageError
 from braincam.commands.common import add_model_arguments, load_model, model_notice
 from braincam.decoding import DEFAULT_MAX_PIXELS
+from braincam.errors import InputError
+from braincam.explainers import PIXEL_METHODS, make_explainer, uses_attribution
 from braincam.inference import OnnxModel
 from braincam.ood import OOD_FIELDS
 from braincam.overlay import COLORMAPS
@@ -91,9 +93,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--method",
-        choices=[*METHODS, *CLASSIFIER_METHODS],
+        choices=[*METHODS, *CLASSIFIER_METHODS, *PIXEL_METHODS],
         help="explanation method for --explain (default: gradcam, or occlusion for a model "
-        "without a Grad-CAM graph; occlusion costs seconds per image)",
+        "without a Grad-CAM graph; occlusion costs seconds per image); with the model's "
+        "attribution graph, layercam is fused over its layers and smoothgrad and "
+        "integrated_gradients give pixel-resolution maps",
+    )
+    p.add_argument(
+        "--layer",
+        help="layer for --explain's CAM method (an attribution-graph layer; see "
+        "`braincam info`), instead of the Grad-CAM graph's",
+    )
+    p.add_argument(
+        "--samples", type=_positive,
+        help="noisy copies (smoothgrad) or path steps (integrated_gradients); default 8",
     )
     p.add_argument(
         "--colormap", choices=list(COLORMAPS), default="jet", metavar="NAME",
@@ -225,11 +238,22 @@ def run(args: argparse.Namespace) -> int:
         except OSError as exc:
             raise UsageError(f"cannot create {args.explain}: {exc.strerror or exc}") from exc
         method = args.method or default_method(model.has_gradcam)
-        if method not in available_methods(model.has_gradcam, classifier_methods=True):
+        try:
+            if uses_attribution(method, args.layer, model):
+                make_explainer(method, args.layer, args.samples, model)
+            elif args.layer is not None or args.samples is not None:
+                raise InputError("--layer and --samples need a gradient method; --samples "
+                                 "applies to smoothgrad and integrated_gradients only")
+        except InputError as exc:
+            raise UsageError(str(exc)) from exc
+        if not uses_attribution(method, args.layer, model) and method not in available_methods(
+            model.has_gradcam, classifier_methods=True
+        ):
             raise UsageError(
                 f"{model.model_dir} has no Grad-CAM graph: explain with --method occlusion"
             )
-        explain = ExplainOptions(args.explain, method, args.colormap, args.alpha)
+        explain = ExplainOptions(args.explain, method, args.colormap, args.alpha,
+                                 args.layer, args.samples)
     predictor = BatchPredictor(
         model,
         batch_size=args.batch_size,

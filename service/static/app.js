@@ -251,6 +251,11 @@
 
     fillSelect($("target"), model.labels, null);
     fillSelect($("method"), meta.cam_methods, meta.defaults.method);
+    // Other layers than the Grad-CAM graph's come from the model's attribution graph.
+    const layers = meta.cam_layers || [];
+    fillSelect($("layer"), layers, null);
+    $("layer-field").hidden = layers.length < 2;
+    layerChoice();
     fillSelect($("colormap"), meta.colormaps, meta.defaults.colormap);
     $("alpha").value = String(meta.defaults.alpha);
     $("alpha-value").textContent = Number(meta.defaults.alpha).toFixed(2);
@@ -266,6 +271,7 @@
     if (state.slice !== null) form.append("slice", String(state.slice));
     if ($("target").value) form.append("target", $("target").value);
     form.append("method", $("method").value);
+    if ($("layer").value && !$("layer").disabled) form.append("layer", $("layer").value);
     form.append("alpha", $("alpha").value);
     form.append("colormap", $("colormap").value);
     form.append("smooth", $("smooth").checked ? "true" : "false");
@@ -492,9 +498,17 @@
     });
   }
 
+  // Pixel-resolution methods and occlusion explain the input, not a layer.
+  const NO_LAYER = ["smoothgrad", "integrated_gradients", "occlusion"];
+
+  function layerChoice() {
+    $("layer").disabled = NO_LAYER.includes($("method").value);
+  }
+
   function wireControls() {
     const later = debounce(() => explain(), DEBOUNCE_MS);
-    for (const id of ["target", "method", "colormap", "smooth"]) {
+    $("method").addEventListener("change", layerChoice);
+    for (const id of ["target", "method", "layer", "colormap", "smooth"]) {
       $(id).addEventListener("change", () => explain());
     }
     $("alpha").addEventListener("input", () => {
