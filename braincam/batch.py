@@ -18,15 +18,18 @@ from typing import Any, Literal
 
 import numpy as np
 
-from braincam.cam import compute_cam
+from braincam.cam import compute_cam, resize_cam
 from braincam.decision import decide
 from braincam.decoding import DEFAULT_MAX_PIXELS, MAX_VOLUME_BYTES, OpenedImage, open_image
 from braincam.errors import InputError, PayloadTooLarge
+from braincam.explainers import make_explainer, uses_attribution
+from braincam.head import HEAD_WARNING, HeadCheck, check_head
 from braincam.inference import OnnxModel
 from braincam.occlusion import OCCLUSION, OcclusionSensitivity
 from braincam.ood import OodVerdict, ood_verdict
 from braincam.overlay import blend, colorize, encode_png, with_banner
 from braincam.pipeline import Prepared, gradients_for, input_errors, prepare_slice
+from braincam.series_analysis import negative_index
 
 # A file is read whole before it is sniffed. Volumes may hold up to MAX_VOLUME_BYTES
 # of pixel data (checked from their headers); this bounds the read itself, with
@@ -103,10 +106,22 @@ class Row:
     overlay: str | None = None  # the overlay PNG written for it (--explain)
     # The out-of-distribution gate's verdict (models exported with a detector).
     ood: OodVerdict | None = None
+    # Where the overlay's map lies against the head (--explain; braincam.head).
+    head: HeadCheck | None = None
 
     @property
     def ok(self) -> bool:
         return self.error is None
+
+    def warnings(self) -> list[tuple[str, str]]:
+        """(code, text) of what a reader of the row must know, as the service's answers."""
+        ood = None if self.ood is None else self.ood.warning()
+        head = None if self.head is None else self.head.warning()
+        return [
+            (code, text)
+            for code, text in (("out_of_distribution", ood), (HEAD_WARNING, head))
+            if text is not None
+        ]
 
 
 @dataclass(frozen=True)
@@ -115,6 +130,8 @@ class ExplainOptions:
     method: str = "gradcam"
     colormap: str = "jet"
     alpha: float = 0.4
+    layer: str | None = None  # another layer than the Grad-CAM graph's (attribution.onnx)
+    samples: int | None = None  # smoothgrad / integrated_gradients
 
 
 @dataclass
@@ -255,6 +272,13 @@ class BatchPredictor:
                 occlusion.maps(drops[i : i + 1], r.prepared.decoded.size)[0]
                 for i, r in enumerate(ready)
             ]
+        elif uses_attribution(method, self.explain.layer, self.model):
+            explainer = make_explainer(method, self.explain.layer, self.explain.samples,
+                                       self.model)
+            classified = self.model.classify(batch)
+            rows = self._rows(ready, classified.probabilities, classified.ood_score)
+            small = explainer(self.model, batch, self._targets(rows))
+            cams = [resize_cam(small[i], r.prepared.decoded.size) for i, r in enumerate(ready)]
         else:
             out = self.model.gradcam(batch)
             rows = self._rows(ready, out.probabilities, out.ood_score)
@@ -263,9 +287,12 @@ class BatchPredictor:
                 compute_cam(method, acts[i], grads[i], size=r.prepared.decoded.size)[0]
                 for i, r in enumerate(ready)
             ]
+        negative = negative_index(self.spec)
         for entry, row, cam in zip(ready, rows, cams, strict=True):
             flagged = row.ood is not None and not row.ood.in_distribution
             row.overlay = str(self._write_overlay(entry, cam, flagged))
+            meaningful = self.spec.label_index(str(row.label)) != negative
+            row.head = check_head(entry.prepared.decoded.pixels, cam, meaningful)
         return rows
 
     def _targets(self, rows: list[Row]) -> np.ndarray:

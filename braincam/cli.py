@@ -43,6 +43,12 @@ COMMANDS: tuple[Command, ...] = (
         "braincam.commands.info",
     ),
     Command(
+        "audit",
+        "score the model's explanations on your images: faithfulness, randomisation, "
+        "heat outside the head, stability",
+        "braincam.audit.command",
+    ),
+    Command(
         "dicomweb",
         "analyse a study on a DICOMweb PACS and store SR + Secondary Capture back",
         "braincam.dicomweb_cli",

@@ -32,6 +32,7 @@ import numpy as np
 
 import braincam
 from braincam import DISCLAIMER
+from braincam.head import HEAD_WARNING, HeadCheck
 from braincam.model_spec import ModelSpec
 from braincam.ood import OodVerdict
 from braincam.overlay import OOD_BANNER, with_banner
@@ -62,7 +63,11 @@ WARNING: Concept = ("WARNING", CODING_SCHEME, "Warning")
 # code without its own concept is written as a generic WARNING item.
 WARNING_CONCEPTS: dict[str, Concept] = {
     "out_of_distribution": ("W-OOD", CODING_SCHEME, "Warning: unlike the training data"),
+    HEAD_WARNING: ("W-HEAD", CODING_SCHEME, "Warning: explanation outside the head"),
 }
+# Where the deciding slice's heatmap lies against the head (braincam.head): fractions.
+HEAT_OUTSIDE_HEAD: Concept = ("HEAT-OUT", CODING_SCHEME, "Heatmap mass outside the head")
+HEAT_ON_RIM: Concept = ("HEAT-RIM", CODING_SCHEME, "Heatmap mass on the head's rim")
 
 
 @dataclass(frozen=True)
@@ -77,6 +82,17 @@ def ood_warnings(gate: SeriesGate | None) -> list[ResultWarning]:
     """The out-of-distribution warning of a series, if any slice was flagged."""
     text = None if gate is None else gate.warning()
     return [] if text is None else [ResultWarning("out_of_distribution", text)]
+
+
+def head_warnings(check: HeadCheck | None) -> list[ResultWarning]:
+    """The warning of a map lying mostly outside the head (braincam.head), if any."""
+    text = None if check is None else check.warning()
+    return [] if text is None else [ResultWarning(HEAD_WARNING, text)]
+
+
+def result_warnings(result: SeriesResult) -> list[ResultWarning]:
+    """Every warning of an analysed series: the gate's, then the deciding slice's map's."""
+    return [*ood_warnings(result.gate), *head_warnings(result.heads.get(result.deciding_slice))]
 
 
 def flagged(result: SeriesResult) -> bool:
@@ -120,7 +136,7 @@ def build_results(
 
     `overlay` is the RGB uint8 heatmap overlay of the deciding slice; `warnings` are
     every warning of the JSON answer these objects go with (None: the series' own,
-    `ood_warnings(result.gate)`), each written into both objects.
+    `result_warnings(result)`), each written into both objects.
     """
     from braincam.errors import InvalidParameter
 
@@ -130,7 +146,7 @@ def build_results(
         )
     deciding = series.slices[result.deciding_slice]
     source = _with_type2(deciding.dataset)
-    every = ood_warnings(result.gate) if warnings is None else list(warnings)
+    every = result_warnings(result) if warnings is None else list(warnings)
     sc = secondary_capture(source, overlay, result, spec, every)
     evidence = [_with_type2(ds) for ds in series.datasets]
     sr = structured_report(evidence, source, deciding.frame, sc, result, spec, every)
@@ -289,6 +305,18 @@ def warning_items(warnings: Sequence[ResultWarning]) -> list[Any]:
         )
         for w in warnings
     ]
+
+
+def head_items(check: HeadCheck | None) -> list[Any]:
+    """The heatmap's shares outside the head and on its rim (fractions of its mass), as
+    NUM items next to the overlay they describe; none when the map is flat."""
+    import highdicom as hd
+
+    if check is None:
+        return []
+    contains = hd.sr.RelationshipTypeValues.CONTAINS
+    shares = ((HEAT_OUTSIDE_HEAD, check.heat_outside_head), (HEAT_ON_RIM, check.heat_on_rim))
+    return [_num(concept, value, contains) for concept, value in shares if value is not None]
 
 
 def _verdict_item(concept: Concept, in_distribution: bool, relationship: Any) -> Any:
@@ -451,6 +479,7 @@ def structured_report(
             *notice,
             *probabilities,
             overlay_image,
+            *head_items(result.heads.get(result.deciding_slice)),
             *texts,
         ]
     )

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from braincam.dicom_results import DicomResults, build_results, ood_warnings
+from braincam.dicom_results import DicomResults, build_results, result_warnings
 from braincam.errors import InputError, InvalidParameter, OutOfDistribution, PayloadTooLarge
 from braincam.inference import OnnxModel
 from braincam.series import Series, SeriesLimits, series_from_datasets
@@ -214,7 +214,7 @@ def summary(analysed: AnalysedSeries) -> dict[str, Any]:
         "flagged_slices": None if gate is None else gate.flagged,
         "ood_score": None if gate is None else gate.deciding.ood_score,
         "ood_threshold": None if gate is None else gate.deciding.ood_threshold,
-        "warnings": [{"code": w.code, "detail": w.text} for w in ood_warnings(gate)],
+        "warnings": [{"code": w.code, "detail": w.text} for w in result_warnings(result)],
         "n_slices": len(series.slices),
         "skipped": series.skipped,
         "deciding_slice": result.deciding_slice,

@@ -46,6 +46,17 @@ class GradcamOutput:
 
 
 @dataclass(frozen=True)
+class AttributionOutput:
+    """What one run of attribution.onnx returns: per requested layer name its
+    activations and gradients [N, h, w, C], and the image gradient (model layout)."""
+
+    probabilities: np.ndarray  # [N, K]
+    class_index: np.ndarray  # [N] int64
+    layers: dict[str, tuple[np.ndarray, np.ndarray]]
+    image_gradients: np.ndarray | None
+
+
+@dataclass(frozen=True)
 class Classified:
     """What one run of classifier.onnx returns."""
 
@@ -118,6 +129,14 @@ class OnnxModel:
                 str(self.model_dir / graphs.gradcam.file), options, providers=usable
             )
         )
+        # Several layers and the image gradient (optional; `python -m exporter attribution`).
+        self.attribution_session = (
+            None
+            if graphs.attribution is None or self.spec.attribution is None
+            else ort.InferenceSession(
+                str(self.model_dir / graphs.attribution.file), options, providers=usable
+            )
+        )
         active = list(self.classifier.get_providers())
         for p in usable:
             if p != CPU and p not in active:
@@ -148,6 +167,47 @@ class OnnxModel:
     @property
     def has_gradcam(self) -> bool:
         return self.gradcam_session is not None
+
+    @property
+    def has_attribution(self) -> bool:
+        return self.attribution_session is not None
+
+    def attribution(
+        self,
+        batch: np.ndarray,
+        targets: np.ndarray | Sequence[int] | None = None,
+        layers: Sequence[str] = (),
+        image_gradients: bool = False,
+    ) -> AttributionOutput:
+        """One run of attribution.onnx fetching only the named layers (and the image
+        gradient when asked); target -1 (or None) explains the predicted class."""
+        if self.attribution_session is None or self.spec.attribution is None:
+            raise RuntimeError(f"the model in {self.model_dir} has no attribution graph")
+        n = batch.shape[0]
+        target = (
+            np.full((n,), -1, dtype=np.int64)
+            if targets is None
+            else np.asarray(targets, dtype=np.int64)
+        )
+        names = [PROBABILITIES_OUTPUT, CLASS_OUTPUT]
+        entries = []
+        for name in layers:
+            entry = self.spec.attribution.layer(name)
+            if entry is None:
+                raise KeyError(name)
+            entries.append(entry)
+            names += [entry.activations, entry.gradients]
+        if image_gradients:
+            names.append(self.spec.attribution.image_gradients)
+        out = self.attribution_session.run(names, {IMAGE_INPUT: batch, TARGET_INPUT: target})
+        maps = {
+            e.name: (np.asarray(out[2 + 2 * i]), np.asarray(out[3 + 2 * i]))
+            for i, e in enumerate(entries)
+        }
+        return AttributionOutput(
+            np.asarray(out[0]), np.asarray(out[1]), maps,
+            np.asarray(out[-1]) if image_gradients else None,
+        )
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """float32 [N,H,W,C] -> probabilities [N,K]."""

@@ -20,6 +20,7 @@ from braincam.preprocessing import Preprocessing
 MODEL_JSON = "model.json"
 CLASSIFIER_ONNX = "classifier.onnx"
 GRADCAM_ONNX = "gradcam.onnx"
+ATTRIBUTION_ONNX = "attribution.onnx"
 SCHEMA_VERSION = 1
 
 # Tensor names of the two graphs: the exporter writes them, the service reads them.
@@ -31,6 +32,8 @@ ACTIVATIONS_OUTPUT = "activations"
 GRADIENTS_OUTPUT = "gradients"
 # Both graphs of a model with an out-of-distribution detector also output this [N].
 OOD_SCORE_OUTPUT = "ood_score"
+# attribution.onnx (optional): per layer activations_<i>/gradients_<i>, and this.
+IMAGE_GRADIENTS_OUTPUT = "image_gradients"
 
 Task = Literal["multiclass", "binary"]
 
@@ -56,9 +59,12 @@ class Graphs(BaseModel):
     gradcam: GraphFile | None = None
     # Weights both graphs share, stored once (ONNX external data); None when inline.
     weights: DataFile | None = None
+    # Several layers and the image gradient in one run (`python -m exporter attribution`).
+    attribution: GraphFile | None = None
 
     def files(self) -> list[DataFile]:
-        return [f for f in (self.classifier, self.gradcam, self.weights) if f is not None]
+        return [f for f in (self.classifier, self.gradcam, self.weights, self.attribution)
+                if f is not None]
 
 
 class Explanation(BaseModel):
@@ -69,6 +75,31 @@ class Explanation(BaseModel):
     # What the gradients differentiate: the pre-softmax logit of the class, or, for a
     # model whose graph yields only probabilities, the log-probability (same ranking).
     score: Literal["logit", "log_probability"] = "logit"
+
+
+class AttributionLayer(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(description="what a request names with layer=")
+    tensor: str = Field(description="the graph tensor")
+    activation_shape: list[int] = Field(description="[h, w, channels]")
+    activations: str = Field(description="attribution.onnx output, NHWC")
+    gradients: str = Field(description="attribution.onnx output, NHWC")
+
+
+class Attribution(BaseModel):
+    """attribution.onnx: activations and gradients at several layers and the gradient of
+    the class score with respect to the image, from one run (same inputs as gradcam.onnx)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    layers: list[AttributionLayer] = Field(min_length=1)
+    image_gradients: str = IMAGE_GRADIENTS_OUTPUT
+    score: str = Field(default="logit", description="what the gradients differentiate")
+    gate: dict[str, Any] = Field(default_factory=dict)
+
+    def layer(self, name: str) -> AttributionLayer | None:
+        return next((la for la in self.layers if name in (la.name, la.tensor)), None)
 
 
 class Decision(BaseModel):
@@ -171,6 +202,8 @@ class ModelSpec(BaseModel):
     # Optional (older model.json files have neither): see OodDetector, Calibration.
     ood: OodDetector | None = None
     calibration: Calibration | None = None
+    # Optional: older model.json files have none (then graphs.attribution is None too).
+    attribution: Attribution | None = None
 
     @model_validator(mode="after")
     def _check(self) -> ModelSpec:

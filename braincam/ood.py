@@ -53,6 +53,16 @@ class OodVerdict:
     ood_threshold: float
     in_distribution: bool
 
+    def warning(self) -> str | None:
+        """The `out_of_distribution` warning's text for one flagged image, or None."""
+        if self.in_distribution:
+            return None
+        return (
+            f"the image is unlike the images the model was trained on (out-of-distribution "
+            f"score {self.ood_score:.4g} > threshold {self.ood_threshold:.4g}); its answer "
+            "should not be trusted"
+        )
+
     def as_dict(self) -> dict[str, float | bool]:
         return {
             "ood_score": self.ood_score,

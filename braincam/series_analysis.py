@@ -32,6 +32,7 @@ import numpy as np
 from braincam.cam import compute_cam, resize_cam
 from braincam.decision import Decision, decide
 from braincam.errors import OutOfDistribution
+from braincam.head import HeadCheck, check_head
 from braincam.inference import Classified, OnnxModel
 from braincam.model_spec import ModelSpec
 from braincam.occlusion import OCCLUSION, OcclusionSensitivity
@@ -115,6 +116,8 @@ class SeriesResult:
     # Per slice, the out-of-distribution gate's verdict (None: the model has no detector).
     ood: list[OodVerdict | None] = field(default_factory=list)
     gate: SeriesGate | None = None  # the series' verdict (None: no detector)
+    # Per explained slice, where its map lies against the head (braincam.head).
+    heads: dict[int, HeadCheck] = field(default_factory=dict)
 
 
 def series_decision(
@@ -217,7 +220,9 @@ def analyse(
     wanted = sorted({*explain, *([deciding] if explain_deciding else [])})
     if wanted:
         t0 = time.perf_counter()
-        result.overlays = _overlays(model, series, decisions, wanted, method, colormap, alpha)
+        result.overlays, result.heads = _overlays(
+            model, series, decisions, wanted, method, colormap, alpha
+        )
         result.explain_s = time.perf_counter() - t0
     return result
 
@@ -230,9 +235,11 @@ def _overlays(
     method: str,
     colormap: str,
     alpha: float,
-) -> dict[int, np.ndarray]:
+) -> tuple[dict[int, np.ndarray], dict[int, HeadCheck]]:
     spec = model.spec
+    negative = negative_index(spec)
     out: dict[int, np.ndarray] = {}
+    heads: dict[int, HeadCheck] = {}
     for start in range(0, len(indices), DEFAULT_BATCH_SIZE):
         chunk = list(indices[start : start + DEFAULT_BATCH_SIZE])
         x = preprocess_batch([series.slices[i].pixels for i in chunk], spec.preprocessing)
@@ -241,9 +248,10 @@ def _overlays(
         pixels = [series.slices[i].pixels for i in chunk]
         sizes = [(int(p.shape[1]), int(p.shape[0])) for p in pixels]
         cams = _maps(model, x, targets, method, sizes)
-        for i, image, cam in zip(chunk, pixels, cams, strict=True):
+        for i, image, cam, target in zip(chunk, pixels, cams, targets, strict=True):
             out[i] = blend(image, colorize(cam, colormap), alpha)
-    return out
+            heads[i] = check_head(image, cam, meaningful=int(target) != negative)
+    return out, heads
 
 
 def _maps(

@@ -1,6 +1,8 @@
 """`python -m exporter --model PATH.keras --out models/NAME [...]`,
 `python -m exporter triton --model-dir models/NAME --repo DIR [...]` (exporter/triton.py) and
-`python -m exporter quantize --model-dir models/NAME --calibration DIR` (exporter/quantize.py)."""
+`python -m exporter quantize --model-dir models/NAME --calibration DIR` (exporter/quantize.py) and
+`python -m exporter attribution --model-dir models/NAME [--layers ...]`
+(exporter/attribution_dir.py)."""
 
 from __future__ import annotations
 
@@ -93,6 +95,10 @@ def main(argv: list[str] | None = None) -> int:
         from exporter import triton
 
         return triton.main(argv[1:])
+    if argv[:1] == ["attribution"]:
+        from exporter import attribution_dir
+
+        return attribution_dir.main(argv[1:])
     if argv[:1] == ["quantize"]:
         from exporter import quantize
 

@@ -9,6 +9,9 @@ switches between this service and Triton by changing the URL only:
 - `NAME-gradcam`: gradcam.onnx; inputs `image` and `target` INT64 [N] (-1: the
   predicted class); outputs `probabilities`, `class_index` INT64 [N],
   `activations` and `gradients` FP32 [N,h,w,C].
+- `NAME-attribution` (models with attribution.onnx): inputs as `NAME-gradcam`; outputs
+  `probabilities`, `class_index`, `activations_<i>` / `gradients_<i>` per layer (model.json
+  `attribution.layers`) and `image_gradients` in the model's input layout.
 
 Tensors are JSON (`data` flat in row-major order, or nested), or raw bytes after
 the JSON header with the binary tensor data extension (Triton's
@@ -35,6 +38,7 @@ from service.errors import ServiceError
 from service.metrics import Metrics
 
 GRADCAM_SUFFIX = "-gradcam"  # the Triton repository uses the same (exporter/triton.py)
+ATTRIBUTION_SUFFIX = "-attribution"
 # Bounds one request's work and response size (the gradcam outputs of one
 # 150x150 image are ~1 MB of JSON); also the Triton configs' max_batch_size.
 MAX_BATCH_SIZE = 32
@@ -81,7 +85,7 @@ class TensorSpec:
 class ProtocolModel:
     name: str
     version: str
-    graph: str  # "classifier" or "gradcam"
+    graph: str  # "classifier", "gradcam" or "attribution"
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
 
@@ -122,6 +126,16 @@ def protocol_models(model: OnnxModel) -> Mapping[str, ProtocolModel]:
                 "gradcam",
                 _tensors(model.gradcam_session.get_inputs()),
                 _tensors(model.gradcam_session.get_outputs()),
+            )
+        )
+    if model.attribution_session is not None:
+        models.append(
+            ProtocolModel(
+                spec.name + ATTRIBUTION_SUFFIX,
+                spec.version,
+                "attribution",
+                _tensors(model.attribution_session.get_inputs()),
+                _tensors(model.attribution_session.get_outputs()),
             )
         )
     return {m.name: m for m in models}
@@ -347,8 +361,10 @@ def run_inference(
 def run_prepared(model: OnnxModel, metrics: Metrics, prepared: PreparedInference) -> Encoded:
     """Run a checked request's graph on its own and encode the response."""
     graph = prepared.target.graph
-    session = model.classifier if graph == "classifier" else model.gradcam_session
-    assert session is not None  # protocol_models lists the gradcam graph only when loaded
+    sessions = {"classifier": model.classifier, "gradcam": model.gradcam_session,
+                "attribution": model.attribution_session}
+    session = sessions[graph]
+    assert session is not None  # protocol_models lists a graph only when loaded
     started = time.perf_counter()
     arrays = session.run([o.name for o in prepared.requested], prepared.feeds)
     metrics.inference.labels(graph=graph).observe(time.perf_counter() - started)

@@ -14,14 +14,28 @@ from typing import Any
 
 import numpy as np
 
-from braincam.cam import METHODS, available_methods, compute_cam, default_method, flip_smoothed
+from braincam.cam import (
+    METHODS,
+    available_methods,
+    compute_cam,
+    default_method,
+    flip_smoothed,
+    resize_cam,
+)
 from braincam.decision import Decision, decide
 from braincam.decoding import DecodedImage
+from braincam.dicom_results import ResultWarning, head_warnings
 from braincam.errors import InvalidParameter, MethodUnavailable
+from braincam.explainers import (
+    attribution_methods,
+    make_explainer,
+    uses_attribution,
+)
+from braincam.head import HeadCheck, check_head
 from braincam.inference import OnnxModel
 from braincam.model_spec import IMAGE_INPUT, ModelSpec
 from braincam.occlusion import OCCLUSION, OcclusionSensitivity
-from braincam.ood import ood_verdict
+from braincam.ood import OodVerdict, ood_verdict
 from braincam.overlay import (
     IMAGE_FORMATS,
     ImageFormat,
@@ -33,8 +47,10 @@ from braincam.overlay import (
     to_base64,
 )
 from braincam.pipeline import Prepared, gradients_for, prepare
+from braincam.series_analysis import negative_index
 from service.metrics import Metrics
 from service.schemas import (
+    AnswerWarning,
     ExplainResponse,
     ExplainTiming,
     InputInfo,
@@ -61,6 +77,8 @@ class ExplainParams:
     images: frozenset[str] = frozenset({"overlay"})  # of IMAGES
     image_format: ImageFormat = "png"
     heatmap: str = "image"  # of HEATMAP_MODES
+    layer: str | None = None  # None: the Grad-CAM graph's layer (or the method's own)
+    samples: int | None = None  # SmoothGrad's noisy copies, IG's steps (None: default)
 
 
 # The images /explain can return; `images` picks them (see the route).
@@ -119,8 +137,14 @@ def resolve_method(value: str | None, model: OnnxModel, occlusion: bool) -> str:
         return default_method(model.has_gradcam)
     name = value.strip().lower()[:64]  # [:64]: a bounded echo in errors
     offered = available_methods(model.has_gradcam, occlusion)
+    offered += [m for m in attribution_methods(model) if m not in offered]
     if name in offered:
         return name
+    if name in ("smoothgrad", "integrated_gradients"):
+        raise MethodUnavailable(
+            f"method {name!r} needs attribution.onnx, which this model directory does not "
+            f"have; available: {', '.join(offered)}"
+        )
     if name in METHODS:
         raise MethodUnavailable(
             f"method {name!r} needs a Grad-CAM graph (gradcam.onnx), which this model does "
@@ -133,6 +157,20 @@ def resolve_method(value: str | None, model: OnnxModel, occlusion: bool) -> str:
             f"BRAINCAM_OCCLUSION=true; available: {', '.join(offered)}"
         )
     raise InvalidParameter(f"unknown CAM method {name!r}; valid methods: {', '.join(offered)}")
+
+
+def resolve_layer(value: str | None, method: str, samples: int | None,
+                  model: OnnxModel) -> str | None:
+    """`layer` (and `samples`) checked against the model directory before any upload is
+    read: a layer or method it does not have is a 422 naming what it has."""
+    layer = value.strip()[:200] if value and value.strip() else None
+    if method == OCCLUSION and (layer is not None or samples is not None):
+        raise InvalidParameter("'layer' and 'samples' do not apply to method 'occlusion'")
+    if uses_attribution(method, layer, model):
+        make_explainer(method, layer, samples, model)
+    elif samples is not None:
+        raise InvalidParameter("'samples' applies to smoothgrad and integrated_gradients only")
+    return layer
 
 
 def resolve_target(value: str | None, spec: ModelSpec) -> int | None:
@@ -256,6 +294,27 @@ def _gradcam_maps(
     )
 
 
+def _attribution_maps(
+    model: OnnxModel, batch: np.ndarray, params: ExplainParams, size: tuple[int, int]
+) -> _Maps:
+    """From attribution.onnx (braincam/explainers.py): the decision from one classifier
+    run on the upload, then one attribution run explaining that class (a batch of the
+    noisy or interpolated copies for SmoothGrad and Integrated Gradients)."""
+    explainer = make_explainer(params.method, params.layer, params.samples, model)
+    t0 = time.perf_counter()
+    first = model.classify(batch)
+    decision = decide(first.probabilities[0], model.spec)
+    explained = decision.class_index if params.target is None else params.target
+    small = explainer(model, batch, np.full((batch.shape[0],), explained, np.int64))
+    t1 = time.perf_counter()
+    cams = resize_cam(small, size)
+    score = None if first.ood_score is None else float(first.ood_score[0])
+    return _Maps(
+        decision, explained, cams, explainer.layer, explainer.runs, t1 - t0,
+        time.perf_counter() - t1, score, small if params.heatmap != "image" else None,
+    )
+
+
 def _occlusion_maps(
     model: OnnxModel, batch: np.ndarray, params: ExplainParams, size: tuple[int, int]
 ) -> _Maps:
@@ -299,6 +358,9 @@ def explain(
         maps = _occlusion_maps(model, batch, params, decoded.size)
         # Its own series: tens of classifier runs would skew the classifier's.
         metrics.inference.labels(graph="occlusion").observe(maps.inference_s)
+    elif uses_attribution(params.method, params.layer, model):
+        maps = _attribution_maps(model, batch, params, decoded.size)
+        metrics.inference.labels(graph="attribution").observe(maps.inference_s)
     else:
         maps = _gradcam_maps(model, batch, params, decoded.size)
         metrics.inference.labels(graph="gradcam").observe(maps.inference_s)
@@ -311,6 +373,8 @@ def explain(
         small = maps.small
         small_cam = flip_smoothed(small[0], small[1]) if params.smooth else small[0]
         raw = raw_cam(small_cam, params.heatmap)
+    # Where the returned map lies against the head, on the image it is drawn over.
+    head = check_head(decoded.pixels, cam, meaningful=explained != negative_index(spec))
     t2 = time.perf_counter()
     images = params.images
     encoded: dict[str, str] = {}
@@ -344,6 +408,9 @@ def explain(
         gradcam_runs=maps.gradcam_runs,
         image_format=params.image_format,
         cam=raw,
+        heat_outside_head=head.heat_outside_head,
+        heat_on_rim=head.heat_on_rim,
+        warnings=answer_warnings(ood_verdict(maps.ood_score, spec), head),
         timing_ms=ExplainTiming(
             decode=_ms(prepared.decode_s),
             preprocess=_ms(prepared.preprocess_s),
@@ -353,6 +420,14 @@ def explain(
             total=_ms(time.perf_counter() - started),
         ),
     ).model_copy(update=encoded)  # the image fields (all str)
+
+
+def answer_warnings(verdict: OodVerdict | None, head: HeadCheck | None) -> list[AnswerWarning]:
+    """/explain's `warnings`: the gate's (as `in_distribution` says), then the map's."""
+    ood = None if verdict is None else verdict.warning()
+    found = [ResultWarning("out_of_distribution", ood)] if ood else []
+    found += head_warnings(head)
+    return [AnswerWarning(code=w.code, detail=w.text) for w in found]
 
 
 def warmup(model: OnnxModel) -> None:

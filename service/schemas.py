@@ -96,6 +96,26 @@ class RawCam(BaseModel):
     data: str | list[list[float]] = Field(description="the values, in [0, 1]")
 
 
+class AnswerWarning(BaseModel):
+    """Something a reader of the answer must know; DICOM results carry the same text."""
+
+    code: str = Field(examples=["out_of_distribution"])
+    detail: str = Field(
+        examples=["3 of 12 slices are unlike the images the model was trained on and were "
+                  "left out of the series decision"]
+    )
+
+
+# Where the explanation's map lies against the head (braincam/head.py); /explain and
+# /explain/series (the deciding slice, and each slice with an overlay).
+HEAT_OUTSIDE_HEAD_DOC = (
+    "share (0..1) of the heatmap's mass outside the head found in the image; above 0.5 "
+    "`warnings` says the explanation lies mostly outside the head (not for the "
+    "no-finding class); null: a flat map, or no head found"
+)
+HEAT_ON_RIM_DOC = "share (0..1) of the heatmap's mass on the head's outer band (skull, scalp)"
+
+
 class ExplainResponse(PredictResponse):
     timing_ms: ExplainTiming
     target: Target = Field(description="the class the heatmap explains")
@@ -136,6 +156,15 @@ class ExplainResponse(PredictResponse):
     overlay_jpeg: str | None = Field(default=None, description="as overlay_png, JPEG (lossy)")
     heatmap_jpeg: str | None = Field(default=None, description="as heatmap_png, JPEG (lossy)")
     panels_jpeg: str | None = Field(default=None, description="as panels_png, JPEG (lossy)")
+    heat_outside_head: float | None = Field(
+        default=None, examples=[0.03], description=HEAT_OUTSIDE_HEAD_DOC
+    )
+    heat_on_rim: float | None = Field(default=None, examples=[0.08], description=HEAT_ON_RIM_DOC)
+    warnings: list[AnswerWarning] = Field(
+        default_factory=list,
+        description="what a reader must know: out_of_distribution (the gate flagged the "
+        "image), heat_outside_head (the explanation lies mostly outside the head)",
+    )
 
 
 class ProviderInfo(BaseModel):
@@ -211,6 +240,10 @@ class MetadataResponse(BaseModel):
     gpu: bool
     batching: BatchingInfo | None = None
     cam_methods: list[str]
+    cam_layers: list[str] = Field(
+        default_factory=list,
+        description="layers /explain's `layer` can name (the Grad-CAM graph's first)",
+    )
     colormaps: list[str]
     defaults: dict[str, Any]
     limits: Limits
@@ -266,6 +299,10 @@ class SliceResult(BaseModel):
         description="false: the slice is unlike the training images; it is left out of "
         "the series rule unless every slice is",
     )
+    heat_outside_head: float | None = Field(
+        default=None, description="of the slice's overlay: " + HEAT_OUTSIDE_HEAD_DOC
+    )
+    heat_on_rim: float | None = Field(default=None, description=HEAT_ON_RIM_DOC)
 
 
 class SeriesInfo(BaseModel):
@@ -301,16 +338,6 @@ class DicomObject(BaseModel):
     data_base64: str = Field(description="the DICOM file (Part 10), base64")
 
 
-class AnswerWarning(BaseModel):
-    """Something a reader of the answer must know; DICOM results carry the same text."""
-
-    code: str = Field(examples=["out_of_distribution"])
-    detail: str = Field(
-        examples=["3 of 12 slices are unlike the images the model was trained on and were "
-                  "left out of the series decision"]
-    )
-
-
 class SeriesResponse(BaseModel):
     """The series' decision (see `rule`), every slice's, and on request DICOM results."""
 
@@ -332,10 +359,14 @@ class SeriesResponse(BaseModel):
     )
     ood_score: float | None = Field(default=None, description="of the deciding slice")
     ood_threshold: float | None = None
+    heat_outside_head: float | None = Field(
+        default=None, description="of the deciding slice's map: " + HEAT_OUTSIDE_HEAD_DOC
+    )
+    heat_on_rim: float | None = Field(default=None, description=HEAT_ON_RIM_DOC)
     warnings: list[AnswerWarning] = Field(
         default_factory=list,
-        description="what a reader must know (e.g. out_of_distribution); the SR of "
-        "output=dicom carries each one too",
+        description="what a reader must know (out_of_distribution, heat_outside_head); "
+        "the SR of output=dicom carries each one too",
     )
     model: ModelRef
     series: SeriesInfo

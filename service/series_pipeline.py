@@ -15,7 +15,7 @@ import numpy as np
 
 from braincam import DISCLAIMER
 from braincam.cam import default_method
-from braincam.dicom_results import ResultWarning, build_results, ood_warnings
+from braincam.dicom_results import ResultWarning, build_results, result_warnings
 from braincam.errors import InvalidParameter
 from braincam.inference import Classified, OnnxModel
 from braincam.occlusion import OCCLUSION
@@ -128,7 +128,7 @@ def run_series(
         graph = "occlusion" if method == OCCLUSION else "gradcam"
         metrics.inference.labels(graph=graph).observe(result.explain_s)
     # One list for the JSON and the DICOM results: what one says, the other says.
-    warnings = ood_warnings(result.gate)
+    warnings = result_warnings(result)
     t1 = time.perf_counter()
     dicom = _dicom_objects(series, result, model, warnings) if params.output == "dicom" else None
     dicom_s = time.perf_counter() - t1
@@ -190,6 +190,8 @@ def _response(
             ood_score=v.ood_score if v else None,
             ood_threshold=v.ood_threshold if v else None,
             in_distribution=v.in_distribution if v else None,
+            heat_outside_head=result.heads[i].heat_outside_head if i in shown else None,
+            heat_on_rim=result.heads[i].heat_on_rim if i in shown else None,
         )
         for i, (d, s, v) in enumerate(
             zip(result.decisions, series.slices, result.ood, strict=True)
@@ -198,6 +200,8 @@ def _response(
     first = series.datasets[0] if series.datasets else None
     decision = result.decision
     gate = result.gate
+    # The deciding slice's map (made for /explain/series and for output=dicom's overlay).
+    head = result.heads.get(result.deciding_slice)
     return SeriesResponse(
         label=decision.label,
         class_index=decision.class_index,
@@ -210,6 +214,8 @@ def _response(
         ood_score=None if gate is None else gate.deciding.ood_score,
         ood_threshold=None if gate is None else gate.deciding.ood_threshold,
         warnings=[AnswerWarning(code=w.code, detail=w.text) for w in warnings],
+        heat_outside_head=None if head is None else head.heat_outside_head,
+        heat_on_rim=None if head is None else head.heat_on_rim,
         model=ModelRef(name=spec.name, version=spec.version, notice=spec.notice),
         series=SeriesInfo(
             format=series.format,

@@ -120,6 +120,10 @@ CASES = [
          {"sc": _w(4), "b": _w(4), "m": _w(4), "v": np.abs(_w(4)) + 0.5}),
     Case("Conv_stride_pads", X4, [n("Conv", ["x", "w", "b"], strides=[2, 2], pads=[1, 1, 1, 1])],
          {"w": _w(5, 4, 3, 3), "b": _w(5)}),
+    # stride 1: the flipped-kernel Conv rule (uneven pads, a non-square kernel, and none)
+    Case("Conv_stride1_flipped", X4, [n("Conv", ["x", "w", "b"], pads=[1, 0, 2, 1])],
+         {"w": _w(5, 4, 3, 2), "b": _w(5)}),
+    Case("Conv_stride1_valid", X4, [n("Conv", ["x", "w"])], {"w": _w(3, 4, 2, 3)}),
     Case("Conv_groups_dilation", X4,
          [n("Conv", ["x", "w"], group=2, dilations=[2, 1], pads=[1, 0, 2, 1])],
          {"w": _w(6, 2, 3, 2)}),

@@ -29,6 +29,7 @@ from braincam import DISCLAIMER
 from braincam.cam import CLASSIFIER_METHODS, METHODS, compute_cam
 from braincam.decision import decide
 from braincam.decoding import decode_image
+from braincam.explainers import PIXEL_METHODS
 from braincam.inference import OnnxModel
 from braincam.overlay import COLORMAPS, colorize
 from braincam.preprocessing import preprocess
@@ -598,7 +599,10 @@ def test_openapi_documents_disclaimer_and_errors(service: TestClient) -> None:
         "colormap",
         "smooth",
     }
-    assert explain_form["properties"]["method"]["enum"] == [*METHODS, *CLASSIFIER_METHODS]
+    assert explain_form["properties"]["method"]["enum"] == [
+        *METHODS, *CLASSIFIER_METHODS, *PIXEL_METHODS
+    ]
+    assert {"layer", "samples"} <= set(explain_form["properties"])
     assert service.get("/docs").status_code == 200
 
 

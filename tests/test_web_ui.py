@@ -563,3 +563,48 @@ def test_out_of_distribution_warning(
         name, data = page.download("#download-overlay")
         assert "UNLIKE" not in name
         assert data == base64.b64decode(_api_explain(server, glioma_image)["overlay_png"])
+
+
+def test_explanation_outside_the_head_warning(
+    page: Page, glioma_image: Path, tmp_path: Path
+) -> None:
+    """A map lying mostly outside the head (the slice shrunk into a corner, explained as
+    pituitary: the tiny model's maps of that class lie in the background) is shown under
+    its warning; the same slice's glioma map on the head is not."""
+    image = cv2.imread(str(glioma_image), cv2.IMREAD_GRAYSCALE)
+    corner = np.zeros_like(image)
+    k = round(image.shape[0] * 0.2)
+    corner[:k, :k] = cv2.resize(image, (k, k), interpolation=cv2.INTER_AREA)
+    path = tmp_path / "corner.png"
+    cv2.imwrite(str(path), corner)
+    page.upload(path)
+    answer = page.explain_after(lambda: page.page.select_option("#target", "pituitary"))
+    assert answer["heat_outside_head"] > 0.5
+    assert "heat_outside_head" in [w["code"] for w in answer["warnings"]]
+    assert page.visible("#head-warning") and page.visible("#label")
+    assert "outside the head" in page.text("#head-warning")
+    assert f"{answer['heat_outside_head']:.0%}" in page.text("#head-detail")
+
+    page.upload(glioma_image)
+    answer = page.explain_after(lambda: page.page.select_option("#target", "glioma"))
+    assert answer["heat_outside_head"] <= 0.5
+    assert not page.visible("#head-warning")
+
+
+def test_a_layer_and_the_pixel_methods(page: Page, chromium: Any, glioma_image: Path,
+                                       tmp_path: Path) -> None:
+    """A model without attribution.onnx offers no layer choice; the shipped demo model
+    (with one) does, and turns it off for the pixel methods."""
+    page.upload(glioma_image)
+    assert not page.visible("#layer-field")
+    shipped = Path(__file__).resolve().parents[1] / "models" / "demo"
+    with _live_server(shipped, tmp_path / "server.log") as url:
+        demo = Page(chromium, url)
+        demo.upload(glioma_image)
+        assert demo.visible("#layer-field")
+        answer = demo.explain_after(lambda: demo.page.select_option("#layer", "block3_relu"))
+        assert answer["layer"] == "block3_relu" and answer["method"] == "gradcam"
+        answer = demo.explain_after(lambda: demo.page.select_option("#method", "smoothgrad"))
+        assert answer["method"] == "smoothgrad" and answer["layer"] == "image"
+        assert demo.page.is_disabled("#layer")
+        demo.close()

@@ -41,21 +41,17 @@ from braincam.cam import METHODS, compute_cam, normalize, resize_cam
 from braincam.datasets import MULTICLASS_LABELS, Task, find_split_dir, scan_split, task_label
 from braincam.decision import decide
 from braincam.decoding import load_image
+from braincam.demo_masks import LESION_METRICS, load_mask, mask_scores
+from braincam.demo_masks import mask_path as _mask_path
 from braincam.errors import InputError, InvalidParameter
-from braincam.inference import DEFAULT_PROVIDERS, OnnxModel
+from braincam.explainers import PIXEL_METHODS, make_explainer, uses_attribution
+from braincam.inference import DEFAULT_PROVIDERS, GradcamOutput, OnnxModel
 from braincam.localization import (
     CAUSAL_STEPS,
     POINTING_TOLERANCE,
     TOP_FRACTION,
     Baseline,
     causal_aucs,
-    energy_in_mask,
-    lesion_auroc,
-    off_brain_mass,
-    off_brain_peak,
-    pointing_game,
-    tolerance_px,
-    top_fraction_iou,
 )
 from braincam.overlay import blend, colorize, to_rgb
 from braincam.preprocessing import preprocess
@@ -94,9 +90,7 @@ METRICS: dict[str, str] = {
 }
 _DERIVED = ("deletion_ratio", "off_brain_mass_tumour")  # computed from the per-image keys
 _PER_IMAGE = [k for k in METRICS if k not in _DERIVED]
-_LESION_ONLY = (
-    "pointing_game", "pointing_game_strict", "energy_in_mask", "top15_iou", "lesion_auroc"
-)
+_LESION_ONLY = LESION_METRICS
 _CAUSAL = ("deletion_auc", "random_deletion_auc", "insertion_auc", "random_insertion_auc")
 GRID_CELL = 180  # px, longer side of each grid thumbnail
 
@@ -130,13 +124,6 @@ class GridRow:
     cells: list[np.ndarray] = field(default_factory=list)
 
 
-def _mask_path(root: Path, kind: str, image: Path, split_dir: Path) -> Path:
-    rel = image.relative_to(split_dir)
-    base = root / kind / split_dir.name / rel.parent
-    png = base / f"{rel.stem}.png"
-    return png if png.is_file() or not (base / rel.name).is_file() else base / rel.name
-
-
 def collect_samples(
     data: Path, split: str, task: Task, labels: Sequence[str], limit: int | None
 ) -> list[Sample]:
@@ -161,19 +148,6 @@ def collect_samples(
     return samples
 
 
-def load_mask(path: Path, shape: tuple[int, int]) -> np.ndarray | None:
-    """Boolean mask at the image's [H,W]; None (with a warning) if the file is missing."""
-    if not path.is_file():
-        return None
-    m = load_image(path)
-    if m.ndim == 3:
-        m = m[:, :, :3].max(axis=2)
-    if m.shape != shape:
-        log.warning("%s is %s, image is %s: resized (nearest)", path, m.shape, shape)
-        m = cv2.resize(m, (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST)
-    return np.asarray(m > 127)
-
-
 def _chunked(model: OnnxModel, max_batch: int) -> Any:
     """predict over [N,H,W,C] images (the pixel-deletion code's layout) in chunks,
     transposed to [N,C,H,W] for a model that takes NCHW."""
@@ -192,26 +166,8 @@ def _chunked(model: OnnxModel, max_batch: int) -> Any:
     return predict
 
 
-def image_scores(
-    cam: np.ndarray, lesion: np.ndarray | None, brain: np.ndarray | None
-) -> dict[str, float]:
-    """Localisation metrics of one CAM at image resolution; NaN where a mask is missing."""
-    nan = float("nan")
-    scores = dict.fromkeys(_LESION_ONLY, nan)
-    if lesion is not None and lesion.any():
-        scores.update(
-            pointing_game=pointing_game(cam, lesion, tolerance_px(cam.shape)),
-            pointing_game_strict=pointing_game(cam, lesion, 0.0),
-            energy_in_mask=energy_in_mask(cam, lesion),
-            top15_iou=top_fraction_iou(cam, lesion, TOP_FRACTION),
-            lesion_auroc=lesion_auroc(cam, lesion),
-        )
-    scores["off_brain_mass"] = off_brain_mass(cam, brain) if brain is not None else nan
-    scores["off_brain_peak"] = off_brain_peak(cam, brain) if brain is not None else nan
-    # An all-zero map explains nothing: its off-brain figures are NaN (left out of the
-    # means), so the share of such maps is reported beside them.
-    scores["empty_map"] = float(not cam.max() > 0)
-    return scores
+# One implementation for both tools (`braincam audit` scores demo masks the same way).
+image_scores = mask_scores
 
 
 def oracle_cam(lesion: np.ndarray, layer_hw: tuple[int, int],
@@ -268,6 +224,29 @@ def _cell(rgb: np.ndarray, mask: np.ndarray | None, colour: tuple[int, int, int]
     return out
 
 
+def split_entry(entry: str) -> tuple[str, str | None]:
+    """'hirescam@block3_relu' -> ('hirescam', 'block3_relu'); 'gradcam' -> ('gradcam', None)."""
+    method, _, layer = entry.partition("@")
+    return method, layer or None
+
+
+def method_cams(model: OnnxModel, x: np.ndarray, out: GradcamOutput, targets: np.ndarray,
+                methods: list[str], size: tuple[int, int], samples: int | None = None
+                ) -> dict[str, np.ndarray]:
+    """Each METHOD[@LAYER] entry's maps at `size`, as /explain computes them: from the
+    Grad-CAM run `out` at its own layer, else from attribution.onnx
+    (braincam/explainers.py: other layers, fused LayerCAM, SmoothGrad, IG)."""
+    cams = {}
+    for entry in methods:
+        method, layer = split_entry(entry)
+        if uses_attribution(method, layer, model):
+            n = samples if method in PIXEL_METHODS else None
+            cams[entry] = make_explainer(method, layer, n, model)(model, x, targets, size)
+        else:
+            cams[entry] = compute_cam(method, out.activations, out.gradients, size=size)
+    return cams
+
+
 def evaluate(
     model: OnnxModel,
     samples: list[Sample],
@@ -279,6 +258,7 @@ def evaluate(
     grid_per_class: int = 2,
     predict_batch: int = 64,
     data: Path | None = None,
+    noise_samples: int | None = None,
 ) -> tuple[list[dict[str, Any]], list[GridRow], dict[str, Any]]:
     """Per image x method metric rows, the grid rows, and run facts (accuracy, skips)."""
     spec = model.spec
@@ -306,13 +286,11 @@ def evaluate(
             continue
         x = np.stack([preprocess(p, pre) for p in pixels])
         out = model.gradcam(x, [s.target for s in chunk])
+        layer_hw = (int(out.activations.shape[1]), int(out.activations.shape[2]))
+        cams = method_cams(model, x, out, np.array([s.target for s in chunk]), methods,
+                           (pre.width, pre.height), noise_samples)
         if pre.layout == "nchw":  # the deletion/insertion code perturbs [H,W,C] pixels
             x = x.transpose(0, 2, 3, 1)
-        layer_hw = (int(out.activations.shape[1]), int(out.activations.shape[2]))
-        cams = {
-            m: compute_cam(m, out.activations, out.gradients, size=(pre.width, pre.height))
-            for m in methods
-        }
         for i, (s, img) in enumerate(zip(chunk, pixels, strict=True)):
             shape = (int(img.shape[0]), int(img.shape[1]))
             lesion = load_mask(s.lesion_path, shape)
@@ -633,6 +611,7 @@ def run(
     grid_per_class: int = 2,
     keras: Path | None = None,
     sanity_images: int = 64,
+    noise_samples: int | None = None,
 ) -> dict[str, Any]:
     """Evaluate, write the three outputs, return the report.
 
@@ -657,6 +636,7 @@ def run(
         seed=seed,
         grid_per_class=grid_per_class,
         data=data,
+        noise_samples=noise_samples,
     )
     order = {c: i for i, c in enumerate(MULTICLASS_LABELS)}
     classes = sorted({r["class"] for r in rows}, key=lambda c: order.get(c, len(order)))
@@ -681,7 +661,8 @@ def run(
         )]
         x = np.stack([preprocess(load_image(s.path), spec.preprocessing) for s in picked])
         randomization = randomization_check(
-            model, keras, x, np.array([s.target for s in picked]), methods,
+            model, keras, x, np.array([s.target for s in picked]),
+            [m for m in methods if m in METHODS],  # the Grad-CAM graph's own methods
             calibration=find_split_dir(data, split), seed=seed,
         )
     first = result[methods[0]]["overall"] if methods else {}
@@ -724,12 +705,16 @@ def run(
 
 
 def parse_methods(text: str) -> list[str]:
+    """Comma-separated METHOD or METHOD@LAYER entries (a CAM method at another layer of
+    the model's attribution graph), or smoothgrad / integrated_gradients."""
     methods = [m.strip() for m in text.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHODS]
+    valid = (*METHODS, *PIXEL_METHODS)
+    unknown = [m for m in methods if split_entry(m)[0] not in valid
+               or (split_entry(m)[1] is not None and split_entry(m)[0] in PIXEL_METHODS)]
     if unknown or not methods:
         raise InvalidParameter(
             f"unknown CAM method(s) {', '.join(unknown) or '(none given)'}; "
-            f"valid methods: {', '.join(METHODS)}"
+            f"valid methods: {', '.join(valid)}, a CAM method as METHOD@LAYER"
         )
     return list(dict.fromkeys(methods))
 
@@ -744,7 +729,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--methods",
         default=",".join(METHODS),
-        help=f"comma-separated, default all: {','.join(METHODS)}",
+        help=f"comma-separated, default: {','.join(METHODS)}; also METHOD@LAYER (a layer of "
+        "the attribution graph), smoothgrad, integrated_gradients",
     )
     parser.add_argument("--split", default="Testing")
     parser.add_argument("--limit", type=int, default=None, help="at most N images per class")
@@ -759,6 +745,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--seed", type=int, default=0, help="random-order baseline seed")
     parser.add_argument("--grid-per-class", type=int, default=2)
+    parser.add_argument("--samples", type=int, default=None,
+                        help="smoothgrad's copies / integrated_gradients' steps (default 8)")
     parser.add_argument(
         "--keras",
         type=Path,
@@ -784,6 +772,7 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
             grid_per_class=args.grid_per_class,
             keras=args.keras,
+            noise_samples=args.samples,
         )
     except (FileNotFoundError, ValueError) as exc:  # bad data dir, model dir, sha256 mismatch
         print(f"error: {exc}", file=sys.stderr)

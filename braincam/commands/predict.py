@@ -32,6 +32,8 @@ from braincam.cam import CLASSIFIER_METHODS, METHODS, available_methods, default
 from braincam.cli import UsageError
 from braincam.commands.common import add_model_arguments, load_model, model_notice
 from braincam.decoding import DEFAULT_MAX_PIXELS
+from braincam.errors import InputError
+from braincam.explainers import PIXEL_METHODS, make_explainer, uses_attribution
 from braincam.inference import OnnxModel
 from braincam.ood import OOD_FIELDS
 from braincam.overlay import COLORMAPS
@@ -91,9 +93,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--method",
-        choices=[*METHODS, *CLASSIFIER_METHODS],
+        choices=[*METHODS, *CLASSIFIER_METHODS, *PIXEL_METHODS],
         help="explanation method for --explain (default: gradcam, or occlusion for a model "
-        "without a Grad-CAM graph; occlusion costs seconds per image)",
+        "without a Grad-CAM graph; occlusion costs seconds per image); with the model's "
+        "attribution graph, layercam is fused over its layers and smoothgrad and "
+        "integrated_gradients give pixel-resolution maps",
+    )
+    p.add_argument(
+        "--layer",
+        help="layer for --explain's CAM method (an attribution-graph layer; see "
+        "`braincam info`), instead of the Grad-CAM graph's",
+    )
+    p.add_argument(
+        "--samples", type=_positive,
+        help="noisy copies (smoothgrad) or path steps (integrated_gradients); default 8",
     )
     p.add_argument(
         "--colormap", choices=list(COLORMAPS), default="jet", metavar="NAME",
@@ -122,9 +135,15 @@ def _output_format(args: argparse.Namespace) -> str:
     return fmt
 
 
+# With --explain: where the overlay's map lies against the head (braincam.head), and
+# the codes of the row's warnings (out_of_distribution, heat_outside_head).
+EXPLAIN_FIELDS = ("heat_outside_head", "heat_on_rim", "warnings")
+
+
 class CsvRows:
     """path, slice, label, confidence, p_<label>..., ood_score, ood_threshold,
-    in_distribution (empty for models without a detector), error (, overlay)."""
+    in_distribution (empty for models without a detector), error (, overlay,
+    heat_outside_head, heat_on_rim, warnings: codes joined by ';')."""
 
     def __init__(self, stream: IO[str], labels: list[str], overlays: bool) -> None:
         self.labels = labels
@@ -132,7 +151,7 @@ class CsvRows:
         self.writer = csv.writer(stream)
         header = ["path", "slice", "label", "confidence", *(f"p_{x}" for x in labels),
                   *OOD_FIELDS, "error"]
-        self.writer.writerow([*header, "overlay"] if overlays else header)
+        self.writer.writerow([*header, "overlay", *EXPLAIN_FIELDS] if overlays else header)
 
     def write(self, row: Row) -> None:
         probs = row.probabilities or {}
@@ -145,7 +164,12 @@ class CsvRows:
             *(row.ood.as_dict()[k] if row.ood else "" for k in OOD_FIELDS),
             row.error or "",
         ]
-        self.writer.writerow([*cells, row.overlay or ""] if self.overlays else cells)
+        if self.overlays:
+            head = row.head.as_dict() if row.head else {}
+            shares = ["" if head.get(k) is None else head[k] for k in EXPLAIN_FIELDS[:2]]
+            codes = ";".join(code for code, _ in row.warnings())
+            cells += [row.overlay or "", *shares, codes]
+        self.writer.writerow(cells)
 
 
 class JsonlRows:
@@ -167,6 +191,10 @@ class JsonlRows:
         }
         if self.overlays:
             record["overlay"] = row.overlay
+            head = row.head.as_dict() if row.head else {}
+            record["heat_outside_head"] = head.get("heat_outside_head")
+            record["heat_on_rim"] = head.get("heat_on_rim")
+            record["warnings"] = [{"code": c, "detail": t} for c, t in row.warnings()]
         self.stream.write(json.dumps(record) + "\n")
 
 
@@ -210,11 +238,22 @@ def run(args: argparse.Namespace) -> int:
         except OSError as exc:
             raise UsageError(f"cannot create {args.explain}: {exc.strerror or exc}") from exc
         method = args.method or default_method(model.has_gradcam)
-        if method not in available_methods(model.has_gradcam, classifier_methods=True):
+        try:
+            if uses_attribution(method, args.layer, model):
+                make_explainer(method, args.layer, args.samples, model)
+            elif args.layer is not None or args.samples is not None:
+                raise InputError("--layer and --samples need a gradient method; --samples "
+                                 "applies to smoothgrad and integrated_gradients only")
+        except InputError as exc:
+            raise UsageError(str(exc)) from exc
+        if not uses_attribution(method, args.layer, model) and method not in available_methods(
+            model.has_gradcam, classifier_methods=True
+        ):
             raise UsageError(
                 f"{model.model_dir} has no Grad-CAM graph: explain with --method occlusion"
             )
-        explain = ExplainOptions(args.explain, method, args.colormap, args.alpha)
+        explain = ExplainOptions(args.explain, method, args.colormap, args.alpha,
+                                 args.layer, args.samples)
     predictor = BatchPredictor(
         model,
         batch_size=args.batch_size,
@@ -281,7 +320,7 @@ def _predict_all(
 
 
 def _light(row: Row) -> Row:
-    return Row(row.path, row.slice, label=row.label, error=row.error)
+    return Row(row.path, row.slice, label=row.label, error=row.error, head=row.head)
 
 
 def _summary(
@@ -311,6 +350,10 @@ def _summary(
     if spec.ood is not None:
         print(f"unlike the training data (out-of-distribution gate, {spec.ood.detector}): "
               f"{foreign} of {len(predicted)}", file=out)
+    if args.explain is not None:
+        outside = sum(r.head is not None and r.head.outside for r in predicted)
+        print(f"explanations lying mostly outside the head: {outside} of {len(predicted)}",
+              file=out)
     if failed:
         skipped_files = {r.path for r in failed if r.slice is None} - {r.path for r in predicted}
         bad_slices = sum(r.slice is not None for r in failed)

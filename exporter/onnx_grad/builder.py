@@ -129,23 +129,7 @@ def build_graphs(
     _prune(classifier.graph)
 
     # gradcam: target -> class_index -> one-hot seed -> reverse pass
-    graph.input.append(helper.make_tensor_value_info(TARGET_INPUT, TensorProto.INT64, [BATCH]))
-    # The class is the logits' argmax: softmax rounds near-equal logits (an untrained or
-    # a very confident model) to equal probabilities, and a source framework compares
-    # its own logits (exporter/parity.py).
-    scores = probabilities if found.kind == "probabilities" else logits
-    argmax = em.node("ArgMax", [scores], axis=1, keepdims=0)
-    negative = em.node("Less", [TARGET_INPUT, em.ints([0])])
-    graph.node.append(helper.make_node("Where", [negative, argmax, TARGET_INPUT], [CLASS_OUTPUT],
-                                       name="bc_class_index"))
-    one_hot = em.node("OneHot", [CLASS_OUTPUT, em.ints([k]), em.const([0.0, 1.0])], axis=-1)
-    if found.kind == "probabilities":  # score = log p[class]: d/dp = onehot / p
-        seed_at, seed = probabilities, em.node("Div", [one_hot, probabilities])
-    elif found.kind == "sigmoid":  # logits [-z/2, z/2] were appended: seed z directly
-        seed_at = found.score_tensor
-        seed = em.node("MatMul", [one_hot, em.const(np.array([[-0.5], [0.5]]))])
-    else:
-        seed_at, seed = logits, one_hot
+    seed_at, seed = class_seed(em, found, probabilities, logits, k)
     grad = backward(em, info, found.explained, seed_at, seed, found.layers)
     activations = found.explained
     shape = info.shape(found.explained)
@@ -178,6 +162,29 @@ def build_graphs(
     return BuiltGraphs(classifier, base, anatomy, found, [h, w, c], k)
 
 
+def class_seed(em: Emitter, found: Found, probabilities: str, logits: str, k: int
+               ) -> tuple[str, str]:
+    """Input `target` -> output `class_index` (-1: argmax) -> (tensor, its seed): the
+    one-hot of the class at the score the backward pass starts from."""
+    graph = em.graph
+    graph.input.append(helper.make_tensor_value_info(TARGET_INPUT, TensorProto.INT64, [BATCH]))
+    # The class is the logits' argmax: softmax rounds near-equal logits (an untrained or
+    # a very confident model) to equal probabilities, and a source framework compares
+    # its own logits (exporter/parity.py).
+    scores = probabilities if found.kind == "probabilities" else logits
+    argmax = em.node("ArgMax", [scores], axis=1, keepdims=0)
+    negative = em.node("Less", [TARGET_INPUT, em.ints([0])])
+    graph.node.append(helper.make_node("Where", [negative, argmax, TARGET_INPUT], [CLASS_OUTPUT],
+                                       name="bc_class_index"))
+    one_hot = em.node("OneHot", [CLASS_OUTPUT, em.ints([k]), em.const([0.0, 1.0])], axis=-1)
+    if found.kind == "probabilities":  # score = log p[class]: d/dp = onehot / p
+        return probabilities, em.node("Div", [one_hot, probabilities])
+    if found.kind == "sigmoid":  # logits [-z/2, z/2] were appended: seed z directly
+        return found.score_tensor, em.node("MatMul", [one_hot,
+                                                      em.const(np.array([[-0.5], [0.5]]))])
+    return logits, one_hot
+
+
 def _token_grid(em: Emitter, tokens: str, grid: TokenGrid, channels: Dim) -> str:
     """Tokens [N, T, C] -> their patch tokens as a grid [N, h, w, C]."""
     patches = em.node("Slice", [tokens, em.ints([grid.offset]),
@@ -207,7 +214,17 @@ def backward(em: Emitter, info: GraphInfo, explained: str, seed_at: str, seed: s
              layers: tuple[str, ...] = ()) -> str:
     """Append d(seed . seed_at)/d(explained) to the graph; returns its tensor name.
     `layers`: the tensors --layer could name, in graph order (for the error's hint)."""
-    active = forward_reach(info, explained)
+    return backward_to(em, info, [explained], seed_at, seed, layers)[0]
+
+
+def backward_to(em: Emitter, info: GraphInfo, wanted: list[str], seed_at: str, seed: str,
+                layers: tuple[str, ...] = ()) -> list[str]:
+    """One reverse pass from `seed_at` down to the earliest of `wanted` (the image, for
+    attribution.onnx); returns the gradient of each wanted tensor, in order."""
+    active: set[str] = set()
+    for name in wanted:
+        active |= forward_reach(info, name)
+    explained = wanted[0]
     needed = backward_reach(info, seed_at)
     nodes = [
         n for n in info.nodes
@@ -249,10 +266,13 @@ def backward(em: Emitter, info: GraphInfo, explained: str, seed_at: str, seed: s
         for inp, g in zip(node.input, in_grads, strict=False):
             if g is not None and inp in active:
                 grads.setdefault(inp, []).append(g)
-    total = rows.dense(em, rows.total(em, grads.get(explained, [])))
-    if total is None:
-        raise ExportError(f"the class scores do not depend on {explained!r}")
-    return total
+    out = []
+    for name in wanted:
+        total = rows.dense(em, rows.total(em, grads.get(name, [])))
+        if total is None:
+            raise ExportError(f"the class scores do not depend on {name!r}")
+        out.append(total)
+    return out
 
 
 def _layer_hint(info: GraphInfo, last_missing: onnx.NodeProto,

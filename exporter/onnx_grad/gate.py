@@ -219,26 +219,8 @@ def run_gate(
 
     # Finite differences in float64, NHWC outputs back to the head's own layout.
     a, g, moved = _native(found, from_source, acts, grads)
-    rng = np.random.default_rng(seed)
-    v = rng.standard_normal((DIRECTIONS, *a.shape)) * ((a != 0) & moved)[None]
-    rms = np.sqrt(np.mean(a**2, axis=tuple(range(1, a.ndim)), keepdims=True)) + 1e-12
-    step = 1e-6 * rms  # per input: small against the activations' own scale
-    stacked_a = np.concatenate([a + step * vi for vi in v] + [a - step * vi for vi in v])
-    feeds = {found.explained: stacked_a}
-    for name in head_inputs:
-        value = np.asarray(from_source[name], np.float64)
-        feeds[name] = np.concatenate([value] * (2 * DIRECTIONS))
-    out = np.concatenate([  # a few rows at a time: float64 memory bounded on real models
-        np.asarray(evaluator.run(None, {k: v[i:i + HEAD_ROWS] for k, v in feeds.items()})[0])
-        for i in range(0, len(stacked_a), HEAD_ROWS)
-    ])
-    cls = np.tile(classes, 2 * DIRECTIONS)
-    f = _score(np.asarray(out, np.float64), cls, found.kind).reshape(2, DIRECTIONS, n)
-    fd = (f[0] - f[1]) / (2 * step.reshape(1, n))
-    summed = tuple(range(2, v.ndim))
-    dot = (g[None] * v).sum(axis=summed)
-    scale = np.abs(g[None] * v).sum(axis=summed) + 1e-12
-    rel = np.abs(dot - fd) / scale
+    rel = directional_errors(evaluator, head_inputs, from_source, a, g, moved, classes,
+                             found.kind, seed)
     report.figures["fd_directions"] = DIRECTIONS
     report.figures["gradient_abs_max"] = float(np.abs(g).max())
     if not np.abs(g).max() > 0:  # nothing to check, and nothing to show
@@ -252,4 +234,94 @@ def run_gate(
             f"{rel.max():.3g} > {GRADIENT_TOLERANCE} ({int((rel > GRADIENT_TOLERANCE).sum())} "
             f"of {rel.size} directional derivatives)"
         )
+    return report
+
+
+def directional_errors(evaluator: Any, head_inputs: list[str], from_source: dict[str, np.ndarray],
+                       a: np.ndarray, g: np.ndarray, moved: np.ndarray, classes: np.ndarray,
+                       kind: str, seed: int = 0) -> np.ndarray:
+    """|<G, v> - FD| / sum|G v| [DIRECTIONS, N] for random directions v that move only
+    where `moved` and the tensor `a` (fed to the float64 head `evaluator`) is nonzero."""
+    n = len(a)
+    rng = np.random.default_rng(seed)
+    v = rng.standard_normal((DIRECTIONS, *a.shape)) * ((a != 0) & moved)[None]
+    rms = np.sqrt(np.mean(a**2, axis=tuple(range(1, a.ndim)), keepdims=True)) + 1e-12
+    step = 1e-6 * rms  # per input: small against the activations' own scale
+    stacked_a = np.concatenate([a + step * vi for vi in v] + [a - step * vi for vi in v])
+    feeds = {evaluator.input_names[0]: stacked_a}  # the head's first input: the explained tensor
+    for name in head_inputs:
+        value = np.asarray(from_source[name], np.float64)
+        feeds[name] = np.concatenate([value] * (2 * DIRECTIONS))
+    out = np.concatenate([  # a few rows at a time: float64 memory bounded on real models
+        np.asarray(evaluator.run(None, {k: x[i:i + HEAD_ROWS] for k, x in feeds.items()})[0])
+        for i in range(0, len(stacked_a), HEAD_ROWS)
+    ])
+    cls = np.tile(classes, 2 * DIRECTIONS)
+    f = _score(np.asarray(out, np.float64), cls, kind).reshape(2, DIRECTIONS, n)
+    fd = (f[0] - f[1]) / (2 * step.reshape(1, n))
+    summed = tuple(range(2, v.ndim))
+    dot = (g[None] * v).sum(axis=summed)
+    scale = np.abs(g[None] * v).sum(axis=summed) + 1e-12
+    return np.asarray(np.abs(dot - fd) / scale)
+
+
+def run_attribution_gate(source: onnx.ModelProto, found: Found, layers: list[Any],
+                         attribution: Path, x: np.ndarray, seed: int = 0,
+                         image_rows: int = 8) -> GateReport:
+    """attribution.onnx against the source model: its probabilities, and the gradients at
+    each layer and at the image against float64 finite differences of the model from
+    that tensor on (the image's: the whole model, on the first `image_rows` inputs)."""
+    from dataclasses import replace
+
+    from exporter.onnx_grad.attribution import (
+        IMAGE_GRADIENTS_OUTPUT,
+        activations_output,
+        gradients_output,
+    )
+
+    report = GateReport()
+    n = len(x)
+    if n < MIN_INPUTS:
+        raise ExportError(f"the gate needs >= {MIN_INPUTS} calibration images, found {n}")
+    session = _session(attribution)
+    names = [PROBABILITIES_OUTPUT, CLASS_OUTPUT, IMAGE_GRADIENTS_OUTPUT]
+    for i in range(len(layers)):
+        names += [activations_output(i), gradients_output(i)]
+    out = dict(zip(names, session.run(names, {IMAGE_INPUT: x,
+                                               TARGET_INPUT: np.full(n, -1, np.int64)}),
+                   strict=True))
+    scores = _values(source, [found.output], found.image, x)[found.output]
+    expected = source_probabilities(np.asarray(scores), found.kind)
+    diff = float(np.abs(out[PROBABILITIES_OUTPUT] - expected).max())
+    report.figures["n_inputs"] = n
+    report.figures["probabilities_max_abs_diff"] = diff
+    if diff > PROBABILITY_TOLERANCE:
+        report.failures.append(f"probabilities_max_abs_diff {diff:.3g} > {PROBABILITY_TOLERANCE}")
+    classes = np.asarray(out[CLASS_OUTPUT])
+    checks: list[tuple[str, Found, np.ndarray, np.ndarray]] = []
+    for i, layer in enumerate(layers):
+        to_native = (0, 3, 1, 2) if layer.layout == "nchw" else (0, 1, 2, 3)
+        checks.append((layer.name, replace(found, explained=layer.tensor, tokens=None),
+                       out[activations_output(i)].transpose(to_native),
+                       out[gradients_output(i)].transpose(to_native)))
+    m = min(image_rows, n)
+    checks.append(("image", replace(found, explained=found.image, tokens=None), x[:m],
+                   out[IMAGE_GRADIENTS_OUTPUT][:m]))
+    for what, at, acts, grads in checks:
+        evaluator, head_inputs = _head(source, at)
+        rows = len(acts)
+        from_source = _values(source, head_inputs, found.image, x[:rows])
+        a = np.asarray(acts, np.float64)
+        g = np.asarray(grads, np.float64)
+        rel = directional_errors(evaluator, head_inputs, from_source, a, g, np.ones(a.shape, bool),
+                                 classes[:rows], found.kind, seed)
+        report.figures[f"{what}_gradient_abs_max"] = float(np.abs(g).max())
+        report.figures[f"{what}_gradient_fd_max_rel_err"] = float(rel.max())
+        if not np.abs(g).max() > 0:
+            report.failures.append(f"{what}: the gradients are zero on every image")
+        if rel.max() > GRADIENT_TOLERANCE:
+            report.failures.append(
+                f"{what}: gradients differ from float64 finite differences: max relative error "
+                f"{rel.max():.3g} > {GRADIENT_TOLERANCE}")
+    report.figures["fd_directions"] = DIRECTIONS
     return report

@@ -391,7 +391,30 @@ def _conv(em: Emitter, node: onnx.NodeProto, g: Grads) -> Grads:
     )
     win = _window(em, node, kernel)
     group = attr_int(node, "group", 1)
+    flipped = _flipped_conv(em, g[0], w, win, group)
+    if flipped is not None:
+        return [flipped]
     return [em.make("ConvTranspose", [g[0], w], {"group": group, **win.transpose_attrs()})[0]]
+
+
+def _flipped_conv(em: Emitter, g: str, w: str, win: Window, group: int) -> str | None:
+    """A stride-1, undilated, ungrouped 2-D convolution's input gradient as a plain Conv
+    with the kernel flipped in space and its channel axes swapped (padded k-1-p): the
+    same sums, in ONNX Runtime's blocked Conv kernel, ~2x faster than its ConvTranspose.
+    The flip reads a constant kernel, so ONNX Runtime folds it at load. None: not such
+    a convolution."""
+    if (len(win.kernel) != 2 or win.strides != [1, 1] or win.dilations != [1, 1]
+            or group != 1 or w not in em.info.constants):
+        return None
+    pads = [k - 1 - b for k, b in zip(win.kernel, win.begin, strict=True)] + [
+        k - 1 - e for k, e in zip(win.kernel, win.end, strict=True)]
+    if any(p < 0 for p in pads):
+        return None
+    swapped = em.node("Transpose", [w], perm=[1, 0, 2, 3])
+    big = 2**62
+    kernel = em.node("Slice", [swapped, em.ints([-1, -1]), em.ints([-big, -big]),
+                               em.ints([2, 3]), em.ints([-1, -1])])
+    return em.node("Conv", [g, kernel], pads=pads)
 
 
 @rule("AveragePool")

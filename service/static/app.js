@@ -251,6 +251,11 @@
 
     fillSelect($("target"), model.labels, null);
     fillSelect($("method"), meta.cam_methods, meta.defaults.method);
+    // Other layers than the Grad-CAM graph's come from the model's attribution graph.
+    const layers = meta.cam_layers || [];
+    fillSelect($("layer"), layers, null);
+    $("layer-field").hidden = layers.length < 2;
+    layerChoice();
     fillSelect($("colormap"), meta.colormaps, meta.defaults.colormap);
     $("alpha").value = String(meta.defaults.alpha);
     $("alpha-value").textContent = Number(meta.defaults.alpha).toFixed(2);
@@ -266,6 +271,7 @@
     if (state.slice !== null) form.append("slice", String(state.slice));
     if ($("target").value) form.append("target", $("target").value);
     form.append("method", $("method").value);
+    if ($("layer").value && !$("layer").disabled) form.append("layer", $("layer").value);
     form.append("alpha", $("alpha").value);
     form.append("colormap", $("colormap").value);
     form.append("smooth", $("smooth").checked ? "true" : "false");
@@ -389,6 +395,12 @@
         `${r.ood_threshold.toPrecision(4)} that 95 % of held-out training-like images stay under. ` +
         "The prediction below is shown but should not be trusted."
       : "";
+    // The map's mass lies mostly in the background (`warnings`, code heat_outside_head).
+    const outside = (r.warnings || []).find((w) => w.code === "heat_outside_head");
+    $("head-warning").hidden = !outside;
+    $("head-detail").textContent = outside
+      ? `${outside.detail.charAt(0).toUpperCase()}${outside.detail.slice(1)}.`
+      : "";
     $("result").classList.toggle("untrusted", foreign);
     $("label").textContent = r.label;
     $("confidence").textContent = pct(r.confidence);
@@ -486,9 +498,17 @@
     });
   }
 
+  // Pixel-resolution methods and occlusion explain the input, not a layer.
+  const NO_LAYER = ["smoothgrad", "integrated_gradients", "occlusion"];
+
+  function layerChoice() {
+    $("layer").disabled = NO_LAYER.includes($("method").value);
+  }
+
   function wireControls() {
     const later = debounce(() => explain(), DEBOUNCE_MS);
-    for (const id of ["target", "method", "colormap", "smooth"]) {
+    $("method").addEventListener("change", layerChoice);
+    for (const id of ["target", "method", "layer", "colormap", "smooth"]) {
       $(id).addEventListener("change", () => explain());
     }
     $("alpha").addEventListener("input", () => {

@@ -10,6 +10,7 @@ from fastapi import APIRouter, Form, Response
 
 from braincam.cam import CLASSIFIER_METHODS, METHODS
 from braincam.errors import InvalidParameter
+from braincam.explainers import PIXEL_METHODS
 from braincam.overlay import COLORMAPS, IMAGE_FORMATS, ImageFormat
 from service import pipeline
 from service.api.deps import MetricsDep, ModelDep, RuntimeDep, SettingsDep
@@ -53,7 +54,23 @@ async def explain(
             "occlusion needs only the classifier (always offered for a model without a "
             "Grad-CAM graph, for the others when BRAINCAM_OCCLUSION=true). /metadata's "
             "cam_methods lists what the served model offers.",
-            json_schema_extra={"enum": [*METHODS, *CLASSIFIER_METHODS]},
+            json_schema_extra={"enum": [*METHODS, *CLASSIFIER_METHODS, *PIXEL_METHODS]},
+        ),
+    ] = None,
+    layer: Annotated[
+        str | None,
+        Form(
+            description="Layer to explain (a CAM method, or layercam for one layer rather "
+            "than fused); layers other than the Grad-CAM graph's need the model's "
+            "attribution graph. /metadata's cam_layers lists them.",
+            examples=["block3_relu"],
+        ),
+    ] = None,
+    samples: Annotated[
+        int | None,
+        Form(
+            description="smoothgrad: noisy copies; integrated_gradients: path steps "
+            "(default 8, at most 64), all run as one batch.",
         ),
     ] = None,
     alpha: Annotated[
@@ -113,13 +130,21 @@ async def explain(
     decision, then on copies of the image with a patch (1/8 of each side, stride half
     of it) filled with the image's mean, 32 per run; the map is the drop in the
     explained class's probability. Costlier: tens of runs per image.
+
+    With the model's attribution graph (attribution.onnx): `layer` picks another layer
+    for a CAM method, `method=layercam` fuses LayerCAM over its layers, and
+    `method=smoothgrad|integrated_gradients` give pixel-resolution maps from the
+    gradient with respect to the image (`samples` copies in one batch).
     """
     started = time.perf_counter()
     # Parameters are checked before the upload is touched: a typo costs no inference.
     heatmap_mode = pipeline.resolve_heatmap(heatmap)
+    method_name = pipeline.resolve_method(method, model, settings.occlusion)
     params = pipeline.ExplainParams(
         target=pipeline.resolve_target(target, model.spec),
-        method=pipeline.resolve_method(method, model, settings.occlusion),
+        method=method_name,
+        layer=pipeline.resolve_layer(layer, method_name, samples, model),
+        samples=samples,
         colormap=_colormap(colormap),
         alpha=alpha,
         smooth=smooth,

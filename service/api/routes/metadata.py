@@ -9,6 +9,7 @@ import braincam
 from braincam import DISCLAIMER
 from braincam.cam import available_methods, default_method
 from braincam.decoding import SUPPORTED_FORMATS
+from braincam.explainers import attribution_methods, cam_layers
 from braincam.overlay import COLORMAPS
 from service.api.deps import MetricsDep, ModelDep, RuntimeDep, SettingsDep
 from service.api.routes.explain import DEFAULT_ALPHA, DEFAULT_COLORMAP
@@ -66,6 +67,7 @@ async def metadata(
             ),
         )
     methods = available_methods(model.has_gradcam, settings.occlusion)
+    methods += [m for m in attribution_methods(model) if m not in methods]
     return MetadataResponse(
         model=spec.model_dump(mode="json"),
         out_of_distribution=ood,
@@ -82,6 +84,7 @@ async def metadata(
             max_wait_ms=settings.batch_max_wait_ms,
         ),
         cam_methods=methods,
+        cam_layers=cam_layers(model),
         colormaps=list(COLORMAPS),
         defaults={
             "method": default_method(model.has_gradcam),
