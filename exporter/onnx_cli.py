@@ -9,6 +9,7 @@ from exporter.errors import ExportError
 
 
 def export_onnx(args: argparse.Namespace) -> int:
+    from exporter.budget import parse_limit
     from exporter.onnx_export import export_onnx_model
 
     height, width = args.input_size or (None, None)
@@ -33,6 +34,7 @@ def export_onnx(args: argparse.Namespace) -> int:
             task=args.task,
             threshold=args.threshold,
             ood_detector=args.ood_detector,
+            memory_limit=parse_limit(args.memory_limit),
         )
     except (ExportError, ValueError) as exc:
         print(f"export failed: {exc}", file=sys.stderr)

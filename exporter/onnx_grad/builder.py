@@ -48,6 +48,7 @@ class BuiltGraphs:
     found: Found
     activation_shape: list[int]  # [h, w, C]
     num_classes: int
+    info: GraphInfo | None = None  # the source's shapes (exporter/budget.py reads them)
 
 
 def prepare_model(model: onnx.ModelProto, prep: Preprocessing) -> onnx.ModelProto:
@@ -169,7 +170,7 @@ def build_graphs(
     anatomy = GraphAnatomy(image=IMAGE_INPUT, explained=found.explained, logits=logits,
                            probabilities=PROBABILITIES_OUTPUT,
                            pooled_features=found.pooled_features)
-    return BuiltGraphs(classifier, base, anatomy, found, [h, w, c], k)
+    return BuiltGraphs(classifier, base, anatomy, found, [h, w, c], k, info)
 
 
 def _token_grid(em: Emitter, tokens: str, grid: TokenGrid, channels: Dim) -> str:

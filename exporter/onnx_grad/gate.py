@@ -138,14 +138,21 @@ def _head_nodes(graph: onnx.GraphProto, found: Found) -> tuple[list[onnx.NodePro
     return [n for n in graph.node if id(n) in needed], sorted(inputs)
 
 
-def _values(source: onnx.ModelProto, names: list[str], image: str, x: np.ndarray
-            ) -> dict[str, np.ndarray]:
-    """Tensors of the source model on images x, from one ONNX Runtime run."""
+def _batched(session: Any, outputs: list[str], feeds: Any, x: np.ndarray, batch: int
+             ) -> list[np.ndarray]:
+    """`outputs` of a session over x, `batch` rows per run, concatenated."""
+    parts = [session.run(outputs, feeds(x[i:i + batch])) for i in range(0, len(x), batch)]
+    return [np.concatenate([np.asarray(p[k]) for p in parts]) for k in range(len(outputs))]
+
+
+def _values(source: onnx.ModelProto, names: list[str], image: str, x: np.ndarray,
+            batch: int) -> dict[str, np.ndarray]:
+    """Tensors of the source model on images x, `batch` rows per ONNX Runtime run."""
     wanted = list(dict.fromkeys(n for n in names if n != image))
     values = {image: x} if image in names else {}
     if wanted:
-        values.update(zip(wanted, session_in_place(source, wanted).run(wanted, {image: x}),
-                          strict=True))
+        got = _batched(session_in_place(source, wanted), wanted, lambda b: {image: b}, x, batch)
+        values.update(zip(wanted, got, strict=True))
     return values
 
 
@@ -182,29 +189,33 @@ def run_gate(
     gradcam: Path,
     x: np.ndarray,
     seed: int = 0,
+    batch: int = 16,
 ) -> GateReport:
-    """`source` is the prepared source model (original tensor names, dynamic batch)."""
+    """`source` is the prepared source model (original tensor names, dynamic batch);
+    `batch`: images per ONNX Runtime run (exporter/budget.py)."""
     report = GateReport()
     n = len(x)
     if n < MIN_INPUTS:
         raise ExportError(f"the gate needs >= {MIN_INPUTS} calibration images, found {n}")
     evaluator, head_inputs = _head(source, found)
     try:
-        # One run of the source: its scores, the tensors the head reads besides the
-        # explained one, and a transformer's whole token tensor.
-        from_source = _values(
-            source, [found.output, *head_inputs, *([found.explained] if found.tokens else [])],
-            found.image, x)
+        # The source's scores, the tensors the head reads besides the explained one and
+        # a transformer's whole token tensor; then each graph; one session at a time,
+        # `batch` images per run: memory bounded whatever the number of images.
+        wanted = [found.output, *head_inputs, *([found.explained] if found.tokens else [])]
+        from_source = _values(source, wanted, found.image, x, batch)
         scores = from_source[found.output]
-        (probs_cls,) = _session(classifier).run([PROBABILITIES_OUTPUT], {IMAGE_INPUT: x})
-        probs, classes, acts, grads = _session(gradcam).run(
-            [PROBABILITIES_OUTPUT, CLASS_OUTPUT, ACTIVATIONS_OUTPUT, GRADIENTS_OUTPUT],
-            {IMAGE_INPUT: x, TARGET_INPUT: np.full(n, -1, np.int64)},
-        )
+        (probs_cls,) = _batched(_session(classifier), [PROBABILITIES_OUTPUT],
+                                lambda b: {IMAGE_INPUT: b}, x, batch)
+        probs, classes, acts, grads = _batched(
+            _session(gradcam), [PROBABILITIES_OUTPUT, CLASS_OUTPUT, ACTIVATIONS_OUTPUT,
+                                GRADIENTS_OUTPUT],
+            lambda b: {IMAGE_INPUT: b, TARGET_INPUT: np.full(len(b), -1, np.int64)}, x, batch)
     except Exception as exc:  # ORT's errors: often a batch size fixed inside the graph
         raise ExportError(
-            f"ONNX Runtime failed on a batch of {n} ({type(exc).__name__}: {exc}); if the model "
-            "was exported with a fixed batch size, export it with a dynamic batch axis"
+            f"ONNX Runtime failed on a batch of {min(n, batch)} ({type(exc).__name__}: {exc}); "
+            "if the model was exported with a fixed batch size, export it with a dynamic "
+            "batch axis"
         ) from exc
     if len(scores) != n or len(probs) != n or len(probs_cls) != n:
         raise ExportError(f"a batch of {n} images gave {len(scores)} rows: the model's graph "

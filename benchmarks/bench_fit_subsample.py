@@ -1,0 +1,96 @@
+"""How many calibration images the out-of-distribution fit needs: the demo model's
+Mahalanobis detector fitted (exporter.fit_data.from_folder's 75/25 split, seeded) on
+the first M of a shuffled demo training split, for growing M; its threshold, the share
+of the untouched test split that passes it (the figure the threshold promises: 95 %)
+and the AUROC against images from outside the distribution (the test images
+scrambled: pixels shuffled, intensity kept) — each beside the fit on every image.
+
+    python -m benchmarks.bench_fit_subsample [--data data/demo] [--sizes 100,200,...]
+
+The chosen cap is exporter.fit_data.MAX_IMAGES (docs/ARCHITECTURE.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _auroc(inside: np.ndarray, outside: np.ndarray) -> float:
+    """P(an outside score > an inside score), ties half."""
+    a, b = np.asarray(inside)[:, None], np.asarray(outside)[None, :]
+    return float(np.mean((b > a) + 0.5 * (b == a)))
+
+
+def measure(model_dir: Path, data: Path, sizes: list[int]) -> list[dict[str, Any]]:
+    from braincam.model_spec import load_spec
+    from braincam.ood import mahalanobis_score
+    from exporter import fit_data, ood_graph, trust
+
+    spec = load_spec(model_dir)
+    assert spec.ood is not None and spec.ood.features
+    proto = onnx.load(str(model_dir / spec.graphs.classifier.file))
+    labels = list(spec.labels)
+    test = fit_data.from_folder(data / "Testing", spec.preprocessing, labels)
+    test_x = np.concatenate([test.fit_x, test.held_x])
+    rng = np.random.default_rng(1)
+    scrambled = np.stack([rng.permutation(x.reshape(-1)).reshape(x.shape) for x in test_x])
+    names = [spec.ood.features, spec.ood.logits]
+    test_f, _ = ood_graph.tensor_values(proto, test_x, names)
+    out_f, _ = ood_graph.tensor_values(proto, scrambled, names)
+    rows = []
+    default = fit_data.MAX_IMAGES
+    try:
+        for m in sizes:
+            fit_data.MAX_IMAGES = m
+            images = fit_data.from_folder(data / "Training", spec.preprocessing, labels)
+            fit = trust.fit_on_graph(proto, images, features=[spec.ood.features],
+                                     logits=spec.ood.logits, calibrate=False)
+            g = fit.gaussians
+            assert g is not None
+            inside = mahalanobis_score(test_f.reshape(len(test_f), -1), g.means, g.scale, g.basis)
+            outside = mahalanobis_score(out_f.reshape(len(out_f), -1), g.means, g.scale, g.basis)
+            rows.append({"images": len(images.fit_x) + len(images.held_x),
+                         "fit": len(images.fit_x), "held_out": len(images.held_x),
+                         "threshold": round(fit.threshold, 1),
+                         "test_pass_rate": round(float(np.mean(inside <= fit.threshold)), 4),
+                         "auroc_scrambled": round(_auroc(inside, outside), 4)})
+            print(json.dumps(rows[-1]), flush=True)
+    finally:
+        fit_data.MAX_IMAGES = default
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model-dir", type=Path, default=ROOT / "models" / "demo")
+    p.add_argument("--data", type=Path, help="a demo dataset (default: built here, 300/75 "
+                   "per class at 150 px, as make demo)")
+    p.add_argument("--sizes", default="50,100,200,300,400,600,800,1200")
+    args = p.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",")]
+    with tempfile.TemporaryDirectory(prefix="bench-subsample-") as tmp:
+        data = args.data
+        if data is None:
+            from trainer.demo_data import build_demo_dataset
+
+            data = Path(tmp) / "demo"
+            build_demo_dataset(data, per_class=300, test_per_class=75, size=150, seed=0)
+        rows = measure(args.model_dir, data, sizes)
+    print("| images (fit / held out) | threshold | test pass rate | AUROC vs scrambled |")
+    print("|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['images']} ({r['fit']} / {r['held_out']}) | {r['threshold']} | "
+              f"{r['test_pass_rate']:.1%} | {r['auroc_scrambled']:.3f} |")
+
+
+if __name__ == "__main__":
+    main()

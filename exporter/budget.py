@@ -1,0 +1,168 @@
+"""The export's memory budget: its peak estimated before any image is loaded or any
+ONNX Runtime session made, a model too large for the limit refused, and the batch
+size every session runs at chosen so that the peak does not grow with the number of
+calibration images.
+
+    estimate = plan(built.info, prep, images=n, limit=4 * GiB)   # or ExportError
+    run sessions in batches of estimate.batch
+
+The peak is modelled as
+
+    runtime + WEIGHT_COPIES x weights + images held x one image
+            + batch x ACTIVATION_FACTOR x the forward's activations per image
+            + the float64 head (gate.py: HEAD_ROWS rows of it, in float64)
+
+`weights`: the initializers' bytes; `activations per image`: every float tensor the
+forward pass computes, summed at batch 1 from the shapes the builder inferred (an
+upper bound of one pass: ORT reuses buffers, but the Grad-CAM graph keeps the
+forward's tensors for its reverse pass and adds a gradient beside most of them).
+The constants were measured on VGG16 @240 (tf2onnx) and ResNet-50 @224 (torch.onnx)
+with `/usr/bin/time -v` at batches 1, 4 and 16 (benchmarks/bench_realsize.py,
+docs/ARCHITECTURE.md "Real size within a budget").
+
+The time budget (2 x one forward pass over the images used + 60 s) is not checked
+here: it is a property of the code paths (each image passes the classifier a bounded
+number of times), measured per architecture by the benchmark.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnx
+
+from braincam.preprocessing import Preprocessing
+from exporter.errors import ExportError
+
+GiB = 1 << 30
+MiB = 1 << 20
+DEFAULT_LIMIT = 4 * GiB
+# Python with numpy, onnx, ONNX Runtime and scikit-learn imported, before any model.
+RUNTIME = 400 * MiB
+# The source proto, its prepared copy, the built graphs and the weights file, and the
+# ORT session that runs at a time (each holds its own copy of the weights).
+WEIGHT_COPIES = 5
+# Peak per image of a Grad-CAM batch against the sum of the forward's tensors.
+ACTIVATION_FACTOR = 1.5
+# The Keras path adds TensorFlow with its graphs (measured: VGG16 @240's conversion
+# alone peaks near 5 GB of which TensorFlow ~1.2 GB) and a frozen and a converted
+# copy of the weights per graph.
+KERAS_RUNTIME = 1200 * MiB
+KERAS_EXTRA_COPIES = 4
+MAX_BATCH = 16  # more rows per run buy no speed on a CPU, only memory
+FLOAT_TYPES: dict[int, int] = {onnx.TensorProto.FLOAT: 4, onnx.TensorProto.FLOAT16: 2,
+               onnx.TensorProto.DOUBLE: 8, onnx.TensorProto.BFLOAT16: 2}
+
+
+@dataclass
+class Estimate:
+    weights: int
+    activations: int  # bytes per image, one forward pass
+    image: int  # bytes of one preprocessed image
+    images: int  # images held at once (the gate's and the detector fit's)
+    head: int  # the gate's float64 head
+    limit: int
+    batch: int = 1
+    runtime: int = RUNTIME
+    copies: int = WEIGHT_COPIES
+
+    def peak(self, batch: int | None = None) -> int:
+        b = self.batch if batch is None else batch
+        return int(self.runtime + self.copies * self.weights + self.images * self.image
+                   + b * ACTIVATION_FACTOR * self.activations + self.head)
+
+    def describe(self, batch: int | None = None) -> str:
+        b = self.batch if batch is None else batch
+        return (f"~{self.peak(b) / GiB:.2f} GiB at batch {b} (weights {self.weights / MiB:.0f} "
+                f"MiB x {self.copies}, activations {self.activations / MiB:.0f} MiB per image "
+                f"x {ACTIVATION_FACTOR}, {self.images} images held "
+                f"{self.images * self.image / MiB:.0f} MiB, float64 head "
+                f"{self.head / MiB:.0f} MiB, runtime {self.runtime / MiB:.0f} MiB)")
+
+
+def weight_bytes(model: onnx.ModelProto) -> int:
+    return sum(int(np.prod(i.dims, dtype=np.int64)) * FLOAT_TYPES.get(i.data_type, 4)
+               for i in model.graph.initializer)
+
+
+def activation_bytes(model: onnx.ModelProto, shapes: dict[str, list[int | None]],
+                     dtypes: dict[str, int]) -> int:
+    """Every float tensor a node computes, at batch 1 (symbolic axes count 1)."""
+    total = 0
+    for node in model.graph.node:
+        for out in node.output:
+            dims = shapes.get(out)
+            size = FLOAT_TYPES.get(dtypes.get(out, onnx.TensorProto.FLOAT), 0)
+            if dims is not None and size:
+                total += int(np.prod([d or 1 for d in dims], dtype=np.int64)) * size
+    return total
+
+
+def head_bytes(model: onnx.ModelProto, nodes: list[onnx.NodeProto],
+               shapes: dict[str, list[int | None]], rows: int) -> int:
+    """The float64 head: its weights twice (the float64 copy and the evaluator's) and
+    `rows` rows of its tensors."""
+    used = {i for n in nodes for i in n.input}
+    weights = sum(int(np.prod(i.dims, dtype=np.int64)) for i in model.graph.initializer
+                  if i.name in used)
+    tensors = sum(int(np.prod([d or 1 for d in shapes.get(o, [])], dtype=np.int64))
+                  for n in nodes for o in n.output if o in shapes)
+    return 8 * (2 * weights + 2 * rows * tensors)
+
+
+def plan(weights: int, activations: int, head: int, prep: Preprocessing, images: int,
+         limit: int = DEFAULT_LIMIT, what: str = "the model", runtime: int = RUNTIME,
+         copies: int = WEIGHT_COPIES) -> Estimate:
+    """The largest batch (<= MAX_BATCH) whose estimated peak fits `limit`, or an
+    ExportError naming the estimate, the limit and what to do."""
+    image = 4 * int(np.prod(prep.input_shape))
+    est = Estimate(weights, activations, image, images, head, limit, 1, runtime, copies)
+    fitting = [b for b in range(MAX_BATCH, 0, -1) if est.peak(b) <= limit]
+    if not fitting:
+        raise ExportError(
+            f"exporting {what} needs an estimated {est.describe(1)}, over the memory limit "
+            f"of {limit / GiB:.2f} GiB. Raise --memory-limit (GiB) if this machine has the "
+            "memory, or export the model at a smaller input size (--input-size, if it "
+            "accepts one), with fewer calibration images, or on a larger machine.")
+    est.batch = fitting[0]
+    return est
+
+
+def plan_keras(model: Any, prep: Preprocessing, images: int, limit: int = DEFAULT_LIMIT
+               ) -> Estimate:
+    """The Keras path's estimate: TensorFlow's runtime and the tf2onnx conversion (a
+    frozen graph and its ONNX copy of the weights) on top of the ONNX path's; the
+    activations from the layers' output shapes."""
+    weights = 4 * int(model.count_params())
+    activations = 0
+    for layer in _layers(model):
+        for out in _outputs(layer):
+            shape = getattr(out, "shape", None)
+            if shape is not None and len(shape) > 1:
+                activations += 4 * int(np.prod([d or 1 for d in shape[1:]], dtype=np.int64))
+    return plan(weights, activations, 0, prep, images, limit, f"Keras model {model.name!r}",
+                runtime=KERAS_RUNTIME, copies=WEIGHT_COPIES + KERAS_EXTRA_COPIES)
+
+
+def _layers(model: Any) -> list[Any]:
+    out = []
+    for layer in getattr(model, "layers", []):
+        out.extend(_layers(layer) if hasattr(layer, "layers") else [layer])
+    return out
+
+
+def _outputs(layer: Any) -> list[Any]:
+    try:
+        out = layer.output
+    except (AttributeError, ValueError):  # a layer called more than once, or never
+        return []
+    return list(out) if isinstance(out, (list, tuple)) else [out]
+
+
+def parse_limit(gib: float) -> int:
+    """`--memory-limit` in GiB -> bytes."""
+    if not gib > 0:
+        raise ValueError(f"--memory-limit must be positive, got {gib}")
+    return int(gib * GiB)
