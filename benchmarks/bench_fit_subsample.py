@@ -30,7 +30,8 @@ def _auroc(inside: np.ndarray, outside: np.ndarray) -> float:
     return float(np.mean((b > a) + 0.5 * (b == a)))
 
 
-def measure(model_dir: Path, data: Path, sizes: list[int]) -> list[dict[str, Any]]:
+def measure(model_dir: Path, data: Path, sizes: list[int], seeds: list[int]
+            ) -> list[dict[str, Any]]:
     from braincam.model_spec import load_spec
     from braincam.ood import mahalanobis_score
     from exporter import fit_data, ood_graph, trust
@@ -47,10 +48,10 @@ def measure(model_dir: Path, data: Path, sizes: list[int]) -> list[dict[str, Any
     test_f, _ = ood_graph.tensor_values(proto, test_x, names)
     out_f, _ = ood_graph.tensor_values(proto, scrambled, names)
     rows = []
-    default = fit_data.MAX_IMAGES
+    default = fit_data.MAX_IMAGES, fit_data.SEED
     try:
-        for m in sizes:
-            fit_data.MAX_IMAGES = m
+        for m, seed in [(m, seed) for m in sizes for seed in seeds]:
+            fit_data.MAX_IMAGES, fit_data.SEED = m, seed
             images = fit_data.from_folder(data / "Training", spec.preprocessing, labels)
             fit = trust.fit_on_graph(proto, images, features=[spec.ood.features],
                                      logits=spec.ood.logits, calibrate=False)
@@ -58,14 +59,14 @@ def measure(model_dir: Path, data: Path, sizes: list[int]) -> list[dict[str, Any
             assert g is not None
             inside = mahalanobis_score(test_f.reshape(len(test_f), -1), g.means, g.scale, g.basis)
             outside = mahalanobis_score(out_f.reshape(len(out_f), -1), g.means, g.scale, g.basis)
-            rows.append({"images": len(images.fit_x) + len(images.held_x),
+            rows.append({"images": len(images.fit_x) + len(images.held_x), "seed": seed,
                          "fit": len(images.fit_x), "held_out": len(images.held_x),
                          "threshold": round(fit.threshold, 1),
                          "test_pass_rate": round(float(np.mean(inside <= fit.threshold)), 4),
                          "auroc_scrambled": round(_auroc(inside, outside), 4)})
             print(json.dumps(rows[-1]), flush=True)
     finally:
-        fit_data.MAX_IMAGES = default
+        fit_data.MAX_IMAGES, fit_data.SEED = default
     return rows
 
 
@@ -74,7 +75,8 @@ def main() -> None:
     p.add_argument("--model-dir", type=Path, default=ROOT / "models" / "demo")
     p.add_argument("--data", type=Path, help="a demo dataset (default: built here, 300/75 "
                    "per class at 150 px, as make demo)")
-    p.add_argument("--sizes", default="50,100,200,300,400,600,800,1200")
+    p.add_argument("--sizes", default="100,200,400,800,1200")
+    p.add_argument("--seeds", default="0,1,2,3,4", help="subsample and split seeds")
     args = p.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     with tempfile.TemporaryDirectory(prefix="bench-subsample-") as tmp:
@@ -84,12 +86,20 @@ def main() -> None:
 
             data = Path(tmp) / "demo"
             build_demo_dataset(data, per_class=300, test_per_class=75, size=150, seed=0)
-        rows = measure(args.model_dir, data, sizes)
-    print("| images (fit / held out) | threshold | test pass rate | AUROC vs scrambled |")
+        rows = measure(args.model_dir, data, sizes, [int(s) for s in args.seeds.split(",")])
+    print("| images (fit / held out) | threshold mean ± sd | test pass rate mean ± sd "
+          "(min-max) | AUROC vs scrambled (min) |")
     print("|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['images']} ({r['fit']} / {r['held_out']}) | {r['threshold']} | "
-              f"{r['test_pass_rate']:.1%} | {r['auroc_scrambled']:.3f} |")
+    for m in sizes:
+        group = [r for r in rows if r["images"] == min(m, max(x["images"] for x in rows))
+                 and r in rows]
+        group = [r for r in rows if r["images"] == group[0]["images"]] if group else []
+        t = np.array([r["threshold"] for r in group])
+        rate = np.array([r["test_pass_rate"] for r in group])
+        r0 = group[0]
+        print(f"| {r0['images']} ({r0['fit']} / {r0['held_out']}) | {t.mean():.0f} ± "
+              f"{t.std():.0f} | {rate.mean():.1%} ± {rate.std():.1%} ({rate.min():.1%}-"
+              f"{rate.max():.1%}) | {min(r['auroc_scrambled'] for r in group):.3f} |")
 
 
 if __name__ == "__main__":

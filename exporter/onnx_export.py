@@ -52,6 +52,7 @@ class OnnxExportResult:
     out_dir: Path
     seconds: float
     anatomy: GraphAnatomy
+    estimate: budget.Estimate | None = None
 
 
 def load_onnx(path: Path) -> onnx.ModelProto:
@@ -220,7 +221,8 @@ def export_onnx_model(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return OnnxExportResult(spec, out_dir, time.perf_counter() - started, built.anatomy)
+    return OnnxExportResult(spec, out_dir, time.perf_counter() - started, built.anatomy,
+                            estimate)
 
 
 def _add_detector(

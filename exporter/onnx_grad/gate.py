@@ -38,6 +38,12 @@ DIRECTIONS = 3
 GRADIENT_TOLERANCE = 1e-3  # |<G,v> - FD| / sum|G v|: float32 gradients vs a float64 FD
 PROBABILITY_TOLERANCE = 1e-5
 HEAD_ROWS = 8  # rows per float64 head evaluation
+# classifier.onnx is gradcam.onnx's forward pruned (same nodes, same weights): its
+# probabilities are checked against the source's on the first rows only. Measured on
+# MobileNetV3-Small and VGG16 @240: the largest difference over 4, 8, 16 and 24 images
+# is the same to 1e-8, three orders of magnitude under PROBABILITY_TOLERANCE; every
+# image still passes gradcam.onnx, whose probabilities are checked on all of them.
+CLASSIFIER_ROWS = 8
 
 
 @dataclass
@@ -206,7 +212,7 @@ def run_gate(
         from_source = _values(source, wanted, found.image, x, batch)
         scores = from_source[found.output]
         (probs_cls,) = _batched(_session(classifier), [PROBABILITIES_OUTPUT],
-                                lambda b: {IMAGE_INPUT: b}, x, batch)
+                                lambda b: {IMAGE_INPUT: b}, x[:CLASSIFIER_ROWS], batch)
         probs, classes, acts, grads = _batched(
             _session(gradcam), [PROBABILITIES_OUTPUT, CLASS_OUTPUT, ACTIVATIONS_OUTPUT,
                                 GRADIENTS_OUTPUT],
@@ -217,13 +223,14 @@ def run_gate(
             "if the model was exported with a fixed batch size, export it with a dynamic "
             "batch axis"
         ) from exc
-    if len(scores) != n or len(probs) != n or len(probs_cls) != n:
+    if len(scores) != n or len(probs) != n or len(probs_cls) != min(n, CLASSIFIER_ROWS):
         raise ExportError(f"a batch of {n} images gave {len(scores)} rows: the model's graph "
                           "fixes the batch size; export it with a dynamic batch axis")
     expected = source_probabilities(np.asarray(scores), found.kind)
     report.figures["n_inputs"] = n
     report.figures["probabilities_max_abs_diff"] = float(np.abs(probs - expected).max())
-    report.figures["classifier_max_abs_diff"] = float(np.abs(probs_cls - expected).max())
+    report.figures["classifier_max_abs_diff"] = float(
+        np.abs(probs_cls - expected[:CLASSIFIER_ROWS]).max())
     for key in ("probabilities_max_abs_diff", "classifier_max_abs_diff"):
         if report.figures[key] > PROBABILITY_TOLERANCE:
             report.failures.append(f"{key} {report.figures[key]:.3g} > {PROBABILITY_TOLERANCE}")
