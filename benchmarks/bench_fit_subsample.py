@@ -2,8 +2,8 @@
 Mahalanobis detector fitted (exporter.fit_data.from_folder's seeded subsample and
 stratified 75/25 split) on M of the demo training split, for growing M and several
 seeds; its threshold, the share of the untouched test split that passes it (the
-figure the threshold promises: 95 %) and the AUROC against images from outside the distribution (the test images
-scrambled: pixels shuffled, intensity kept) — each beside the fit on every image.
+figure the threshold promises: 95 %) and the AUROC against images from outside the
+distribution (the test images scrambled: pixels shuffled, intensity kept).
 
     python -m benchmarks.bench_fit_subsample [--data data/demo] [--sizes 100,200,...]
 
