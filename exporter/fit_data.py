@@ -33,7 +33,11 @@ from exporter.ood_fit import FitImages
 log = logging.getLogger(__name__)
 
 MIN_FIT, MIN_HELD_OUT = 16, 8
-MAX_IMAGES = 3000  # a subset of bigger folders: the statistics settle long before
+# A seeded subset of bigger folders. Measured (benchmarks/bench_fit_subsample.py, the
+# demo model's Mahalanobis detector, 4 seeds): the untouched test split passes the 95 %
+# threshold at 96.4 % +- 2.9 % fitted on 200 images, 96.7 % +- 0.4 % on 800 and 97.0 %
+# +- 0.5 % on all 1200; 800 images of 224x224x3 hold 470 MB (exporter/budget.py).
+MAX_IMAGES = 800
 HELD_OUT_FRACTION = 0.25
 SEED = 0
 
