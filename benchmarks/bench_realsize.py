@@ -254,7 +254,9 @@ def main() -> None:
             try:
                 row = bench(name, work, calibration, args.repeats)
             except (RuntimeError, AssertionError, subprocess.TimeoutExpired) as exc:
-                row = {"model": name, "error": str(exc).strip().splitlines()[-1][:300]}
+                lines = str(exc).strip().splitlines()
+                said = [ln for ln in lines if "failed" in ln or "Error" in ln] or lines[-1:]
+                row = {"model": name, "error": " / ".join([lines[0], said[-1]])[:400]}
             row["load"] = " ".join(f"{v:.1f}" for v in load)
             print(json.dumps(row), flush=True)
             rows.append(row)
