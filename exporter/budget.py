@@ -50,11 +50,12 @@ WEIGHT_COPIES = 10
 # on VGG16 @240 (1.46 GB at batch 1, 1.90 GB at batch 16); ResNet-50, DenseNet-121,
 # MobileNetV3 and EfficientNetV2-B0 at batch 16 stay under the estimate with 0.75.
 ACTIVATION_FACTOR = 0.75
-# The Keras path adds TensorFlow with its graphs (measured: VGG16 @240's conversion
-# alone peaks near 5 GB of which TensorFlow ~1.2 GB) and a frozen and a converted
-# copy of the weights per graph.
-KERAS_RUNTIME = 1200 * MiB
-KERAS_EXTRA_COPIES = 4
+# The Keras path (TensorFlow, a GradientTape graph, two tf2onnx conversions) grows with
+# the model far faster than the ONNX path: measured peaks 5.1 GB for EfficientNetV2-B0
+# @224 (24 MiB of weights) and 11.2 GB for VGG16 @240 (81 MiB), i.e. ~1.5 GB + 120-150 x
+# the weights; modelled as that until the Keras path runs through the ONNX path.
+KERAS_RUNTIME = 1536 * MiB
+KERAS_WEIGHT_COPIES = 150
 MAX_BATCH = 16  # more rows per run buy no speed on a CPU, only memory
 FLOAT_TYPES: dict[int, int] = {onnx.TensorProto.FLOAT: 4, onnx.TensorProto.FLOAT16: 2,
                onnx.TensorProto.DOUBLE: 8, onnx.TensorProto.BFLOAT16: 2}
@@ -118,7 +119,7 @@ def head_bytes(model: onnx.ModelProto, nodes: list[onnx.NodeProto],
 
 def plan(weights: int, activations: int, head: int, prep: Preprocessing, images: int,
          limit: int = DEFAULT_LIMIT, what: str = "the model", runtime: int = RUNTIME,
-         copies: int = WEIGHT_COPIES) -> Estimate:
+         copies: int = WEIGHT_COPIES, advice: str = "") -> Estimate:
     """The largest batch (<= MAX_BATCH) whose estimated peak fits `limit`, or an
     ExportError naming the estimate, the limit and what to do."""
     image = 4 * int(np.prod(prep.input_shape))
@@ -129,16 +130,16 @@ def plan(weights: int, activations: int, head: int, prep: Preprocessing, images:
             f"exporting {what} needs an estimated {est.describe(1)}, over the memory limit "
             f"of {limit / GiB:.2f} GiB. Raise --memory-limit (GiB) if this machine has the "
             "memory, or export the model at a smaller input size (--input-size, if it "
-            "accepts one), with fewer calibration images, or on a larger machine.")
+            "accepts one), with fewer calibration images, or on a larger machine"
+            + (f"; {advice}." if advice else "."))
     est.batch = fitting[0]
     return est
 
 
 def plan_keras(model: Any, prep: Preprocessing, images: int, limit: int = DEFAULT_LIMIT
                ) -> Estimate:
-    """The Keras path's estimate: TensorFlow's runtime and the tf2onnx conversion (a
-    frozen graph and its ONNX copy of the weights) on top of the ONNX path's; the
-    activations from the layers' output shapes."""
+    """The Keras path's estimate (KERAS_RUNTIME, KERAS_WEIGHT_COPIES); the activations
+    from the layers' output shapes."""
     weights = 4 * int(model.count_params())
     activations = 0
     for layer in _layers(model):
@@ -147,7 +148,9 @@ def plan_keras(model: Any, prep: Preprocessing, images: int, limit: int = DEFAUL
             if shape is not None and len(shape) > 1:
                 activations += 4 * int(np.prod([d or 1 for d in shape[1:]], dtype=np.int64))
     return plan(weights, activations, 0, prep, images, limit, f"Keras model {model.name!r}",
-                runtime=KERAS_RUNTIME, copies=WEIGHT_COPIES + KERAS_EXTRA_COPIES)
+                runtime=KERAS_RUNTIME, copies=KERAS_WEIGHT_COPIES,
+                advice="or convert it to ONNX (tf2onnx) and export the .onnx, whose path "
+                "needs a fraction of the memory")
 
 
 def _layers(model: Any) -> list[Any]:
