@@ -52,10 +52,13 @@ WEIGHT_COPIES = 10
 ACTIVATION_FACTOR = 0.75
 # The Keras path (TensorFlow, a GradientTape graph, two tf2onnx conversions) grows with
 # the model far faster than the ONNX path: measured peaks 5.1 GB for EfficientNetV2-B0
-# @224 (24 MiB of weights) and 11.2 GB for VGG16 @240 (81 MiB), i.e. ~1.5 GB + 120-150 x
-# the weights; modelled as that until the Keras path runs through the ONNX path.
+# @224 and 11.2 GB for VGG16 @240 (81 MiB of weights, 67 MiB of layer outputs per
+# image: ~1.5 GB + 145 x the latter), while ResNet-50 at 32x32 exports in the tests:
+# modelled as 1.5 GB + 10 x the weights + 150 x the activations per image, until the
+# Keras path runs through the ONNX path.
 KERAS_RUNTIME = 1536 * MiB
-KERAS_WEIGHT_COPIES = 150
+KERAS_WEIGHT_COPIES = 10
+KERAS_ACTIVATION_FACTOR = 150.0
 MAX_BATCH = 16  # more rows per run buy no speed on a CPU, only memory
 FLOAT_TYPES: dict[int, int] = {onnx.TensorProto.FLOAT: 4, onnx.TensorProto.FLOAT16: 2,
                onnx.TensorProto.DOUBLE: 8, onnx.TensorProto.BFLOAT16: 2}
@@ -72,17 +75,18 @@ class Estimate:
     batch: int = 1
     runtime: int = RUNTIME
     copies: int = WEIGHT_COPIES
+    factor: float = ACTIVATION_FACTOR
 
     def peak(self, batch: int | None = None) -> int:
         b = self.batch if batch is None else batch
         return int(self.runtime + self.copies * self.weights + self.images * self.image
-                   + b * ACTIVATION_FACTOR * self.activations + self.head)
+                   + b * self.factor * self.activations + self.head)
 
     def describe(self, batch: int | None = None) -> str:
         b = self.batch if batch is None else batch
         return (f"~{self.peak(b) / GiB:.2f} GiB at batch {b} (weights {self.weights / MiB:.0f} "
                 f"MiB x {self.copies}, activations {self.activations / MiB:.0f} MiB per image "
-                f"x {ACTIVATION_FACTOR}, {self.images} images held "
+                f"x {self.factor:g}, {self.images} images held "
                 f"{self.images * self.image / MiB:.0f} MiB, float64 head "
                 f"{self.head / MiB:.0f} MiB, runtime {self.runtime / MiB:.0f} MiB)")
 
@@ -119,11 +123,12 @@ def head_bytes(model: onnx.ModelProto, nodes: list[onnx.NodeProto],
 
 def plan(weights: int, activations: int, head: int, prep: Preprocessing, images: int,
          limit: int = DEFAULT_LIMIT, what: str = "the model", runtime: int = RUNTIME,
-         copies: int = WEIGHT_COPIES, advice: str = "") -> Estimate:
+         copies: int = WEIGHT_COPIES, advice: str = "",
+         factor: float = ACTIVATION_FACTOR) -> Estimate:
     """The largest batch (<= MAX_BATCH) whose estimated peak fits `limit`, or an
     ExportError naming the estimate, the limit and what to do."""
     image = 4 * int(np.prod(prep.input_shape))
-    est = Estimate(weights, activations, image, images, head, limit, 1, runtime, copies)
+    est = Estimate(weights, activations, image, images, head, limit, 1, runtime, copies, factor)
     fitting = [b for b in range(MAX_BATCH, 0, -1) if est.peak(b) <= limit]
     if not fitting:
         raise ExportError(
@@ -149,6 +154,7 @@ def plan_keras(model: Any, prep: Preprocessing, images: int, limit: int = DEFAUL
                 activations += 4 * int(np.prod([d or 1 for d in shape[1:]], dtype=np.int64))
     return plan(weights, activations, 0, prep, images, limit, f"Keras model {model.name!r}",
                 runtime=KERAS_RUNTIME, copies=KERAS_WEIGHT_COPIES,
+                factor=KERAS_ACTIVATION_FACTOR,
                 advice="or convert it to ONNX (tf2onnx) and export the .onnx, whose path "
                 "needs a fraction of the memory")
 
