@@ -73,6 +73,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="skip temperature scaling (probabilities as the model gives them)",
     )
+    p.add_argument(
+        "--memory-limit",
+        type=float,
+        default=4.0,
+        metavar="GIB",
+        help="peak memory the export may use, in GiB (default 4): a model estimated to "
+        "need more is refused before any heavy work; sessions run in batches that fit",
+    )
     p.add_argument("--task", choices=("multiclass", "binary"))
     p.add_argument(
         "--threshold", type=float, help="binary decision threshold on the positive class"
@@ -116,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 1
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from exporter.budget import parse_limit
     from exporter.export import export_model  # TensorFlow loads here, after argparse
     from exporter.keras_layers import ExportError, LayerError
 
@@ -140,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             ood_detector=args.ood_detector,
             ood_features=args.ood_features,
             calibrate=not args.no_calibrate,
+            memory_limit=parse_limit(args.memory_limit),
         )
     except (ExportError, ValueError) as exc:
         print(f"export failed: {exc}", file=sys.stderr)

@@ -134,6 +134,7 @@ def export_model(
     ood_detector: str = DEFAULT_DETECTOR,
     calibrate: bool = True,
     ood_features: str = "grid",
+    memory_limit: int | None = None,
 ) -> ExportResult:
     """Export, gate on parity, and only then move the model directory into place.
 
@@ -160,6 +161,10 @@ def export_model(
             update={"threshold": threshold, "threshold_method": "manual"}
         )
     calibration_dir = Path(calibration) if calibration else DEFAULT_CALIBRATION
+    from exporter import budget  # refuse a model too large before any heavy work
+
+    budget.plan_keras(model, prep, CALIBRATION_IMAGES + fit_data.count_images(calibration_dir),
+                      memory_limit or budget.DEFAULT_LIMIT)
     x = calibration_inputs(calibration_dir, prep)
 
     from exporter.convert import check, keras_to_onnx, write_with_shared_weights

@@ -9,6 +9,7 @@ from exporter.errors import ExportError
 
 
 def export_onnx(args: argparse.Namespace) -> int:
+    from exporter.budget import parse_limit
     from exporter.onnx_export import export_onnx_model
 
     height, width = args.input_size or (None, None)
@@ -33,6 +34,7 @@ def export_onnx(args: argparse.Namespace) -> int:
             task=args.task,
             threshold=args.threshold,
             ood_detector=args.ood_detector,
+            memory_limit=parse_limit(args.memory_limit),
         )
     except (ExportError, ValueError) as exc:
         print(f"export failed: {exc}", file=sys.stderr)
@@ -43,6 +45,9 @@ def export_onnx(args: argparse.Namespace) -> int:
     print(f"  labels: {', '.join(spec.labels)}   explained tensor: {spec.explanation.layer} "
           f"{spec.explanation.activation_shape} (score: {spec.explanation.score})")
     print(f"  preprocessing: {spec.preprocessing.model_dump_json()}")
+    if result.estimate is not None:
+        print(f"  memory: {result.estimate.describe()}, limit "
+              f"{result.estimate.limit / 2**30:.2f} GiB")
     for file in spec.graphs.files():
         print(f"  {file.file}: {file.size_bytes / 2**20:.2f} MiB  sha256 {file.sha256[:12]}")
     print(f"  gate on {parity['n_inputs']} inputs: "

@@ -26,8 +26,16 @@ from braincam.model_spec import (
     save_spec,
 )
 from braincam.preprocessing import Layout, Preprocessing
+from exporter import budget
 from exporter.errors import ExportError
-from exporter.model_dir import calibration_inputs, data_file, graph_file, replace_dir, versions
+from exporter.model_dir import (
+    CALIBRATION_IMAGES,
+    calibration_inputs,
+    data_file,
+    graph_file,
+    replace_dir,
+    versions,
+)
 from exporter.onnx_grad.anatomy import GraphAnatomy
 from exporter.onnx_grad.builder import BuiltGraphs, build_graphs, prepare_model
 from exporter.onnx_grad.gate import run_gate
@@ -44,6 +52,7 @@ class OnnxExportResult:
     out_dir: Path
     seconds: float
     anatomy: GraphAnatomy
+    estimate: budget.Estimate | None = None
 
 
 def load_onnx(path: Path) -> onnx.ModelProto:
@@ -133,12 +142,15 @@ def export_onnx_model(
     task: str | None = None,
     threshold: float | None = None,
     ood_detector: str = "mahalanobis",
+    memory_limit: int = budget.DEFAULT_LIMIT,
 ) -> OnnxExportResult:
     """Build both graphs, gate them, and only then move the model directory into place.
 
     With `ood_detector` (mahalanobis or energy; none: without) the graphs also output
     `ood_score`, fitted on the `calibration` images (exporter/trust.py). No temperature
     here: the gate compares the probabilities with the source model's own.
+    `memory_limit` (bytes): a model whose estimated peak exceeds it is refused before
+    any image is loaded; every session runs in batches that fit (exporter/budget.py).
     """
     started = time.perf_counter()
     model_path, out_dir = Path(model_path), Path(out_dir)
@@ -162,18 +174,22 @@ def export_onnx_model(
         decision = decision.model_copy(update={"threshold": threshold,
                                                "threshold_method": "manual"})
     calibration_dir = Path(calibration) if calibration else DEFAULT_CALIBRATION
+    estimate = _estimate(source, built, prep, calibration_dir, memory_limit)
+    log.info("memory: %s, limit %.2f GiB", estimate.describe(), memory_limit / budget.GiB)
     x = calibration_inputs(calibration_dir, prep)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         protos = {CLASSIFIER_ONNX: built.classifier, GRADCAM_ONNX: built.gradcam}
-        ood = _add_detector(protos, built.anatomy, calibration_dir, prep, labels, ood_detector)
+        ood = _add_detector(protos, built.anatomy, calibration_dir, prep, labels, ood_detector,
+                            estimate.batch)
         weights = write_with_shared_weights(protos, staging)
         for filename, proto in protos.items():
             check(proto, staging / filename)
-        report = run_gate(prepare_model(source, prep), built.found, staging / CLASSIFIER_ONNX,
-                          staging / GRADCAM_ONNX, x)
+        prepared = built.info.model if built.info is not None else prepare_model(source, prep)
+        report = run_gate(prepared, built.found, staging / CLASSIFIER_ONNX,
+                          staging / GRADCAM_ONNX, x, batch=estimate.batch)
         if not report.passed:
             raise ExportError("gradient gate failed, nothing written:\n  "
                               + "\n  ".join(report.failures)
@@ -214,7 +230,8 @@ def export_onnx_model(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return OnnxExportResult(spec, out_dir, time.perf_counter() - started, built.anatomy)
+    return OnnxExportResult(spec, out_dir, time.perf_counter() - started, built.anatomy,
+                            estimate)
 
 
 def _add_detector(
@@ -224,6 +241,7 @@ def _add_detector(
     prep: Preprocessing,
     labels: list[str],
     detector: str,
+    batch: int,
 ) -> OodDetector | None:
     """The out-of-distribution score on the penultimate features (else the energy of the
     logits), written into both graphs; None without enough calibration images."""
@@ -237,7 +255,8 @@ def _add_detector(
     features = [anatomy.pooled_features] if anatomy.pooled_features else []
     try:
         fit = trust.fit_on_graph(protos[CLASSIFIER_ONNX], images, features=features,
-                                 logits=anatomy.logits, detector=detector, calibrate=False)
+                                 logits=anatomy.logits, detector=detector, calibrate=False,
+                                 batch_size=batch)
     except Exception as exc:  # ORT's own errors: a graph the gate below explains (fixed batch)
         log.warning("no out-of-distribution detector: running the graph failed (%s)",
                     str(exc).splitlines()[0][:200])
@@ -246,3 +265,25 @@ def _add_detector(
                           probabilities=anatomy.probabilities)
     ood, _ = trust.spec_sections(fit, logits=anatomy.logits)
     return ood
+
+
+def _estimate(source: onnx.ModelProto, built: BuiltGraphs, prep: Preprocessing,
+              calibration_dir: Path, limit: int) -> budget.Estimate:
+    """The export's peak memory from the graphs alone (exporter/budget.py): refused
+    here, before any image is read or session made, if it cannot fit `limit`."""
+    from exporter import fit_data
+    from exporter.onnx_grad.gate import HEAD_ROWS, _head_nodes
+
+    info = built.info
+    if info is None:
+        raise ExportError("the builder kept no shapes to estimate the export's memory from")
+    head, _ = _head_nodes(info.model.graph, built.found)
+    return budget.plan(
+        weights=budget.weight_bytes(source),
+        activations=budget.activation_bytes(info.model, info.shapes, info.dtypes),
+        head=budget.head_bytes(info.model, head, info.shapes, HEAD_ROWS),
+        prep=prep,
+        images=CALIBRATION_IMAGES + fit_data.count_images(calibration_dir),
+        limit=limit,
+        what=source.graph.name or "the model",
+    )

@@ -37,13 +37,14 @@ def fit_on_graph(
     detector: str = MAHALANOBIS,
     calibrate: bool = True,
     temperature: float | None = None,
+    batch_size: int = 64,
 ) -> TrustFit:
     """`features`: candidate feature tensors, preferred first; the first narrow enough
     for a Mahalanobis detector is used. `temperature`: use this one (a trainer run's)
-    instead of fitting it."""
+    instead of fitting it. `batch_size`: images per ONNX Runtime run (exporter/budget.py)."""
     names = [*features, logits]
-    fit_values = ood_graph.tensor_values(classifier, images.fit_x, names)
-    held_values = ood_graph.tensor_values(classifier, images.held_x, names)
+    fit_values = ood_graph.tensor_values(classifier, images.fit_x, names, batch_size)
+    held_values = ood_graph.tensor_values(classifier, images.held_x, names, batch_size)
     widths = [int(np.prod(v.shape[1:])) for v in fit_values[:-1]]
     usable = [i for i, d in enumerate(widths) if d <= MAX_MAHALANOBIS_DIM]
     chosen = usable[0] if usable else 0

@@ -48,6 +48,7 @@ class BuiltGraphs:
     found: Found
     activation_shape: list[int]  # [h, w, C]
     num_classes: int
+    info: GraphInfo | None = None  # the source's shapes (exporter/budget.py reads them)
 
 
 def prepare_model(model: onnx.ModelProto, prep: Preprocessing) -> onnx.ModelProto:
@@ -159,7 +160,7 @@ def build_graphs(
     anatomy = GraphAnatomy(image=IMAGE_INPUT, explained=found.explained, logits=logits,
                            probabilities=PROBABILITIES_OUTPUT,
                            pooled_features=found.pooled_features)
-    return BuiltGraphs(classifier, base, anatomy, found, [h, w, c], k)
+    return BuiltGraphs(classifier, base, anatomy, found, [h, w, c], k, info)
 
 
 def class_seed(em: Emitter, found: Found, probabilities: str, logits: str, k: int

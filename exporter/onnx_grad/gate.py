@@ -38,6 +38,12 @@ DIRECTIONS = 3
 GRADIENT_TOLERANCE = 1e-3  # |<G,v> - FD| / sum|G v|: float32 gradients vs a float64 FD
 PROBABILITY_TOLERANCE = 1e-5
 HEAD_ROWS = 8  # rows per float64 head evaluation
+# classifier.onnx is gradcam.onnx's forward pruned (same nodes, same weights): its
+# probabilities are checked against the source's on the first rows only. Measured on
+# MobileNetV3-Small and VGG16 @240: the largest difference over 4, 8, 16 and 24 images
+# is the same to 1e-8, three orders of magnitude under PROBABILITY_TOLERANCE; every
+# image still passes gradcam.onnx, whose probabilities are checked on all of them.
+CLASSIFIER_ROWS = 8
 
 
 @dataclass
@@ -138,14 +144,21 @@ def _head_nodes(graph: onnx.GraphProto, found: Found) -> tuple[list[onnx.NodePro
     return [n for n in graph.node if id(n) in needed], sorted(inputs)
 
 
-def _values(source: onnx.ModelProto, names: list[str], image: str, x: np.ndarray
-            ) -> dict[str, np.ndarray]:
-    """Tensors of the source model on images x, from one ONNX Runtime run."""
+def _batched(session: Any, outputs: list[str], feeds: Any, x: np.ndarray, batch: int
+             ) -> list[np.ndarray]:
+    """`outputs` of a session over x, `batch` rows per run, concatenated."""
+    parts = [session.run(outputs, feeds(x[i:i + batch])) for i in range(0, len(x), batch)]
+    return [np.concatenate([np.asarray(p[k]) for p in parts]) for k in range(len(outputs))]
+
+
+def _values(source: onnx.ModelProto, names: list[str], image: str, x: np.ndarray,
+            batch: int) -> dict[str, np.ndarray]:
+    """Tensors of the source model on images x, `batch` rows per ONNX Runtime run."""
     wanted = list(dict.fromkeys(n for n in names if n != image))
     values = {image: x} if image in names else {}
     if wanted:
-        values.update(zip(wanted, session_in_place(source, wanted).run(wanted, {image: x}),
-                          strict=True))
+        got = _batched(session_in_place(source, wanted), wanted, lambda b: {image: b}, x, batch)
+        values.update(zip(wanted, got, strict=True))
     return values
 
 
@@ -182,37 +195,42 @@ def run_gate(
     gradcam: Path,
     x: np.ndarray,
     seed: int = 0,
+    batch: int = 16,
 ) -> GateReport:
-    """`source` is the prepared source model (original tensor names, dynamic batch)."""
+    """`source` is the prepared source model (original tensor names, dynamic batch);
+    `batch`: images per ONNX Runtime run (exporter/budget.py)."""
     report = GateReport()
     n = len(x)
     if n < MIN_INPUTS:
         raise ExportError(f"the gate needs >= {MIN_INPUTS} calibration images, found {n}")
     evaluator, head_inputs = _head(source, found)
     try:
-        # One run of the source: its scores, the tensors the head reads besides the
-        # explained one, and a transformer's whole token tensor.
-        from_source = _values(
-            source, [found.output, *head_inputs, *([found.explained] if found.tokens else [])],
-            found.image, x)
+        # The source's scores, the tensors the head reads besides the explained one and
+        # a transformer's whole token tensor; then each graph; one session at a time,
+        # `batch` images per run: memory bounded whatever the number of images.
+        wanted = [found.output, *head_inputs, *([found.explained] if found.tokens else [])]
+        from_source = _values(source, wanted, found.image, x, batch)
         scores = from_source[found.output]
-        (probs_cls,) = _session(classifier).run([PROBABILITIES_OUTPUT], {IMAGE_INPUT: x})
-        probs, classes, acts, grads = _session(gradcam).run(
-            [PROBABILITIES_OUTPUT, CLASS_OUTPUT, ACTIVATIONS_OUTPUT, GRADIENTS_OUTPUT],
-            {IMAGE_INPUT: x, TARGET_INPUT: np.full(n, -1, np.int64)},
-        )
+        (probs_cls,) = _batched(_session(classifier), [PROBABILITIES_OUTPUT],
+                                lambda b: {IMAGE_INPUT: b}, x[:CLASSIFIER_ROWS], batch)
+        probs, classes, acts, grads = _batched(
+            _session(gradcam), [PROBABILITIES_OUTPUT, CLASS_OUTPUT, ACTIVATIONS_OUTPUT,
+                                GRADIENTS_OUTPUT],
+            lambda b: {IMAGE_INPUT: b, TARGET_INPUT: np.full(len(b), -1, np.int64)}, x, batch)
     except Exception as exc:  # ORT's errors: often a batch size fixed inside the graph
         raise ExportError(
-            f"ONNX Runtime failed on a batch of {n} ({type(exc).__name__}: {exc}); if the model "
-            "was exported with a fixed batch size, export it with a dynamic batch axis"
+            f"ONNX Runtime failed on a batch of {min(n, batch)} ({type(exc).__name__}: {exc}); "
+            "if the model was exported with a fixed batch size, export it with a dynamic "
+            "batch axis"
         ) from exc
-    if len(scores) != n or len(probs) != n or len(probs_cls) != n:
+    if len(scores) != n or len(probs) != n or len(probs_cls) != min(n, CLASSIFIER_ROWS):
         raise ExportError(f"a batch of {n} images gave {len(scores)} rows: the model's graph "
                           "fixes the batch size; export it with a dynamic batch axis")
     expected = source_probabilities(np.asarray(scores), found.kind)
     report.figures["n_inputs"] = n
     report.figures["probabilities_max_abs_diff"] = float(np.abs(probs - expected).max())
-    report.figures["classifier_max_abs_diff"] = float(np.abs(probs_cls - expected).max())
+    report.figures["classifier_max_abs_diff"] = float(
+        np.abs(probs_cls - expected[:CLASSIFIER_ROWS]).max())
     for key in ("probabilities_max_abs_diff", "classifier_max_abs_diff"):
         if report.figures[key] > PROBABILITY_TOLERANCE:
             report.failures.append(f"{key} {report.figures[key]:.3g} > {PROBABILITY_TOLERANCE}")
