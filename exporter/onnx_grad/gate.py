@@ -285,10 +285,11 @@ def directional_errors(evaluator: Any, head_inputs: list[str], from_source: dict
 
 def run_attribution_gate(source: onnx.ModelProto, found: Found, layers: list[Any],
                          attribution: Path, x: np.ndarray, seed: int = 0,
-                         image_rows: int = 8) -> GateReport:
+                         image_rows: int = 8, batch: int = 16) -> GateReport:
     """attribution.onnx against the source model: its probabilities, and the gradients at
     each layer and at the image against float64 finite differences of the model from
-    that tensor on (the image's: the whole model, on the first `image_rows` inputs)."""
+    that tensor on (the image's: the whole model, on the first `image_rows` inputs);
+    `batch`: images per ONNX Runtime run of the source."""
     from dataclasses import replace
 
     from exporter.onnx_grad.attribution import (
@@ -308,7 +309,7 @@ def run_attribution_gate(source: onnx.ModelProto, found: Found, layers: list[Any
     out = dict(zip(names, session.run(names, {IMAGE_INPUT: x,
                                                TARGET_INPUT: np.full(n, -1, np.int64)}),
                    strict=True))
-    scores = _values(source, [found.output], found.image, x)[found.output]
+    scores = _values(source, [found.output], found.image, x, batch)[found.output]
     expected = source_probabilities(np.asarray(scores), found.kind)
     diff = float(np.abs(out[PROBABILITIES_OUTPUT] - expected).max())
     report.figures["n_inputs"] = n
@@ -328,7 +329,7 @@ def run_attribution_gate(source: onnx.ModelProto, found: Found, layers: list[Any
     for what, at, acts, grads in checks:
         evaluator, head_inputs = _head(source, at)
         rows = len(acts)
-        from_source = _values(source, head_inputs, found.image, x[:rows])
+        from_source = _values(source, head_inputs, found.image, x[:rows], batch)
         a = np.asarray(acts, np.float64)
         g = np.asarray(grads, np.float64)
         rel = directional_errors(evaluator, head_inputs, from_source, a, g, np.ones(a.shape, bool),
