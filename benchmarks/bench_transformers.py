@@ -18,15 +18,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+from benchmarks.bench_realsize import child, explain, forward_seconds
 
 ROOT = Path(__file__).resolve().parents[1]
 LABELS = "glioma,meningioma,notumor,pituitary"
@@ -71,49 +67,6 @@ onnx.save(to_onnx(fn, 17), path)
 """
 
 
-def _child(argv: list[str]) -> tuple[float, int, str]:
-    """Run a Python child: (seconds, its peak RSS in MB by /usr/bin/time, stdout)."""
-    with tempfile.NamedTemporaryFile("r", suffix=".time") as report:
-        started = time.perf_counter()
-        proc = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", report.name, sys.executable,
-                               *argv], cwd=ROOT, capture_output=True, text=True,
-                              env={**os.environ, "PYTHONPATH": str(ROOT)})
-        seconds = time.perf_counter() - started
-        if proc.returncode:
-            raise RuntimeError(f"{argv[:3]} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-        peak_kb = int(report.read().strip().splitlines()[-1])
-    return seconds, peak_kb // 1024, proc.stdout
-
-
-def _forward_seconds(model_dir: Path, images: np.ndarray) -> float:
-    """One classifier pass over the images the export used (the budget's unit)."""
-    import onnxruntime as ort
-
-    from braincam.model_spec import load_spec
-
-    spec = load_spec(model_dir)
-    session = ort.InferenceSession(str(model_dir / spec.graphs.classifier.file),
-                                   providers=["CPUExecutionProvider"])
-    session.run(None, {"image": images[:1]})
-    started = time.perf_counter()
-    session.run(None, {"image": images})
-    return time.perf_counter() - started
-
-
-def _explain(model_dir: Path, image: Path) -> str:
-    from service.core.config import Settings
-    from tests.clients import ready_client
-
-    settings = Settings(model_dir=model_dir, providers="CPUExecutionProvider")
-    with ready_client(settings) as client:
-        res = client.post("/explain", files={"file": (image.name, image.read_bytes())},
-                          data={"method": "gradcam", "heatmap": "list", "images": "overlay"})
-    if res.status_code != 200:
-        return f"HTTP {res.status_code}"
-    cam = np.asarray(res.json()["cam"]["data"], np.float32)
-    return f"200, map {cam.shape[0]}x{cam.shape[1]}" + ("" if cam.max() > cam.min() else " flat")
-
-
 def bench(name: str, work: Path, calibration: Path, repeats: int) -> dict[str, Any]:
     from benchmarks.bench_onnx_gradcam import _session, time_pair
     from braincam.model_spec import load_spec
@@ -122,16 +75,16 @@ def bench(name: str, work: Path, calibration: Path, repeats: int) -> dict[str, A
     kind, flags = MODELS[name]
     source = work / f"{name}.onnx"
     script = _TORCH_SOURCE if kind == "torch" else _KERAS_SOURCE
-    source_seconds, source_peak, _ = _child(["-c", script, name.removeprefix("keras_"),
+    source_seconds, source_peak, _ = child(["-c", script, name.removeprefix("keras_"),
                                              str(source), str(SIZE)])
     out = work / "models" / name
-    seconds, peak, _ = _child(["-m", "exporter", "--model", str(source), "--out",
+    seconds, peak, _ = child(["-m", "exporter", "--model", str(source), "--out",
                                       str(out), "--labels", LABELS, *flags,
                                       "--calibration", str(calibration)])
     spec = load_spec(out)
     assert spec.graphs.gradcam is not None, "the export wrote no Grad-CAM graph"
     images = calibration_inputs(calibration, spec.preprocessing)
-    forward = _forward_seconds(out, images)
+    forward = forward_seconds(out, images)
     c, g = time_pair(_session(out / spec.graphs.classifier.file, 1),
                      _session(out / spec.graphs.gradcam.file, 1), tuple(spec.input_shape),
                      repeats)
@@ -142,7 +95,7 @@ def bench(name: str, work: Path, calibration: Path, repeats: int) -> dict[str, A
         "export_s": round(seconds, 1), "forward_s": round(forward, 2),
         "n_images": len(images), "peak_mb": peak, "parity": spec.parity,
         "classifier_ms": round(c, 1), "gradcam_ms": round(g, 1), "ratio": round(g / c, 3),
-        "explain": _explain(out, image),
+        "explain": explain(out, image),
     }
 
 

@@ -16,26 +16,24 @@ before: block 2-4's ReLUs on the demo CNN, layer2-4 on a ResNet.
 
 from __future__ import annotations
 
-import copy
 import re
 from dataclasses import dataclass
 
 import onnx
 from onnx import TensorProto, helper
 
-from braincam.model_spec import CLASS_OUTPUT, IMAGE_INPUT, PROBABILITIES_OUTPUT
+from braincam.model_spec import CLASS_OUTPUT
 from braincam.preprocessing import Preprocessing
 from exporter.errors import ExportError
 from exporter.onnx_grad.anatomy import Found, Layout, _layouts, _spatial, analyse
 from exporter.onnx_grad.builder import (
     BATCH,
-    _class_scores,
     _prune,
     backward_to,
     class_seed,
+    forward_base,
     prepare_model,
 )
-from exporter.onnx_grad.emit import Emitter
 from exporter.onnx_grad.graph import GraphInfo
 
 IMAGE_GRADIENTS_OUTPUT = "image_gradients"
@@ -178,20 +176,8 @@ def build_attribution(model: onnx.ModelProto, prep: Preprocessing,
     layouts = _layouts(info, found.image, prep.layout)
     chosen, candidates = resolve_layers(info, found, layouts, layers, stages)
 
-    base = copy.deepcopy(info.model)
-    del base.graph.value_info[:]
+    base, em, probabilities, logits, k = forward_base(info, found)
     graph = base.graph
-    em = Emitter(graph, info)
-    image_value = next(i for i in graph.input if i.name == found.image)
-    graph.node.insert(0, helper.make_node("Identity", [IMAGE_INPUT], [found.image],
-                                          name="bc_image"))
-    image_value.name = IMAGE_INPUT
-    probabilities, logits, k = _class_scores(em, info, found)
-    graph.node.append(helper.make_node("Identity", [probabilities], [PROBABILITIES_OUTPUT],
-                                       name="bc_probabilities"))
-    del graph.output[:]
-    graph.output.append(
-        helper.make_tensor_value_info(PROBABILITIES_OUTPUT, TensorProto.FLOAT, [BATCH, k]))
     seed_at, seed = class_seed(em, found, probabilities, logits, k)
     grads = backward_to(em, info, [*(layer.tensor for layer in chosen), found.image],
                         seed_at, seed, found.layers)

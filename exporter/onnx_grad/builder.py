@@ -98,22 +98,15 @@ def _rename(graph: onnx.GraphProto, old: str, new: str) -> None:
             value.name = new
 
 
-def build_graphs(
-    model: onnx.ModelProto,
-    prep: Preprocessing,
-    layer: str | None = None,
-    outputs: str = "auto",
-    layer_layout: Layout | None = None,
-) -> BuiltGraphs:
-    """`layer_layout`: the layout of the tensor `layer` names, when the caller knows it."""
-    source = prepare_model(model, prep)
-    info = GraphInfo.of(source)
-    found = analyse(info, prep.layout, layer, outputs, layer_layout)
+def forward_base(info: GraphInfo, found: Found
+                 ) -> tuple[onnx.ModelProto, Emitter, str, str, int]:
+    """A copy of the source whose only output is the contract's probabilities, its input
+    renamed to the contract's image; the emitter to extend it, and the probabilities,
+    the logits and the number of classes (`_class_scores`)."""
     base = copy.deepcopy(info.model)
     del base.graph.value_info[:]
     graph = base.graph
     em = Emitter(graph, info)
-
     # image -> the model's own input name
     image_value = next(i for i in graph.input if i.name == found.image)
     graph.node.insert(0, helper.make_node("Identity", [IMAGE_INPUT], [found.image],
@@ -126,6 +119,22 @@ def build_graphs(
     graph.output.append(
         helper.make_tensor_value_info(PROBABILITIES_OUTPUT, TensorProto.FLOAT, [BATCH, k])
     )
+    return base, em, probabilities, logits, k
+
+
+def build_graphs(
+    model: onnx.ModelProto,
+    prep: Preprocessing,
+    layer: str | None = None,
+    outputs: str = "auto",
+    layer_layout: Layout | None = None,
+) -> BuiltGraphs:
+    """`layer_layout`: the layout of the tensor `layer` names, when the caller knows it."""
+    source = prepare_model(model, prep)
+    info = GraphInfo.of(source)
+    found = analyse(info, prep.layout, layer, outputs, layer_layout)
+    base, em, probabilities, logits, k = forward_base(info, found)
+    graph = base.graph
     classifier = copy.deepcopy(base)
     _prune(classifier.graph)
 
