@@ -5,8 +5,8 @@ swish), DenseNet, ResNeXt and RegNet (grouped convolutions), VGG16 @240 by both 
 ResNet-50. For each: the gate passes, the export's peak memory (its subprocess's,
 /usr/bin/time) stays under the 4 GiB limit and its time under 2 x one classifier pass
 over the images it used + 60 s, the Grad-CAM graph costs about the classifier, and
-/explain serves a map. The Keras path (VGG16, EfficientNetV2-B0 as .keras) measured 11 and
-5 GB: it is refused at the 4 GiB limit, its message pointing at the ONNX path.
+/explain serves a map. Through the Keras path EfficientNetV2-B0 (as .keras) fits (3.1 GB);
+VGG16 @240 is refused at the 4 GiB limit, its message pointing at the ONNX path.
 
 The two cheapest (MobileNetV3-Small by torch.onnx and by Keras + tf2onnx, ~1 min
 together) run in the default suite so that CI exports real sizes; the rest are marked
@@ -34,6 +34,8 @@ HEAVY = ["resnet50", "densenet121", "inception_v3", "keras_inception_v3", "mobil
          "keras_efficientnet_v2_b0", "keras_efficientnet_v2_b0_keras", "resnext50_32x4d",
          "regnet_y_400mf", "keras_densenet121", "vgg16_240_tf2onnx", "vgg16_240_keras"]
 CASES = [*CI, *[pytest.param(n, marks=pytest.mark.models) for n in HEAVY]]
+# Keras-path rows over the 4 GiB limit by exporter/budget.py's estimate.
+KERAS_REFUSED = {"vgg16_240_keras"}
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -51,7 +53,7 @@ def test_real_size_cnn_within_budget(name: str, demo_data: Path, tmp_path: Path)
     calibration = demo_data / "Testing"
     source, _, _ = write_source(name, tmp_path)
     out = tmp_path / "models" / name
-    if MODELS[name][3] == "keras":  # measured 5-11 GB: refused, pointed at the ONNX path
+    if name in KERAS_REFUSED:  # over the Keras path's estimate: pointed at the ONNX path
         with pytest.raises(RuntimeError, match=r"over the memory limit of 4.00 GiB.*convert "
                            r"it to ONNX"):
             export(name, source, out, calibration)
@@ -59,7 +61,9 @@ def test_real_size_cnn_within_budget(name: str, demo_data: Path, tmp_path: Path)
         return
     seconds, peak_mb, output = export(name, source, out, calibration)
     spec = load_spec(out)
-    assert spec.parity["passed"] and spec.parity["gradient_abs_max"] > 0, spec.parity
+    assert spec.parity["passed"], spec.parity  # the Keras path: against GradientTape
+    if MODELS[name][3] == "onnx":  # the ONNX path: against float64 finite differences
+        assert spec.parity["gradient_abs_max"] > 0, spec.parity
     assert spec.graphs.gradcam is not None
     assert peak_mb <= LIMIT_MB, f"peak {peak_mb} MB over the 4 GiB limit\n{output}"
     estimate = re.search(r"memory: ~([\d.]+) GiB", output)  # the ONNX path prints it
