@@ -21,16 +21,14 @@ import numpy as np
 from braincam import DISCLAIMER
 from braincam.cam import CLASSIFIER_METHODS, METHODS, available_methods, resize_cam
 from braincam.cli import UsageError
-from braincam.commands.common import add_model_arguments, load_model, model_notice
+from braincam.commands.common import (
+    add_model_arguments,
+    load_model,
+    model_notice,
+    positive_int,
+)
 
 DEFAULT_HEAD_THRESHOLD = 0.5  # braincam.head.OUTSIDE_THRESHOLD, the service's warning
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def _fraction(text: str) -> float:
@@ -48,10 +46,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--methods", help="comma-separated (default: every method the model "
                    f"offers but occlusion; valid: {','.join([*METHODS, *CLASSIFIER_METHODS])})")
     p.add_argument("-r", "--recursive", action="store_true", help="descend into subdirectories")
-    p.add_argument("--limit", type=_positive, help="at most N images, evenly spread")
-    p.add_argument("--road-steps", type=_positive, default=10,
+    p.add_argument("--limit", type=positive_int, help="at most N images, evenly spread")
+    p.add_argument("--road-steps", type=positive_int, default=10,
                    help="ROAD deletion/insertion steps (10: ROAD's 10 %% steps)")
-    p.add_argument("--blur-steps", type=_positive, default=16,
+    p.add_argument("--blur-steps", type=positive_int, default=16,
                    help="blur deletion/insertion steps (16, as trainer.explain_eval)")
     p.add_argument("--sanity-images", type=int, default=16,
                    help="images the randomisation test explains at each step (0: skip it)")

@@ -30,7 +30,12 @@ from braincam.batch import (
 )
 from braincam.cam import CLASSIFIER_METHODS, METHODS, available_methods, default_method
 from braincam.cli import UsageError
-from braincam.commands.common import add_model_arguments, load_model, model_notice
+from braincam.commands.common import (
+    add_model_arguments,
+    load_model,
+    model_notice,
+    positive_int,
+)
 from braincam.decoding import DEFAULT_MAX_PIXELS
 from braincam.errors import InputError
 from braincam.explainers import PIXEL_METHODS, make_explainer, uses_attribution
@@ -41,13 +46,6 @@ from braincam.overlay import COLORMAPS
 FORMATS = ("csv", "jsonl")
 _SUFFIX_FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 _EXAMPLES = 3  # paths shown per skip reason in the summary
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def _slices(text: str) -> SliceChoice:
@@ -83,7 +81,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "or a slice index",
     )
     p.add_argument(
-        "--batch-size", type=_positive, default=32, help="images per ONNX Runtime run (32)"
+        "--batch-size", type=positive_int, default=32, help="images per ONNX Runtime run (32)"
     )
     p.add_argument(
         "--explain",
@@ -105,7 +103,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "`braincam info`), instead of the Grad-CAM graph's",
     )
     p.add_argument(
-        "--samples", type=_positive,
+        "--samples", type=positive_int,
         help="noisy copies (smoothgrad) or path steps (integrated_gradients); default 8",
     )
     p.add_argument(
@@ -117,7 +115,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--max-pixels",
-        type=_positive,
+        type=positive_int,
         default=DEFAULT_MAX_PIXELS,
         help="largest image or slice decoded, in pixels (the service's default)",
     )
